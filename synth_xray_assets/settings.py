@@ -1,0 +1,274 @@
+"""Every number of the study, once, in one typed settings object.
+
+The defaults of each section are the study's values (``../shared/STUDY.md``): they make
+the **full** profile. The **demo** profile (the default) overrides sizes only, plus the
+few learning rates a tiny model trained for a few dozen steps needs, so that the same
+code runs end to end offline on a 2-core CPU.
+
+Plain pydantic: nothing here knows Dagster. The Dagster resource that hands these to
+assets lives in ``resources.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROFILE_ENV = "SYNTH_XRAY_PROFILE"
+DATA_DIR_ENV = "SYNTH_XRAY_DATA"
+PROFILES = ("demo", "full")
+CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+# Partition keys of the per-class assets, in label order (0 = NORMAL, 1 = PNEUMONIA).
+CLASS_KEYS = ("normal", "pneumonia")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DatasetSettings(_Section):
+    """Where the real images come from and how they are standardized."""
+
+    # A Hub id, a local folder in the Hub's parquet layout, an image folder
+    # ``{split}/{NORMAL,PNEUMONIA}/*``, or ``"demo"`` for the project's own phantoms.
+    source: str = "hf-vision/chest-xray-pneumonia"
+    revision: str | None = None
+    splits: tuple[str, ...] = ("train", "validation", "test")
+    class_names: tuple[str, ...] = CLASS_NAMES
+    resolution: int = 512  # shorter side resized (aspect kept), then center crop
+    mode: Literal["L", "RGB"] = "L"  # one consistent mode for every stored image
+    max_image_pixels: int = 178_956_970  # PIL's decompression-bomb limit (2x its warning)
+    workers: int = 2  # processes for standardization
+    # Hugging Face token, read from this environment variable only (never logged).
+    hf_token_env: str = "HF_TOKEN"
+
+
+class PhantomSettings(_Section):
+    """The demo dataset: synthetic chest radiograph phantoms (not real patients)."""
+
+    # images per split as (NORMAL, PNEUMONIA); full sizes mirror the Hub dataset.
+    split_counts: dict[str, tuple[int, int]] = {
+        "train": (1341, 3875),
+        "validation": (8, 8),
+        "test": (234, 390),
+    }
+    min_side: int = 96
+    max_side: int = 192
+    seed: int = 2026
+
+
+class BaseModelSettings(_Section):
+    """The model DreamBooth starts from: SD 2.1 base (full) or a tiny one built from config (demo)."""
+
+    pretrained_model: str = "Manojb/stable-diffusion-2-1-base"
+    revision: str = "main"
+    tiny: bool = False
+    # Tiny model (demo only): architecture sizes and its brief pre-training on the demo images.
+    tiny_vae_channels: tuple[int, ...] = (32, 64, 64)
+    tiny_unet_channels: tuple[int, ...] = (64, 128)
+    tiny_text_width: int = 64
+    tiny_text_layers: int = 2
+    tiny_vae_steps: int = 300
+    tiny_unet_steps: int = 1500
+    tiny_batch_size: int = 16
+    tiny_learning_rate: float = 1e-3
+    tiny_prompt: str = "a chest xray image"
+    seed: int = 42
+
+
+class DreamBoothSettings(_Section):
+    """Per-class DreamBooth fine-tuning, as the study ran it."""
+
+    method: Literal["full", "lora"] = "full"
+    class_prompt: str = "a chest xray image"
+    instance_prompts: dict[str, str] = {
+        "normal": "A chest xray of healthy normal lungs, clear lung fields",
+        "pneumonia": "A chest xray showing pneumonia infection, lung opacity",
+    }
+    with_prior_preservation: bool = True
+    prior_loss_weight: float = 0.5
+    num_class_images: int = 200
+    class_image_steps: int = 30
+    class_image_guidance: float = 7.5
+    class_image_batch_size: int = 8
+    resolution: int = 512
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 2
+    learning_rate: float = 1e-6
+    lora_learning_rate: float = 1e-4
+    lora_rank: int = 8
+    lr_scheduler: str = "cosine"
+    lr_warmup_steps: int = 100
+    num_train_epochs: int = 8
+    max_train_steps: int | None = None  # None: derived from epochs (672 NORMAL, 1944 PNEUMONIA)
+    train_text_encoder: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # used on CUDA only; CPU runs fp32
+    seed: int = 42
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int = 2
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    sample_images: int = 8  # for the UI grid
+    sample_steps: int = 25
+
+
+class GenerationSettings(_Section):
+    """Synthetic images from each class's checkpoint."""
+
+    images_per_class: int = 1200
+    num_inference_steps: int = 50
+    guidance_scale: float = 4.0
+    batch_size: int = 8
+    seed_offset: int = 0  # image i uses seed seed_offset + i
+
+
+class EvaluationSettings(_Section):
+    """FID / KID / precision-recall and the memorization check."""
+
+    # A local file of torch-fidelity's Inception weights (pt_inception-2015-12-05), if any.
+    inception_weights: str | None = None
+    batch_size: int = 64
+    kid_subset_size: int = 1000
+    prc_neighborhood: int = 3
+    feature_resolution: int = 224  # input size of the chest-X-ray feature extractor
+    memorization_cosine_threshold: float = 0.02  # cosine distance below this: near-copy
+    memorization_pixel_threshold: float = 0.95  # pixel correlation above this: near-copy
+
+
+class ClassifierSettings(_Section):
+    """DenseNet-121 pneumonia classifiers on seven mixes of real and synthetic data."""
+
+    resolution: int = 224
+    resize: int = 256
+    batch_size: int = 512
+    epochs: int = 20
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    hidden_units: int = 512
+    dropout: float = 0.5
+    hflip: bool = True
+    rotation_degrees: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+    pretrained: Literal["imagenet", "none"] = "imagenet"
+    weights_file: str | None = None  # local ImageNet DenseNet-121 weights, if any
+    val_fraction: float = 0.1  # stratified, carved from real train, same for every experiment
+    selection: Literal["validation", "test"] = "validation"  # "test" = the study's own protocol
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    num_workers: int = 2
+    bootstrap_samples: int = 2000
+    # experiment -> (fraction of real train, number of synthetic images, class-balanced)
+    experiments: dict[str, tuple[float, int]] = {
+        "baseline": (1.0, 0),
+        "synth-25": (1.0, 600),
+        "synth-50": (1.0, 1200),
+        "synth-100": (1.0, 2400),
+        "limited-10": (0.1, 2400),
+        "limited-25": (0.25, 2400),
+        "synth-only": (0.0, 2400),
+    }
+
+
+class Settings(_Section):
+    """The whole platform's settings; ``Settings.for_profile`` builds one."""
+
+    profile: Literal["demo", "full"] = "full"
+    data_dir: Path = REPO_ROOT / "data"
+    dataset: DatasetSettings = Field(default_factory=DatasetSettings)
+    phantoms: PhantomSettings = Field(default_factory=PhantomSettings)
+    base_model: BaseModelSettings = Field(default_factory=BaseModelSettings)
+    dreambooth: DreamBoothSettings = Field(default_factory=DreamBoothSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+    classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+
+    @classmethod
+    def for_profile(
+        cls,
+        profile: str | None = None,
+        data_dir: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> Settings:
+        """The settings of ``profile`` (default: ``$SYNTH_XRAY_PROFILE`` or demo), with ``overrides``
+        deep-merged on top (``{"dreambooth": {"method": "lora"}}``)."""
+        profile = profile or os.environ.get(PROFILE_ENV, "demo")
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r} (from ${PROFILE_ENV}); choose one of {PROFILES}")
+        values: dict[str, Any] = {"profile": profile}
+        if profile == "demo":
+            values = _deep_merge(values, DEMO_OVERRIDES)
+        values["data_dir"] = Path(data_dir or os.environ.get(DATA_DIR_ENV) or REPO_ROOT / "data")
+        values = _deep_merge(values, overrides or {})
+        return cls.model_validate(values)
+
+    def section_json(self, name: str) -> dict[str, Any]:
+        """One section as JSON-able data, for asset metadata."""
+        return getattr(self, name).model_dump(mode="json")
+
+
+# The demo profile: sizes only (and the learning rates that tiny, briefly trained models need).
+DEMO_OVERRIDES: dict[str, Any] = {
+    "dataset": {"source": "demo", "resolution": 64},
+    "phantoms": {
+        "split_counts": {"train": (64, 184), "validation": (8, 8), "test": (32, 48)},
+        "min_side": 80,
+        "max_side": 160,
+    },
+    "base_model": {"tiny": True, "tiny_vae_steps": 150, "tiny_unet_steps": 400},
+    "dreambooth": {
+        "num_class_images": 16,
+        "class_image_steps": 10,
+        "resolution": 64,
+        "train_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 2e-4,
+        "lora_learning_rate": 1e-3,
+        "lr_warmup_steps": 5,
+        "num_train_epochs": 2,
+        "checkpointing_steps": 20,
+        "sample_steps": 15,
+    },
+    "generation": {"images_per_class": 32, "num_inference_steps": 15, "batch_size": 16},
+    "evaluation": {"batch_size": 32, "kid_subset_size": 16, "feature_resolution": 64},
+    "classifier": {
+        "resolution": 48,
+        "resize": 54,
+        "batch_size": 32,
+        "epochs": 3,
+        "pretrained": "none",
+        "seeds": (0,),
+        "bootstrap_samples": 500,
+        "experiments": {
+            "baseline": (1.0, 0),
+            "synth-25": (1.0, 16),
+            "synth-50": (1.0, 32),
+            "synth-100": (1.0, 64),
+            "limited-10": (0.1, 64),
+            "limited-25": (0.25, 64),
+            "synth-only": (0.0, 64),
+        },
+    },
+}
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED_WHOLE:
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# Dict-valued settings that an override replaces whole rather than merges into.
+_REPLACED_WHOLE = {"split_counts", "experiments", "instance_prompts"}
