@@ -136,12 +136,25 @@ class EvaluationSettings(_Section):
 
     # A local file of torch-fidelity's Inception weights (pt_inception-2015-12-05), if any.
     inception_weights: str | None = None
+    # Without a local file: try torch hub's cache, then one download (else Inception is "unavailable").
+    inception_download: bool = True
+    inception_url: str = (
+        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+    )
+    inception_download_timeout_s: float = 30.0
     batch_size: int = 64
+    kid_subsets: int = 100  # torch-fidelity's default
     kid_subset_size: int = 1000
     prc_neighborhood: int = 3
+    metrics_seed: int = 2020  # KID subset sampling (torch-fidelity's default seed)
     feature_resolution: int = 224  # input size of the chest-X-ray feature extractor
     memorization_cosine_threshold: float = 0.02  # cosine distance below this: near-copy
     memorization_pixel_threshold: float = 0.95  # pixel correlation above this: near-copy
+    memorization_pixel_size: int = 64  # images compared pixel by pixel at this size (keeps N x M cheap)
+    # Cosine distance on features minus the real images' mean feature: pooled ReLU features are
+    # all positive, so raw cosine puts every pair of radiographs within ~0.002 of each other.
+    memorization_center_features: bool = True
+    memorization_pairs_shown: int = 8  # closest pairs in the side-by-side picture
 
 
 class ClassifierSettings(_Section):

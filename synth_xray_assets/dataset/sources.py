@@ -1,0 +1,141 @@
+"""Where the real images come from, read with ``datasets.load_dataset``.
+
+A source is one of:
+- a Hub dataset id (``hf-vision/chest-xray-pneumonia``), at a revision, token from an env var;
+- a local folder in the Hub's parquet layout (``data/{split}-*.parquet``);
+- an image folder ``{split}/{NORMAL,PNEUMONIA}/*``;
+- ``"demo"``: the project's synthetic phantoms, generated into ``data/sources/``.
+
+Images are read undecoded (bytes), so that one bad file is reported, not fatal. Problems with
+the source as a whole (missing, unreadable, a split or a class absent) raise ``SourceError``
+naming the problem and the path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from synth_xray_assets.settings import Settings
+from synth_xray_assets.storage import combined_hash, sha256_file
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+class SourceError(RuntimeError):
+    """The source as a whole cannot be used: the message names what and where."""
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str  # "hub" | "parquet" | "imagefolder"
+    location: str  # Hub id or absolute folder
+    revision: str | None = None
+    synthetic: bool = False  # True for the demo phantoms
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    split: str
+    label: int | None  # None: a label that is not one of the class names
+    label_name: str
+    source_id: str
+    data: bytes
+
+
+def resolve_source(settings: Settings) -> ResolvedSource:
+    """Decide what kind of source ``settings.dataset.source`` is (generating the demo phantoms)."""
+    source = settings.dataset.source
+    if source == "demo":
+        from synth_xray_assets.dataset.phantoms import write_phantom_dataset
+
+        folder = write_phantom_dataset(settings.phantoms, settings.data_dir / "sources" / "demo-phantoms")
+        return ResolvedSource("parquet", str(folder.resolve()), synthetic=True)
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(f"dataset source {source!r} is a file; expected a folder ({path.resolve()})")
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise SourceError(f"dataset source folder is not readable: {path.resolve()}")
+        if any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")):
+            return ResolvedSource("parquet", str(path.resolve()))
+        if any(p.is_dir() for p in path.iterdir()):
+            return ResolvedSource("imagefolder", str(path.resolve()))
+        raise SourceError(f"dataset source folder has neither parquet files nor split folders: {path.resolve()}")
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SourceError(f"dataset source does not exist: {path.resolve()} (nor is it a Hub id 'owner/name')")
+    return ResolvedSource("hub", source, revision=settings.dataset.revision)
+
+
+def load_source(resolved: ResolvedSource, settings: Settings) -> Any:
+    """The source as a ``datasets.DatasetDict`` whose ``image`` column is not decoded."""
+    import datasets
+
+    try:
+        if resolved.kind == "hub":
+            token = os.environ.get(settings.dataset.hf_token_env) or None
+            dsd = datasets.load_dataset(resolved.location, revision=resolved.revision, token=token)
+        elif resolved.kind == "parquet":
+            dsd = datasets.load_dataset(resolved.location)
+        else:
+            dsd = datasets.load_dataset("imagefolder", data_dir=resolved.location)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the source named
+        where = resolved.location + (f"@{resolved.revision}" if resolved.revision else "")
+        raise SourceError(f"cannot read dataset source {where} ({resolved.kind}): {type(exc).__name__}: {exc}") from exc
+    for column in ("image", "label"):
+        for split, ds in dsd.items():
+            if column not in ds.column_names:
+                raise SourceError(f"split {split!r} of {resolved.location} has no {column!r} column: {ds.column_names}")
+    return dsd.cast_column("image", datasets.Image(decode=False))
+
+
+def check_splits_and_classes(dsd: Any, settings: Settings, location: str) -> None:
+    """Every configured split is there and every class name is among its labels."""
+    for split in settings.dataset.splits:
+        if split not in dsd:
+            raise SourceError(f"split {split!r} is missing from dataset source {location} (it has {sorted(dsd)})")
+        names = _label_names(dsd[split])
+        labels = set(dsd[split]["label"])
+        for class_name in settings.dataset.class_names:
+            if class_name not in names or names.index(class_name) not in labels:
+                raise SourceError(f"class {class_name!r} is missing from split {split!r} of dataset source {location}")
+
+
+def iter_records(dsd: Any, split: str, class_names: tuple[str, ...]) -> Iterator[SourceRecord]:
+    """The split's images as bytes with our label index (None for an unknown label)."""
+    ds = dsd[split]
+    names = _label_names(ds)
+    for i, row in enumerate(ds):
+        raw = row["label"]
+        name = names[raw] if names and isinstance(raw, int) and 0 <= raw < len(names) else str(raw)
+        label = class_names.index(name) if name in class_names else None
+        image = row["image"] or {}
+        data, path = image.get("bytes"), image.get("path")
+        source_id = f"{split}/{i}" + (f":{Path(path).name}" if path else "")
+        if data is None and path:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                data = b""
+                source_id += f" (unreadable: {exc})"
+        yield SourceRecord(split, label, name, source_id, data or b"")
+
+
+def _label_names(ds: Any) -> list[str]:
+    feature = ds.features["label"]
+    return list(getattr(feature, "names", []) or [])
+
+
+def source_fingerprint(resolved: ResolvedSource) -> str:
+    """The source's version: the Hub revision's commit sha, or a local folder's content hash."""
+    if resolved.kind == "hub":
+        from huggingface_hub import HfApi
+
+        info = HfApi().dataset_info(resolved.location, revision=resolved.revision)
+        return str(info.sha)
+    root = Path(resolved.location)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return combined_hash([f"{p.relative_to(root)}:{sha256_file(p)}" for p in files])

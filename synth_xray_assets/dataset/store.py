@@ -1,0 +1,169 @@
+"""The standardized dataset on disk: one PNG per image, a uint8 array per split, a manifest.
+
+Layout under ``data/dataset/``::
+
+    images/{split}/{CLASS}/{sha256[:20]}.png   one standardized image
+    arrays/{split}.npy                         uint8 [N, res, res], manifest order
+    manifest.parquet                           split, label, class_name, source_id, sha256,
+                                               orig_width, orig_height, orig_mode, path
+    skipped.csv                                bad input: split, source_id, reason
+    version.json                               data version and what it was made from
+
+The data version is a content hash (image hashes, labels, splits, resolution, mode), so an
+unchanged source gives the same version and downstream assets stay fresh. A re-run reuses
+images already standardized (by content hash) instead of decoding them again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from synth_xray_assets.dataset.sources import SourceRecord
+from synth_xray_assets.dataset.standardize import StandardizeResult, standardize_many
+from synth_xray_assets.settings import DatasetSettings
+from synth_xray_assets.storage import (
+    atomic_path,
+    combined_hash,
+    save_numpy_atomic,
+    save_png_atomic,
+    sha256_bytes,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+
+STANDARDIZE_VERSION = "standardize-v1"  # bump when the standardization changes its pixels
+
+
+@dataclass
+class BuildReport:
+    version: str
+    manifest: pd.DataFrame
+    skipped: pd.DataFrame
+    reused: int = 0
+    decoded: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def _cached_png(out_dir: Path, split: str, class_name: str, sha: str) -> Path:
+    return out_dir / "images" / split / class_name / f"{sha[:20]}.png"
+
+
+def build_standardized_dataset(
+    records: dict[str, Iterable[SourceRecord]],
+    settings: DatasetSettings,
+    out_dir: Path,
+    log: Callable[[str], None] = print,
+) -> BuildReport:
+    """Standardize every record of every split into ``out_dir`` and return the manifest."""
+    rows: list[dict] = []
+    skipped: list[dict] = []
+    arrays: dict[str, list[np.ndarray]] = {}
+    reused = decoded = 0
+    for split, split_records in records.items():
+        arrays[split] = []
+        todo: list[SourceRecord] = []
+        for rec in split_records:
+            if rec.label is None:
+                skipped.append({"split": split, "source_id": rec.source_id, "reason": f"unknown label {rec.label_name!r}"})
+                continue
+            todo.append(rec)
+        hashes = [sha256_bytes(r.data) for r in todo]
+        cached = [_cached_png(out_dir, split, settings.class_names[r.label], h) for r, h in zip(todo, hashes)]
+        fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
+        results = iter(standardize_many(fresh, settings.resolution, settings.mode, settings.max_image_pixels,
+                                        workers=settings.workers))
+        for rec, sha, png in zip(todo, hashes, cached):
+            if png.exists():
+                with Image.open(png) as im:
+                    meta = json.loads(im.info.get("synth_xray", "{}"))
+                    result = StandardizeResult(sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode"))
+                reused += 1
+            else:
+                result = next(results)
+                decoded += 1
+                if result.pixels is not None:
+                    _save_png_with_origin(result, png)
+            if result.pixels is None:
+                skipped.append({"split": split, "source_id": rec.source_id, "reason": result.reason})
+                continue
+            arrays[split].append(result.pixels)
+            rows.append({
+                "split": split,
+                "label": rec.label,
+                "class_name": settings.class_names[rec.label],
+                "source_id": rec.source_id,
+                "sha256": sha,
+                "orig_width": result.original_size[0],
+                "orig_height": result.original_size[1],
+                "orig_mode": result.original_mode,
+                "path": str(png.relative_to(out_dir)),
+            })
+        log(f"{split}: {len(arrays[split])} images standardized to {settings.resolution} px")
+    manifest = pd.DataFrame(rows, columns=["split", "label", "class_name", "source_id", "sha256", "orig_width",
+                                           "orig_height", "orig_mode", "path"])
+    skipped_df = pd.DataFrame(skipped, columns=["split", "source_id", "reason"])
+    version = data_version(manifest, settings)
+    shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
+    for split, images in arrays.items():
+        stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
+        save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
+    write_bytes_atomic(out_dir / "skipped.csv", skipped_df.to_csv(index=False).encode())
+    write_parquet_atomic(manifest, out_dir / "manifest.parquet")
+    write_json_atomic(out_dir / "version.json", {"version": version, "resolution": settings.resolution,
+                                                 "mode": settings.mode, "standardize": STANDARDIZE_VERSION})
+    return BuildReport(version, manifest, skipped_df, reused=reused, decoded=decoded)
+
+
+def _save_png_with_origin(result: StandardizeResult, path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("synth_xray", json.dumps({"size": result.original_size, "mode": result.original_mode}))
+    img = Image.fromarray(result.pixels)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG", pnginfo=info)
+
+
+def data_version(manifest: pd.DataFrame, settings: DatasetSettings) -> str:
+    """Content hash of what the standardized dataset holds."""
+    parts = [f"{r.split}:{r.label}:{r.sha256}:{r.source_id}" for r in manifest.itertuples()]
+    parts.append(f"{settings.resolution}:{settings.mode}:{STANDARDIZE_VERSION}")
+    return combined_hash(parts)
+
+
+@dataclass
+class StandardizedDataset:
+    """Read access to a built dataset, for downstream assets."""
+
+    root: Path
+    manifest: pd.DataFrame
+    version: str
+
+    @classmethod
+    def open(cls, root: Path) -> StandardizedDataset:
+        version_file = root / "version.json"
+        if not version_file.exists():
+            raise FileNotFoundError(f"no standardized dataset at {root}: materialize chest_xray_dataset first")
+        version = json.loads(version_file.read_text())["version"]
+        return cls(root, pd.read_parquet(root / "manifest.parquet"), version)
+
+    def images(self, split: str, label: int | None = None) -> np.ndarray:
+        """uint8 [N, res, res] of ``split`` (optionally one class), in manifest order."""
+        arr = np.load(self.root / "arrays" / f"{split}.npy", mmap_mode="r")
+        if label is None:
+            return np.asarray(arr)
+        return np.asarray(arr[self.labels(split) == label])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.manifest.loc[self.manifest.split == split, "label"].to_numpy(np.int64)
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self.manifest[self.manifest.split == split].reset_index(drop=True)

@@ -1,0 +1,75 @@
+"""Dagster resources: the settings of the chosen profile, and the compute device."""
+
+
+import json
+import os
+import random
+
+import dagster as dg
+
+from synth_xray_assets.settings import DATA_DIR_ENV, PROFILE_ENV, Settings
+
+
+class SettingsResource(dg.ConfigurableResource):
+    """The study settings of one profile (``demo`` or ``full``), with optional JSON overrides.
+
+    The profile comes from ``$SYNTH_XRAY_PROFILE`` (demo by default); every number lives in
+    ``synth_xray_assets.settings``. Overrides are deep-merged, e.g.
+    ``{"dreambooth": {"method": "lora"}}``.
+    """
+
+    profile: str = "demo"
+    data_dir: str = ""
+    overrides_json: str = "{}"
+
+    @classmethod
+    def from_env(cls) -> "SettingsResource":
+        return cls(
+            profile=os.environ.get(PROFILE_ENV, "demo"),
+            data_dir=os.environ.get(DATA_DIR_ENV, ""),
+            overrides_json=os.environ.get("SYNTH_XRAY_OVERRIDES", "{}"),
+        )
+
+    def get(self) -> Settings:
+        return Settings.for_profile(self.profile, self.data_dir or None, json.loads(self.overrides_json or "{}"))
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Which device the numerical work runs on, at which precision, with which seed.
+
+    ``device="auto"`` takes CUDA, then Apple's MPS, then the CPU. Mixed precision applies on
+    CUDA only; the CPU runs fp32.
+    """
+
+    device: str = "auto"
+    mixed_precision: str = "fp16"
+    seed: int = 42
+    cpu_threads: int = 0  # 0: torch's default (all cores)
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.cpu_threads:
+            torch.set_num_threads(self.cpu_threads)
+        if self.device != "auto":
+            if self.device.startswith("cuda") and not torch.cuda.is_available():
+                raise RuntimeError(f"compute device {self.device!r} was asked for, but CUDA is not available here")
+            return self.device
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+    def precision_for(self, device: str) -> str:
+        return self.mixed_precision if device.startswith("cuda") else "no"
+
+    def seed_everything(self, offset: int = 0) -> int:
+        import numpy as np
+        import torch
+
+        seed = self.seed + offset
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        return seed
