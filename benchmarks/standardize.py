@@ -4,7 +4,8 @@ Plain way: full decode with PIL, torchvision ``Resize`` + ``CenterCrop``, one pr
 Our way: reduced-size JPEG decoding (``Image.draft``) and both cores
 (``synth_xray_assets.dataset.standardize.standardize_many``).
 
-    .venv/bin/python benchmarks/standardize.py [--size 512] [--folder ../shared/data/chest-xray-originals-sample]
+    .venv/bin/python benchmarks/standardize.py [--size 512] \
+        [--folder ../shared/data/chest-xray-originals-sample]
 """
 
 from __future__ import annotations
@@ -48,17 +49,21 @@ def main() -> None:
     blobs = [p.read_bytes() for p in files]  # read once, so both ways time decoding, not the disk
     print(f"{len(blobs)} images from {args.folder}, target {args.size} px, {args.workers} workers")
     rows = []
-    for name, fn in [("plain (full decode RGB, torchvision, 1 process)", lambda: plain(blobs, args.size, "RGB")),
-                     ("plain (full decode L, torchvision, 1 process)", lambda: plain(blobs, args.size, "L")),
-                     ("ours, 1 process (draft decode)", lambda: ours(blobs, args.size, 1)),
-                     (f"ours, {args.workers} processes (draft decode)", lambda: ours(blobs, args.size, args.workers))]:
+    for name, fn in [
+        ("plain (full decode RGB, torchvision, 1 process)", lambda: plain(blobs, args.size, "RGB")),
+        ("plain (full decode L, torchvision, 1 process)", lambda: plain(blobs, args.size, "L")),
+        ("ours, 1 process (draft decode)", lambda: ours(blobs, args.size, 1)),
+        (f"ours, {args.workers} processes (draft decode)", lambda: ours(blobs, args.size, args.workers)),
+    ]:
         t = time.perf_counter()
         n = fn()
         dt = time.perf_counter() - t
         rows.append((name, n / dt))
         print(f"{name:48s} {n / dt:8.1f} images/s ({n} images in {dt:.2f} s)")
-    print(f"speed-up of ours ({args.workers} processes) over plain RGB: {rows[3][1] / rows[0][1]:.2f}x, "
-          f"over plain L: {rows[3][1] / rows[1][1]:.2f}x")
+    print(
+        f"speed-up of ours ({args.workers} processes) over plain RGB: {rows[3][1] / rows[0][1]:.2f}x, "
+        f"over plain L: {rows[3][1] / rows[1][1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Dagster resources: the settings of the chosen profile, and the compute device."""
 
-
 import json
 import os
 import random
@@ -31,7 +30,9 @@ class SettingsResource(dg.ConfigurableResource):
         )
 
     def get(self) -> Settings:
-        return Settings.for_profile(self.profile, self.data_dir or None, json.loads(self.overrides_json or "{}"))
+        return Settings.for_profile(
+            self.profile, self.data_dir or None, json.loads(self.overrides_json or "{}")
+        )
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -53,7 +54,9 @@ class ComputeResource(dg.ConfigurableResource):
             torch.set_num_threads(self.cpu_threads)
         if self.device != "auto":
             if self.device.startswith("cuda") and not torch.cuda.is_available():
-                raise RuntimeError(f"compute device {self.device!r} was asked for, but CUDA is not available here")
+                raise RuntimeError(
+                    f"compute device {self.device!r} was asked for, but CUDA is not available here"
+                )
             return self.device
         if torch.cuda.is_available():
             return "cuda"

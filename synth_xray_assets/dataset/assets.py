@@ -1,11 +1,19 @@
 """Dagster wiring of the real dataset: the ``chest_xray_dataset`` asset and its checks."""
 
-
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.dataset.sources import check_splits_and_classes, iter_records, load_source, resolve_source
-from synth_xray_assets.dataset.store import STANDARDIZE_VERSION, StandardizedDataset, build_standardized_dataset
+from synth_xray_assets.dataset.sources import (
+    check_splits_and_classes,
+    iter_records,
+    load_source,
+    resolve_source,
+)
+from synth_xray_assets.dataset.store import (
+    STANDARDIZE_VERSION,
+    StandardizedDataset,
+    build_standardized_dataset,
+)
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
 
@@ -60,7 +68,9 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "counts_by_split_and_class": dg.MetadataValue.md(_table_md(counts)),
             "train_class_balance": dg.MetadataValue.json(balance),
             "original_width_range": f"{int(m.orig_width.min())}-{int(m.orig_width.max())}" if len(m) else "-",
-            "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}" if len(m) else "-",
+            "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}"
+            if len(m)
+            else "-",
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
             "skipped": dg.MetadataValue.md(_table_md(report.skipped.head(50), index=False) or "none"),
@@ -98,7 +108,9 @@ def every_class_in_every_split(settings: SettingsResource) -> dg.AssetCheckResul
     return dg.AssetCheckResult(passed=not missing, metadata={"missing": ", ".join(missing) or "none"})
 
 
-@dg.asset_check(asset=chest_xray_dataset, blocking=True, description="Every stored image is square at the target size.")
+@dg.asset_check(
+    asset=chest_xray_dataset, blocking=True, description="Every stored image is square at the target size."
+)
 def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
     ds = StandardizedDataset.open(s.data_dir / "dataset")
@@ -108,10 +120,16 @@ def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
         arr = np.load(ds.root / "arrays" / f"{split}.npy", mmap_mode="r")
         if arr.shape[1:3] != (res, res) or arr.shape[0] != int((ds.manifest.split == split).sum()):
             bad[split] = list(arr.shape)
-    return dg.AssetCheckResult(passed=not bad, metadata={"resolution": res, "bad_shapes": dg.MetadataValue.json(bad)})
+    return dg.AssetCheckResult(
+        passed=not bad, metadata={"resolution": res, "bad_shapes": dg.MetadataValue.json(bad)}
+    )
 
 
-@dg.asset_check(asset=chest_xray_dataset, blocking=True, description="No image (by content hash) is in both train and test.")
+@dg.asset_check(
+    asset=chest_xray_dataset,
+    blocking=True,
+    description="No image (by content hash) is in both train and test.",
+)
 def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
     m = StandardizedDataset.open(settings.get().data_dir / "dataset").manifest
     shared = set(m.loc[m.split == "train", "sha256"]) & set(m.loc[m.split == "test", "sha256"])
@@ -121,7 +139,9 @@ def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=chest_xray_dataset, description="Every source image was readable (bad files are listed).")
+@dg.asset_check(
+    asset=chest_xray_dataset, description="Every source image was readable (bad files are listed)."
+)
 def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResult:
     import pandas as pd
 
@@ -129,11 +149,19 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
     return dg.AssetCheckResult(
         passed=skipped.empty,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"num_skipped": len(skipped), "skipped": dg.MetadataValue.md(_table_md(skipped.head(50), False) or "none")},
+        metadata={
+            "num_skipped": len(skipped),
+            "skipped": dg.MetadataValue.md(_table_md(skipped.head(50), False) or "none"),
+        },
     )
 
 
 defs = dg.Definitions(
     assets=[chest_xray_dataset],
-    asset_checks=[every_class_in_every_split, images_are_square, no_train_test_overlap, all_source_images_readable],
+    asset_checks=[
+        every_class_in_every_split,
+        images_are_square,
+        no_train_test_overlap,
+        all_source_images_readable,
+    ],
 )

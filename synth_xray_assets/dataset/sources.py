@@ -64,9 +64,13 @@ def resolve_source(settings: Settings) -> ResolvedSource:
             return ResolvedSource("parquet", str(path.resolve()))
         if any(p.is_dir() for p in path.iterdir()):
             return ResolvedSource("imagefolder", str(path.resolve()))
-        raise SourceError(f"dataset source folder has neither parquet files nor split folders: {path.resolve()}")
+        raise SourceError(
+            f"dataset source folder has neither parquet files nor split folders: {path.resolve()}"
+        )
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise SourceError(f"dataset source does not exist: {path.resolve()} (nor is it a Hub id 'owner/name')")
+        raise SourceError(
+            f"dataset source does not exist: {path.resolve()} (nor is it a Hub id 'owner/name')"
+        )
     return ResolvedSource("hub", source, revision=settings.dataset.revision)
 
 
@@ -84,11 +88,15 @@ def load_source(resolved: ResolvedSource, settings: Settings) -> Any:
             dsd = datasets.load_dataset("imagefolder", data_dir=resolved.location)
     except Exception as exc:  # noqa: BLE001 - re-raised with the source named
         where = resolved.location + (f"@{resolved.revision}" if resolved.revision else "")
-        raise SourceError(f"cannot read dataset source {where} ({resolved.kind}): {type(exc).__name__}: {exc}") from exc
+        raise SourceError(
+            f"cannot read dataset source {where} ({resolved.kind}): {type(exc).__name__}: {exc}"
+        ) from exc
     for column in ("image", "label"):
         for split, ds in dsd.items():
             if column not in ds.column_names:
-                raise SourceError(f"split {split!r} of {resolved.location} has no {column!r} column: {ds.column_names}")
+                raise SourceError(
+                    f"split {split!r} of {resolved.location} has no {column!r} column: {ds.column_names}"
+                )
     return dsd.cast_column("image", datasets.Image(decode=False))
 
 
@@ -96,12 +104,16 @@ def check_splits_and_classes(dsd: Any, settings: Settings, location: str) -> Non
     """Every configured split is there and every class name is among its labels."""
     for split in settings.dataset.splits:
         if split not in dsd:
-            raise SourceError(f"split {split!r} is missing from dataset source {location} (it has {sorted(dsd)})")
+            raise SourceError(
+                f"split {split!r} is missing from dataset source {location} (it has {sorted(dsd)})"
+            )
         names = _label_names(dsd[split])
         labels = set(dsd[split]["label"])
         for class_name in settings.dataset.class_names:
             if class_name not in names or names.index(class_name) not in labels:
-                raise SourceError(f"class {class_name!r} is missing from split {split!r} of dataset source {location}")
+                raise SourceError(
+                    f"class {class_name!r} is missing from split {split!r} of dataset source {location}"
+                )
 
 
 def iter_records(dsd: Any, split: str, class_names: tuple[str, ...]) -> Iterator[SourceRecord]:

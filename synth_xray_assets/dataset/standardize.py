@@ -62,7 +62,9 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
-def standardize_bytes(data: bytes, size: int, mode: str = "L", max_pixels: int = 178_956_970) -> StandardizeResult:
+def standardize_bytes(
+    data: bytes, size: int, mode: str = "L", max_pixels: int = 178_956_970
+) -> StandardizeResult:
     """Decode ``data`` once and standardize it; bad input comes back with a ``reason``."""
     digest = sha256_bytes(data)
     if not data:

@@ -32,7 +32,6 @@ from synth_xray_assets.storage import (
     atomic_path,
     combined_hash,
     save_numpy_atomic,
-    save_png_atomic,
     sha256_bytes,
     write_bytes_atomic,
     write_json_atomic,
@@ -72,19 +71,30 @@ def build_standardized_dataset(
         todo: list[SourceRecord] = []
         for rec in split_records:
             if rec.label is None:
-                skipped.append({"split": split, "source_id": rec.source_id, "reason": f"unknown label {rec.label_name!r}"})
+                skipped.append(
+                    {
+                        "split": split,
+                        "source_id": rec.source_id,
+                        "reason": f"unknown label {rec.label_name!r}",
+                    }
+                )
                 continue
             todo.append(rec)
         hashes = [sha256_bytes(r.data) for r in todo]
         cached = [_cached_png(out_dir, split, settings.class_names[r.label], h) for r, h in zip(todo, hashes)]
         fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
-        results = iter(standardize_many(fresh, settings.resolution, settings.mode, settings.max_image_pixels,
-                                        workers=settings.workers))
+        results = iter(
+            standardize_many(
+                fresh, settings.resolution, settings.mode, settings.max_image_pixels, workers=settings.workers
+            )
+        )
         for rec, sha, png in zip(todo, hashes, cached):
             if png.exists():
                 with Image.open(png) as im:
                     meta = json.loads(im.info.get("synth_xray", "{}"))
-                    result = StandardizeResult(sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode"))
+                    result = StandardizeResult(
+                        sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode")
+                    )
                 reused += 1
             else:
                 result = next(results)
@@ -95,20 +105,34 @@ def build_standardized_dataset(
                 skipped.append({"split": split, "source_id": rec.source_id, "reason": result.reason})
                 continue
             arrays[split].append(result.pixels)
-            rows.append({
-                "split": split,
-                "label": rec.label,
-                "class_name": settings.class_names[rec.label],
-                "source_id": rec.source_id,
-                "sha256": sha,
-                "orig_width": result.original_size[0],
-                "orig_height": result.original_size[1],
-                "orig_mode": result.original_mode,
-                "path": str(png.relative_to(out_dir)),
-            })
+            rows.append(
+                {
+                    "split": split,
+                    "label": rec.label,
+                    "class_name": settings.class_names[rec.label],
+                    "source_id": rec.source_id,
+                    "sha256": sha,
+                    "orig_width": result.original_size[0],
+                    "orig_height": result.original_size[1],
+                    "orig_mode": result.original_mode,
+                    "path": str(png.relative_to(out_dir)),
+                }
+            )
         log(f"{split}: {len(arrays[split])} images standardized to {settings.resolution} px")
-    manifest = pd.DataFrame(rows, columns=["split", "label", "class_name", "source_id", "sha256", "orig_width",
-                                           "orig_height", "orig_mode", "path"])
+    manifest = pd.DataFrame(
+        rows,
+        columns=[
+            "split",
+            "label",
+            "class_name",
+            "source_id",
+            "sha256",
+            "orig_width",
+            "orig_height",
+            "orig_mode",
+            "path",
+        ],
+    )
     skipped_df = pd.DataFrame(skipped, columns=["split", "source_id", "reason"])
     version = data_version(manifest, settings)
     shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
@@ -117,8 +141,15 @@ def build_standardized_dataset(
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
     write_bytes_atomic(out_dir / "skipped.csv", skipped_df.to_csv(index=False).encode())
     write_parquet_atomic(manifest, out_dir / "manifest.parquet")
-    write_json_atomic(out_dir / "version.json", {"version": version, "resolution": settings.resolution,
-                                                 "mode": settings.mode, "standardize": STANDARDIZE_VERSION})
+    write_json_atomic(
+        out_dir / "version.json",
+        {
+            "version": version,
+            "resolution": settings.resolution,
+            "mode": settings.mode,
+            "standardize": STANDARDIZE_VERSION,
+        },
+    )
     return BuildReport(version, manifest, skipped_df, reused=reused, decoded=decoded)
 
 
@@ -151,7 +182,9 @@ class StandardizedDataset:
     def open(cls, root: Path) -> StandardizedDataset:
         version_file = root / "version.json"
         if not version_file.exists():
-            raise FileNotFoundError(f"no standardized dataset at {root}: materialize chest_xray_dataset first")
+            raise FileNotFoundError(
+                f"no standardized dataset at {root}: materialize chest_xray_dataset first"
+            )
         version = json.loads(version_file.read_text())["version"]
         return cls(root, pd.read_parquet(root / "manifest.parquet"), version)
 
