@@ -45,6 +45,7 @@ class DatasetSettings(_Section):
     workers: int = 2  # processes for standardization
     # Hugging Face token, read from this environment variable only (never logged).
     hf_token_env: str = "HF_TOKEN"
+    observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
 
 
 class PhantomSettings(_Section):

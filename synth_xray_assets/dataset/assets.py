@@ -20,7 +20,27 @@ from synth_xray_assets.storage import image_grid, png_markdown
 OWNERS = ["team:synth-xray"]
 
 
+@dg.observable_source_asset(
+    group_name="dataset",
+    description=(
+        "Where the real images come from. Its data version is the Hub dataset's revision (full "
+        "profile) or the local folder's content fingerprint (demo and local folders); observed "
+        "daily by `observe_source_schedule` and on demand."
+    ),
+)
+def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
+    s = settings.get()
+    resolved = resolve_source(s)
+    version = source_fingerprint(resolved)
+    context.log.info(f"source {resolved.location}: version {version}")
+    return dg.ObserveResult(
+        data_version=dg.DataVersion(version),
+        metadata={"kind": resolved.kind, "location": resolved.location, "synthetic_phantoms": resolved.synthetic},
+    )
+
+
 @dg.asset(
+    deps=[chest_xray_source],
     group_name="dataset",
     kinds={"huggingface", "pandas"},
     owners=OWNERS,
@@ -156,8 +176,18 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
     )
 
 
+observe_source_job = dg.define_asset_job("observe_source_job", selection=[chest_xray_source])
+observe_source_schedule = dg.ScheduleDefinition(
+    name="observe_source_schedule",
+    job=observe_source_job,
+    cron_schedule=SettingsResource.from_env().get().dataset.observe_cron,
+    description="Observe the dataset source's version (settings: dataset.observe_cron, daily by default).",
+)
+
 defs = dg.Definitions(
-    assets=[chest_xray_dataset],
+    assets=[chest_xray_source, chest_xray_dataset],
+    jobs=[observe_source_job],
+    schedules=[observe_source_schedule],
     asset_checks=[
         every_class_in_every_split,
         images_are_square,
