@@ -73,11 +73,13 @@ class BaseModelSettings(_Section):
     tiny_unet_channels: tuple[int, ...] = (64, 128)
     tiny_text_width: int = 64
     tiny_text_layers: int = 2
+    tiny_layers_per_block: int = 1  # resnet layers per UNet / VAE level (SD 2.1 has 2)
     tiny_vae_steps: int = 300
     tiny_unet_steps: int = 1500
     tiny_batch_size: int = 16
     tiny_learning_rate: float = 1e-3
     tiny_prompt: str = "a chest xray image"
+    tiny_uncond_probability: float = 0.1  # prompt dropped to "" so guidance has an unconditional branch
     seed: int = 42
 
 
@@ -118,6 +120,7 @@ class DreamBoothSettings(_Section):
     adam_epsilon: float = 1e-8
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
     sample_images: int = 8  # for the UI grid
     sample_steps: int = 25
 
@@ -133,20 +136,26 @@ class GenerationSettings(_Section):
 
 
 class EvaluationSettings(_Section):
-    """FID / KID / precision-recall and the memorization check."""
+    """FID / KID / precision-recall in two feature spaces, and the memorization check."""
 
-    # A local file of torch-fidelity's Inception weights (pt_inception-2015-12-05), if any.
+    # The study's Inception FID per class (reference set and implementation unstated), for comparison.
+    published_fid: dict[str, float] = {"normal": 61.88, "pneumonia": 64.08}
+    # Inception (torch-fidelity's inception-v3-compat): a local file of its weights
+    # (pt_inception-2015-12-05), else torch hub's cache, else one download, else "unavailable".
     inception_weights: str | None = None
-    # Without a local file: try torch hub's cache, then one download (else Inception is "unavailable").
     inception_download: bool = True
     inception_url: str = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
     inception_download_timeout_s: float = 30.0
-    batch_size: int = 64
+    # The chest-X-ray space: the classifier's recipe (classifier.*) trained on the real training
+    # split at this input size (no crop) for this many epochs, the epoch chosen on the validation split.
+    feature_resolution: int = 224
+    feature_epochs: int = 20
+    feature_seed: int = 0
+    batch_size: int = 64  # feature extraction
     kid_subsets: int = 100  # torch-fidelity's default
     kid_subset_size: int = 1000
     prc_neighborhood: int = 3
     metrics_seed: int = 2020  # KID subset sampling (torch-fidelity's default seed)
-    feature_resolution: int = 224  # input size of the chest-X-ray feature extractor
     memorization_cosine_threshold: float = 0.02  # cosine distance below this: near-copy
     memorization_pixel_threshold: float = 0.95  # pixel correlation above this: near-copy
     memorization_pixel_size: int = 64  # images compared pixel by pixel at this size (keeps N x M cheap)
@@ -250,7 +259,13 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "min_side": 80,
         "max_side": 160,
     },
-    "base_model": {"tiny": True, "tiny_vae_steps": 150, "tiny_unet_steps": 400},
+    "base_model": {
+        "tiny": True,
+        "tiny_vae_channels": (16, 32, 64, 64),  # 64 px -> 8x8 latents: SD's factor 8
+        "tiny_unet_channels": (32, 64),
+        "tiny_vae_steps": 120,
+        "tiny_unet_steps": 400,
+    },
     "dreambooth": {
         "num_class_images": 16,
         "class_image_steps": 10,

@@ -8,6 +8,7 @@ from synth_xray_assets.dataset.sources import (
     iter_records,
     load_source,
     resolve_source,
+    source_fingerprint,
 )
 from synth_xray_assets.dataset.store import (
     STANDARDIZE_VERSION,
@@ -35,7 +36,11 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     context.log.info(f"source {resolved.location}: version {version}")
     return dg.ObserveResult(
         data_version=dg.DataVersion(version),
-        metadata={"kind": resolved.kind, "location": resolved.location, "synthetic_phantoms": resolved.synthetic},
+        metadata={
+            "kind": resolved.kind,
+            "location": resolved.location,
+            "synthetic_phantoms": resolved.synthetic,
+        },
     )
 
 

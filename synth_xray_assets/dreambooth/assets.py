@@ -1,0 +1,327 @@
+"""Dagster wiring of DreamBooth: ``base_model``, ``prior_class_images``, ``dreambooth_checkpoint``.
+
+The numerical work lives beside this file: the loss and the loop in ``training.py``, the tiny
+demo model in ``tiny.py``, the Hub download in ``base_model.py``.
+"""
+
+import os
+import shutil
+import time
+
+import dagster as dg
+import numpy as np
+
+from synth_xray_assets.dataset.assets import chest_xray_dataset
+from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.dreambooth import store
+from synth_xray_assets.dreambooth.base_model import fetch_base_model, load_pipeline
+from synth_xray_assets.dreambooth.summary import folder_version, loss_curve, smoothed
+from synth_xray_assets.dreambooth.training import (
+    load_trained_pipeline,
+    num_train_steps,
+    train_dreambooth,
+)
+from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
+from synth_xray_assets.synthesis.generate import generate_set, sample_images, use_dpm_solver
+
+OWNERS = ["team:synth-xray"]
+RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint
+_PROFILE = SettingsResource.from_env().get().profile
+
+
+def _peak_memory_mb(device: str) -> float:
+    import resource
+
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@dg.asset(
+    # The demo's tiny model is pre-trained on the demo images; SD 2.1 comes from the Hub.
+    deps=[chest_xray_dataset] if _PROFILE == "demo" else [],
+    group_name="generation",
+    kinds={"pytorch", "huggingface", "diffusers"},
+    owners=OWNERS,
+    pool="gpu",
+    code_version="base-model-v1",
+    retry_policy=RETRY,
+    description=(
+        "The Stable Diffusion DreamBooth starts from. Full profile: SD 2.1 base from the Hugging Face "
+        "Hub (settings base_model.pretrained_model@revision), fetched once into data/models/hub. Demo: "
+        "a tiny SD (UNet, VAE, CLIP text encoder and an offline tokenizer) built from config and "
+        "briefly pre-trained on the demo images. Standard diffusers layout."
+    ),
+)
+def base_model(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    bm = s.base_model
+    started = time.perf_counter()
+    meta: dict = {}
+    if bm.tiny:
+        from synth_xray_assets.dreambooth.tiny import build_tiny_pipeline, pretrain_tiny_pipeline
+
+        device = compute.resolve_device()
+        images = StandardizedDataset.open(s.data_dir / "dataset").images("train")
+        pipe = build_tiny_pipeline(bm, s.dreambooth.resolution)
+        stats = pretrain_tiny_pipeline(pipe, images, bm, device, log=context.log.info)
+        path = store.models_dir(s.data_dir) / "base"
+        from synth_xray_assets.storage import atomic_path
+
+        with atomic_path(path) as tmp:
+            pipe.to("cpu").save_pretrained(tmp, safe_serialization=True)
+        meta.update(
+            {
+                "model": "tiny Stable Diffusion from config (demo), pre-trained on the demo train images",
+                "pretraining": dg.MetadataValue.json({k: round(v, 5) for k, v in stats.items()}),
+            }
+        )
+        sample_pipe = pipe.to(device)
+    else:
+        token = os.environ.get(s.dataset.hf_token_env) or None  # never logged
+        path = fetch_base_model(bm, store.models_dir(s.data_dir) / "hub", token, log=context.log.info)
+        device = compute.resolve_device()
+        sample_pipe = load_pipeline(path, device)
+        meta["model"] = f"{bm.pretrained_model}@{bm.revision}"
+    version = folder_version(path)
+    write_json_atomic(store.base_model_record(s.data_dir), {"path": str(path), "version": version})
+
+    use_dpm_solver(sample_pipe)
+    samples = sample_images(
+        sample_pipe,
+        s.dreambooth.class_prompt,
+        list(range(8)),
+        s.dreambooth.sample_steps,
+        s.generation.guidance_scale,
+        s.dreambooth.resolution,
+    )
+    params = {
+        k: sum(p.numel() for p in getattr(sample_pipe, k).parameters())
+        for k in ("unet", "vae", "text_encoder")
+    }
+    return dg.MaterializeResult(
+        metadata={
+            **meta,
+            "path": dg.MetadataValue.path(str(path)),
+            "parameters": dg.MetadataValue.json(params),
+            "wall_time_s": round(time.perf_counter() - started, 1),
+            f"samples ('{s.dreambooth.class_prompt}')": dg.MetadataValue.md(
+                png_markdown(image_grid(list(samples), columns=8, cell=96), "base model samples")
+            ),
+        },
+        data_version=dg.DataVersion(version),
+    )
+
+
+@dg.asset(
+    deps=[base_model],
+    group_name="generation",
+    kinds={"pytorch", "diffusers"},
+    owners=OWNERS,
+    pool="gpu",
+    code_version="prior-images-v1",
+    retry_policy=RETRY,
+    description=(
+        "Prior-preservation class images: what the base model makes of the class prompt ('a chest "
+        "xray image'; 200 images, 30 steps, guidance 7.5 in full). Kept under data/prior/ so that "
+        "re-training does not remake them; an interrupted run makes only the missing ones."
+    ),
+)
+def prior_class_images(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    db = s.dreambooth
+    base_path = store.base_model_path(s.data_dir)
+    base_version = folder_version(base_path)
+    device = compute.resolve_device()
+    report = generate_set(
+        lambda: load_pipeline(base_path, device, _dtype(device)),
+        store.prior_dir(s.data_dir),
+        db.num_class_images,
+        db.class_prompt,
+        num_inference_steps=db.class_image_steps,
+        guidance_scale=db.class_image_guidance,
+        resolution=db.resolution,
+        batch_size=db.class_image_batch_size,
+        extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
+        log=context.log.info,
+    )
+    images = store.prior_images(s.data_dir)
+    return dg.MaterializeResult(
+        metadata={
+            "num_images": len(report.manifest),
+            "made_this_run": len(report.generated),
+            "kept_from_earlier_runs": report.reused,
+            "prompt": db.class_prompt,
+            "base_model_version": base_version,
+            "path": dg.MetadataValue.path(str(store.prior_dir(s.data_dir))),
+            "images": dg.MetadataValue.md(png_markdown(image_grid(list(images[:16]), 8, 96), "class images")),
+        },
+        data_version=dg.DataVersion(_manifest_version(report.manifest)),
+    )
+
+
+def _dtype(device: str):
+    import torch
+
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+def _manifest_version(manifest) -> str:
+    from synth_xray_assets.storage import combined_hash
+
+    return combined_hash(list(manifest["sha256"]))
+
+
+@dg.asset(
+    deps=[chest_xray_dataset, base_model, prior_class_images],
+    partitions_def=class_partitions,
+    group_name="generation",
+    kinds={"pytorch", "diffusers", "accelerate"},
+    owners=OWNERS,
+    pool="gpu",
+    code_version="dreambooth-v1",
+    retry_policy=RETRY,
+    description=(
+        "DreamBooth fine-tuning of the base model on one class's real training images (full "
+        "fine-tuning of UNet and text encoder with prior preservation, as the study; or LoRA with "
+        "settings dreambooth.method='lora'). Saves a standard diffusers pipeline folder (or "
+        "pytorch_lora_weights.safetensors) under data/models/dreambooth/{class}; checkpoints every "
+        "dreambooth.checkpointing_steps, and a re-run resumes from the latest one."
+    ),
+)
+def dreambooth_checkpoint(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    db = s.dreambooth
+    key = context.partition_key
+    label = class_label(key)
+    dataset = StandardizedDataset.open(s.data_dir / "dataset")
+    instance_images = dataset.images("train", label)
+    if len(instance_images) == 0:
+        raise ValueError(f"no {s.dataset.class_names[label]} training images in {dataset.root}")
+    class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
+    base_path = store.base_model_path(s.data_dir)
+    device = compute.resolve_device()
+    settings_used = db.model_copy(update={"mixed_precision": compute.precision_for(device), "seed": db.seed})
+    prompt = db.instance_prompts[key]
+    out = store.checkpoint_dir(s.data_dir, key)
+    context.log.info(
+        f"{key}: {len(instance_images)} instance images, {num_train_steps(len(instance_images), db)} steps, "
+        f"method {db.method}, device {device}"
+    )
+    result = train_dreambooth(
+        base_path,
+        instance_images,
+        class_images,
+        prompt,
+        settings_used,
+        out,
+        store.work_dir(s.data_dir, key),
+        device,
+        log=context.log.info,
+    )
+    pipe = load_trained_pipeline(out, base_path, device)
+    use_dpm_solver(pipe)
+    samples = sample_images(
+        pipe,
+        prompt,
+        list(range(db.sample_images)),
+        db.sample_steps,
+        s.generation.guidance_scale,
+        db.resolution,
+    )
+    real = instance_images[: db.sample_images]
+    smooth = smoothed(result.losses)
+    curve = loss_curve(
+        result.losses, f"DreamBooth {key} ({db.method})", result.prior_losses, result.resumed_from_step
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "method": db.method,
+            "instance_prompt": prompt,
+            "num_instance_images": len(instance_images),
+            "num_class_images": 0 if class_images is None else len(class_images),
+            "steps": result.global_step,
+            "epochs": result.epochs,
+            "resumed_from_step": result.resumed_from_step,
+            "steps_this_run": len(result.steps_run),
+            "final_loss": float(result.losses[-1]),
+            "smoothed_loss": float(smooth[-1]),
+            "first_smoothed_loss": float(smooth[min(len(smooth) - 1, 9)]),
+            "wall_time_s": round(result.wall_s, 1),
+            "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "device": device,
+            "precision": settings_used.mixed_precision if device.startswith("cuda") else "fp32",
+            "base_model_version": folder_version(base_path),
+            "dataset_version": dataset.version,
+            "path": dg.MetadataValue.path(str(out)),
+            "loss_curve": dg.MetadataValue.md(png_markdown(curve, "loss curve")),
+            "samples (top) and real training images (bottom)": dg.MetadataValue.md(
+                png_markdown(image_grid(list(samples) + list(real), columns=len(samples), cell=96), "samples")
+            ),
+        },
+        data_version=dg.DataVersion(folder_version(out)),
+    )
+
+
+@dg.asset_check(
+    asset=dreambooth_checkpoint,
+    partitions_def=class_partitions,
+    blocking=True,
+    pool="gpu",
+    description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+)
+def checkpoint_loads(
+    context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.AssetCheckResult:
+    s = settings.get()
+    key = context.partition_key
+    result = check_checkpoint(s, key, compute.resolve_device())
+    return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+
+
+def check_checkpoint(s, key: str, device: str) -> dict:
+    """Load ``key``'s checkpoint as plain diffusers would and sample one image."""
+    try:
+        pipe = load_trained_pipeline(
+            store.checkpoint_dir(s.data_dir, key), store.base_model_path(s.data_dir), device
+        )
+        use_dpm_solver(pipe)
+        import torch
+
+        with torch.no_grad():
+            img = pipe(
+                s.dreambooth.instance_prompts[key],
+                num_inference_steps=s.dreambooth.sample_steps,
+                guidance_scale=s.generation.guidance_scale,
+                height=s.dreambooth.resolution,
+                width=s.dreambooth.resolution,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+            ).images[0]
+    except Exception as exc:  # a failed load is the check's finding, not a crash
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finite = bool(np.isfinite(img).all())
+    std = float(np.nan_to_num(img).std())
+    return {"ok": finite and std > 1e-3, "finite": finite, "pixel_std": round(std, 5)}
+
+
+def clear_checkpoint(data_dir, key: str) -> None:
+    """Remove a class's trained model and its resumable state (for a fresh start)."""
+    shutil.rmtree(store.checkpoint_dir(data_dir, key), ignore_errors=True)
+    shutil.rmtree(store.work_dir(data_dir, key), ignore_errors=True)
+
+
+defs = dg.Definitions(
+    assets=[base_model, prior_class_images, dreambooth_checkpoint],
+    asset_checks=[checkpoint_loads],
+)

@@ -1,0 +1,150 @@
+"""Sampling images from a Stable Diffusion pipeline, one recorded seed per image, resumably.
+
+``sample_images`` is the sampler (DPM-Solver multistep, the study's scheduler). ``generate_set``
+fills a folder with ``count`` images: image ``i`` uses seed ``seed_offset + i`` through its own
+generator, so it does not depend on the batch it was made in, and a re-run after an interruption
+makes only the images that are missing. Used for the synthetic images and the prior-preservation
+class images alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from PIL import Image
+
+from synth_xray_assets.storage import save_png_atomic, sha256_bytes, write_parquet_atomic
+from synth_xray_assets.synthesis.store import MANIFEST
+
+
+def use_dpm_solver(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """Swap the pipeline's scheduler for DPM-Solver multistep with the same noise schedule."""
+    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+@torch.no_grad()
+def sample_images(
+    pipe: StableDiffusionPipeline,
+    prompt: str,
+    seeds: Sequence[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+) -> np.ndarray:
+    """uint8 grayscale ``[len(seeds), resolution, resolution]``; image k from ``seeds[k]`` alone."""
+    device = pipe.device
+    # Each image gets its own generator: the same seed gives the same image in any batch.
+    gen_device = "cpu" if device.type == "mps" else device
+    generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
+    out = pipe(
+        prompt=[prompt] * len(seeds),
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=generators,
+        output_type="np",
+    ).images
+    rgb = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0)
+    gray = rgb.mean(axis=-1) if rgb.ndim == 4 else rgb
+    return np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
+
+
+@dataclass
+class GenerationReport:
+    manifest: pd.DataFrame
+    generated: list[int]  # indices made by this call
+    reused: int
+
+
+def generate_set(
+    make_pipe: Callable[[], StableDiffusionPipeline],
+    out_dir: Path,
+    count: int,
+    prompt: str,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+    seed_offset: int = 0,
+    extra_columns: dict[str, object] | None = None,
+    log: Callable[[str], None] = print,
+) -> GenerationReport:
+    """Make images ``0..count-1`` in ``out_dir/images/``, keeping those already there.
+
+    An existing image is kept when the manifest lists it with the same prompt, seed, sampler
+    settings and ``extra_columns`` (for example the checkpoint's version) and its file is intact;
+    everything else is made (again). The manifest is rewritten atomically after every batch, so
+    an interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
+    """
+    out_dir = Path(out_dir)
+    extra = dict(extra_columns or {})
+    recipe = {
+        "prompt": prompt,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": float(guidance_scale),
+        "resolution": resolution,
+        **extra,
+    }
+    rows: dict[int, dict] = {}
+    manifest_path = out_dir / MANIFEST
+    if manifest_path.exists():
+        for row in pd.read_parquet(manifest_path).to_dict("records"):
+            i = int(row["index"])
+            same = i < count and int(row["seed"]) == seed_offset + i
+            same = same and all(_same(row.get(k), v) for k, v in recipe.items())
+            if same and _intact(out_dir / row["file"], row["sha256"]):
+                rows[i] = row
+    reused = len(rows)
+    todo = [i for i in range(count) if i not in rows]
+    if todo:
+        log(f"{len(todo)} of {count} images to make in {out_dir} ({reused} kept)")
+        pipe = use_dpm_solver(make_pipe())
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            seeds = [seed_offset + i for i in batch]
+            images = sample_images(pipe, prompt, seeds, num_inference_steps, guidance_scale, resolution)
+            for i, seed, pixels in zip(batch, seeds, images):
+                file = f"images/{i:05d}.png"
+                save_png_atomic(Image.fromarray(pixels, mode="L"), out_dir / file)
+                rows[i] = {
+                    "index": i,
+                    "file": file,
+                    "seed": seed,
+                    **recipe,
+                    "sha256": _png_hash(out_dir / file),
+                }
+            _write_manifest(rows, manifest_path)
+            log(f"made {min(start + batch_size, len(todo))}/{len(todo)} images")
+    # Files beyond ``count`` (a smaller setting than last time) are left out of the manifest.
+    manifest = _write_manifest(rows, manifest_path)
+    return GenerationReport(manifest=manifest, generated=todo, reused=reused)
+
+
+def _write_manifest(rows: dict[int, dict], path: Path) -> pd.DataFrame:
+    frame = pd.DataFrame([rows[i] for i in sorted(rows)])
+    write_parquet_atomic(frame, path)
+    return frame
+
+
+def _png_hash(path: Path) -> str:
+    return sha256_bytes(Path(path).read_bytes())
+
+
+def _intact(path: Path, sha: str) -> bool:
+    return path.is_file() and _png_hash(path) == sha
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(b, float):
+        return a is not None and abs(float(a) - b) < 1e-9
+    return a == b
