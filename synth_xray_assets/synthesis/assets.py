@@ -94,7 +94,9 @@ def synthetic_images(
     blocking=True,
     description="The image count equals the setting; no blank or NaN images; sizes match the resolution.",
 )
-def no_blank_samples(context: dg.AssetCheckExecutionContext, settings: SettingsResource) -> dg.AssetCheckResult:
+def no_blank_samples(
+    context: dg.AssetCheckExecutionContext, settings: SettingsResource
+) -> dg.AssetCheckResult:
     s = settings.get()
     key = context.partition_key
     found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, key)), s)

@@ -1,0 +1,125 @@
+"""Synthetic images: seeded, deterministic, resumable; and the DreamBooth -> images chain as assets."""
+
+import dagster as dg
+import numpy as np
+from conftest import tiny_overrides_json
+
+from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.dreambooth import assets as dreambooth_assets
+from synth_xray_assets.dreambooth import store as models
+from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.synthesis import assets as synthesis_assets
+from synth_xray_assets.synthesis.generate import generate_set
+from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
+
+PROMPT = "A chest xray of healthy normal lungs, clear lung fields"
+
+
+def make(base, out, count=5, batch_size=2, **kw):
+    calls = []
+
+    def make_pipe():
+        calls.append(1)
+        return load_pipeline(base, "cpu")
+
+    report = generate_set(
+        make_pipe,
+        out,
+        count,
+        PROMPT,
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        resolution=32,
+        batch_size=batch_size,
+        extra_columns={"class_key": "normal", "label": 0, "checkpoint_version": kw.pop("version", "v1")},
+        log=lambda m: None,
+        **kw,
+    )
+    return report, calls
+
+
+def test_same_seed_same_image_in_any_batch(tiny_base_model, tmp_path):
+    a, _ = make(tiny_base_model, tmp_path / "a", count=4, batch_size=4)
+    b, _ = make(tiny_base_model, tmp_path / "b", count=4, batch_size=1)
+    assert list(a.manifest.sha256) == list(b.manifest.sha256)
+    assert list(a.manifest.seed) == [0, 1, 2, 3]
+    imgs = SyntheticImages.open(tmp_path / "a").images()
+    assert imgs.shape == (4, 32, 32) and imgs.dtype == np.uint8
+    assert len({img.tobytes() for img in imgs}) == 4  # different seeds, different images
+
+
+def test_rerun_makes_only_missing_images(tiny_base_model, tmp_path):
+    out = tmp_path / "set"
+    first, _ = make(tiny_base_model, out)
+    assert first.generated == [0, 1, 2, 3, 4]
+    (out / "images/00001.png").unlink()
+    (out / "images/00003.png").write_bytes(b"truncated")  # a corrupt file is remade too
+    kept = (out / "images/00002.png").stat().st_mtime_ns
+    again, _ = make(tiny_base_model, out)
+    assert again.generated == [1, 3] and again.reused == 3
+    assert (out / "images/00002.png").stat().st_mtime_ns == kept
+    assert list(again.manifest.sha256) == list(first.manifest.sha256)  # remade identically
+    done, calls = make(tiny_base_model, out)
+    assert done.generated == [] and calls == []  # nothing left: the model is not even loaded
+
+
+def test_new_checkpoint_remakes_everything(tiny_base_model, tmp_path):
+    out = tmp_path / "set"
+    make(tiny_base_model, out, count=2)
+    again, _ = make(tiny_base_model, out, count=2, version="v2")
+    assert again.generated == [0, 1]
+    assert set(again.manifest.checkpoint_version) == {"v2"}
+
+
+def test_dreambooth_chain_materializes_as_assets(tmp_path):
+    """Dataset -> tiny base model -> prior images -> DreamBooth[normal] -> synthetic_images[normal]."""
+    resources = {
+        "settings": SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=tiny_overrides_json()),
+        "compute": ComputeResource(),
+    }
+    assets = [
+        dataset_assets.chest_xray_dataset,
+        dreambooth_assets.base_model,
+        dreambooth_assets.prior_class_images,
+    ]
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(assets, resources=resources, instance=instance)
+    assert result.success
+    prior = result.asset_materializations_for_node("prior_class_images")[0].metadata
+    assert prior["num_images"].value == 4 and prior["made_this_run"].value == 4
+
+    per_class = [
+        dreambooth_assets.dreambooth_checkpoint,
+        dreambooth_assets.checkpoint_loads,
+        synthesis_assets.synthetic_images,
+        synthesis_assets.no_blank_samples,
+    ]
+    result = dg.materialize(per_class, resources=resources, partition_key="normal", instance=instance)
+    assert result.success
+    meta = result.asset_materializations_for_node("dreambooth_checkpoint")[0].metadata
+    assert meta["steps"].value == 3 and meta["method"].value == "full"
+    assert np.isfinite(meta["final_loss"].value)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["checkpoint_loads"].passed
+    assert set(checks) == {"checkpoint_loads", "no_blank_samples"}
+    images = SyntheticImages.open(synthetic_dir(tmp_path / "data", "normal"))
+    assert len(images) == 4
+    assert set(images.manifest.class_key) == {"normal"}
+    assert (models.checkpoint_dir(tmp_path / "data", "normal") / "model_index.json").is_file()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    resources = {
+        "settings": SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=tiny_overrides_json()),
+        "compute": ComputeResource(),
+    }
+    result = dg.materialize(
+        [synthesis_assets.synthetic_images],
+        resources=resources,
+        partition_key="pneumonia",
+        raise_on_error=False,
+    )
+    assert not result.success
+    errors = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
+    assert errors and "no DreamBooth checkpoint for 'pneumonia'" in errors[0]
