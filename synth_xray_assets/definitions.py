@@ -1,6 +1,7 @@
-"""The one Dagster entry point: every domain's definitions, plus resources and jobs.
+"""The one Dagster entry point: every domain's definitions, plus resources, jobs and automation.
 
-Profile: ``SYNTH_XRAY_PROFILE=demo`` (default) or ``full``; see ``settings.py``.
+Profile: ``SYNTH_XRAY_PROFILE=demo`` (default) or ``full``; see ``settings.py``. ``build_defs``
+makes the same definitions with other resources (the tests use it with tiny settings).
 """
 
 import dagster as dg
@@ -10,7 +11,7 @@ from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.synthesis import assets as synthesis
 
-resources = {"settings": SettingsResource.from_env(), "compute": ComputeResource()}
+DOMAINS = [dataset, dreambooth, synthesis]
 
 # One job per partitioning, in the order the demo (and a full run) materializes them.
 prepare_job = dg.define_asset_job(
@@ -23,11 +24,37 @@ per_class_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("dreambooth_checkpoint", "synthetic_images"),
     description="Per class: the DreamBooth checkpoint and its synthetic images.",
 )
+JOBS = [prepare_job, per_class_job]
 PIPELINE_STAGES = ["observe_source_job", "prepare_job", "per_class_job"]
 
-defs = dg.Definitions.merge(
-    dataset.defs,
-    dreambooth.defs,
-    synthesis.defs,
-    dg.Definitions(resources=resources, jobs=[prepare_job, per_class_job]),
-)
+
+def build_defs(
+    settings: SettingsResource | None = None, compute: ComputeResource | None = None
+) -> dg.Definitions:
+    settings = settings or SettingsResource.from_env()
+    s = settings.get()
+    merged = dg.Definitions.merge(*(d.defs for d in DOMAINS))
+    running = s.automation.running_by_default
+    automation_sensor = dg.AutomationConditionSensorDefinition(
+        "synth_xray_automation",
+        target=dg.AssetSelection.all(),
+        default_status=dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED,
+        minimum_interval_seconds=s.automation.sensor_interval_s,
+        description=(
+            "Evaluates the assets' automation conditions: when the dataset source's observed version "
+            f"changes, re-materializes the groups {', '.join(s.automation.eager_groups()) or '(none)'} "
+            "(settings automation.eager_through); the rest runs on request."
+        ),
+    )
+    return dg.Definitions.merge(
+        merged,
+        dg.Definitions(
+            resources={"settings": settings, "compute": compute or ComputeResource()},
+            jobs=JOBS,
+            schedules=[dataset.observe_source_schedule(s.dataset.observe_cron, running)],
+            sensors=[automation_sensor],
+        ),
+    )
+
+
+defs = build_defs()

@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     iter_records,
@@ -47,6 +48,7 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
 @dg.asset(
     deps=[chest_xray_source],
     group_name="dataset",
+    automation_condition=automation_for("dataset"),
     kinds={"huggingface", "pandas"},
     owners=OWNERS,
     code_version=STANDARDIZE_VERSION,
@@ -182,17 +184,22 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
 
 
 observe_source_job = dg.define_asset_job("observe_source_job", selection=[chest_xray_source])
-observe_source_schedule = dg.ScheduleDefinition(
-    name="observe_source_schedule",
-    job=observe_source_job,
-    cron_schedule=SettingsResource.from_env().get().dataset.observe_cron,
-    description="Observe the dataset source's version (settings: dataset.observe_cron, daily by default).",
-)
+
+
+def observe_source_schedule(cron: str, running: bool) -> dg.ScheduleDefinition:
+    """Observe the source's version on ``cron``."""
+    return dg.ScheduleDefinition(
+        name="observe_source_schedule",
+        job=observe_source_job,
+        cron_schedule=cron,
+        default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
+        description="Observe the dataset source's version (settings dataset.observe_cron; daily by default).",
+    )
+
 
 defs = dg.Definitions(
     assets=[chest_xray_source, chest_xray_dataset],
     jobs=[observe_source_job],
-    schedules=[observe_source_schedule],
     asset_checks=[
         every_class_in_every_split,
         images_are_square,

@@ -11,6 +11,7 @@ import time
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth import store
@@ -45,6 +46,7 @@ def _peak_memory_mb(device: str) -> float:
     # The demo's tiny model is pre-trained on the demo images; SD 2.1 comes from the Hub.
     deps=[chest_xray_dataset] if _PROFILE == "demo" else [],
     group_name="generation",
+    automation_condition=automation_for("generation"),
     kinds={"pytorch", "huggingface", "diffusers"},
     owners=OWNERS,
     pool="gpu",
@@ -122,6 +124,7 @@ def base_model(
 @dg.asset(
     deps=[base_model],
     group_name="generation",
+    automation_condition=automation_for("generation"),
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
@@ -184,6 +187,7 @@ def _manifest_version(manifest) -> str:
     deps=[chest_xray_dataset, base_model, prior_class_images],
     partitions_def=class_partitions,
     group_name="generation",
+    automation_condition=automation_for("generation"),
     kinds={"pytorch", "diffusers", "accelerate"},
     owners=OWNERS,
     pool="gpu",

@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.summary import folder_version
@@ -32,6 +33,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
     deps=[dreambooth_checkpoint],
     partitions_def=class_partitions,
     group_name="generation",
+    automation_condition=automation_for("generation"),
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
