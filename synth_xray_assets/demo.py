@@ -14,6 +14,9 @@ import dagster as dg
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
 
 
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
 def run_pipeline(instance: dg.DagsterInstance, stages: list[str] | None = None) -> dict[str, float]:
     """Run every stage job for every partition; return seconds per stage."""
     timings: dict[str, float] = {}
@@ -28,7 +31,9 @@ def run_pipeline(instance: dg.DagsterInstance, stages: list[str] | None = None) 
         for key in keys:
             label = f"{name}" + (f" [{key}]" if key else "")
             print(f"==> {label}", flush=True)
-            result = job.execute_in_process(instance=instance, partition_key=key, raise_on_error=False)
+            result = job.execute_in_process(
+                instance=instance, partition_key=key, raise_on_error=False, run_config=QUIET
+            )
             if not result.success:
                 raise SystemExit(f"stage {label} failed: see the run {result.run_id} in `make dev`")
             failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
