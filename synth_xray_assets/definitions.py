@@ -6,12 +6,14 @@ makes the same definitions with other resources (the tests use it with tiny sett
 
 import dagster as dg
 
+from synth_xray_assets.classifier import assets as classifier
 from synth_xray_assets.dataset import assets as dataset
 from synth_xray_assets.dreambooth import assets as dreambooth
+from synth_xray_assets.reports import assets as reports
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.synthesis import assets as synthesis
 
-DOMAINS = [dataset, dreambooth, synthesis]
+DOMAINS = [dataset, dreambooth, synthesis, classifier, reports]
 
 # One job per partitioning, in the order the demo (and a full run) materializes them.
 prepare_job = dg.define_asset_job(
@@ -24,8 +26,18 @@ per_class_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("dreambooth_checkpoint", "synthetic_images"),
     description="Per class: the DreamBooth checkpoint and its synthetic images.",
 )
-JOBS = [prepare_job, per_class_job]
-PIPELINE_STAGES = ["observe_source_job", "prepare_job", "per_class_job"]
+classifier_job = dg.define_asset_job(
+    "classifier_job",
+    selection=dg.AssetSelection.assets("classifier_experiment"),
+    description="One classifier per experiment x seed (the expensive grid; not automated).",
+)
+report_job = dg.define_asset_job(
+    "report_job",
+    selection=dg.AssetSelection.assets("study_report"),
+    description="The study's table, statistics and plots from every finished classifier run.",
+)
+JOBS = [prepare_job, per_class_job, classifier_job, report_job]
+PIPELINE_STAGES = ["observe_source_job", "prepare_job", "per_class_job", "classifier_job", "report_job"]
 
 
 def build_defs(

@@ -20,7 +20,7 @@ NUM_CLASSES = 2
 
 # Old torchvision checkpoints name layers "norm.1"; the model names them "norm1".
 _OLD_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 
@@ -43,6 +43,15 @@ def build_densenet121(settings: ClassifierSettings) -> nn.Module:
         nn.Linear(settings.hidden_units, NUM_CLASSES),
     )
     return model
+
+
+def describe_weights(settings: ClassifierSettings) -> str:
+    """Where the initial weights come from, in words (for metadata and reports)."""
+    if settings.pretrained == "none":
+        return "none: random initialisation (torchvision's default init, seeded)"
+    if settings.weights_file:
+        return f"ImageNet DenseNet-121 features from {settings.weights_file}"
+    return "ImageNet DenseNet-121 features (torchvision IMAGENET1K_V1)"
 
 
 def load_imagenet_features(model: nn.Module, weights_file: str | Path | None) -> None:

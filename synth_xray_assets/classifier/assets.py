@@ -1,0 +1,144 @@
+"""Dagster wiring of the classifier experiments: ``classifier_experiment`` and its checks."""
+
+import math
+
+import dagster as dg
+from PIL import Image
+
+from synth_xray_assets.automation import automation_for
+from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
+from synth_xray_assets.classifier.stats import METRICS
+from synth_xray_assets.partitions import experiment_partitions
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.storage import png_markdown
+
+OWNERS = ["team:synth-xray"]
+CLASSIFIER_VERSION = "classifier-v1"  # bump when training, composition or scoring changes
+LEAKAGE_CHECK = "no_test_leakage"
+FINITE_CHECK = "metrics_are_finite"
+
+
+@dg.asset(
+    partitions_def=experiment_partitions,
+    deps=[
+        dg.AssetDep("chest_xray_dataset"),
+        dg.AssetDep("synthetic_images", partition_mapping=dg.AllPartitionMapping()),
+    ],
+    group_name="classification",
+    automation_condition=automation_for("classification"),
+    kinds={"pytorch"},
+    owners=OWNERS,
+    pool="gpu",
+    code_version=CLASSIFIER_VERSION,
+    check_specs=[
+        dg.AssetCheckSpec(
+            LEAKAGE_CHECK,
+            asset="classifier_experiment",
+            blocking=True,
+            description="No test image (by content hash) is among the training or validation images.",
+        ),
+        dg.AssetCheckSpec(
+            FINITE_CHECK,
+            asset="classifier_experiment",
+            description="Every test metric and every epoch's loss is a finite number.",
+        ),
+    ],
+    description=(
+        "One DenseNet-121 pneumonia classifier per experiment (the study's seven mixes of real and "
+        "synthetic images) and seed, trained with the study's head, optimizer, schedule and "
+        "augmentation. The epoch is selected on a validation split carved from real train (or on "
+        "the test set with classifier.selection='test', the study's protocol, labelled as such); the "
+        "test set gives the final scores, at the selected and at the last epoch. Weights, per-image "
+        "test probabilities and curves under data/classifier/{experiment}/seed-{seed}/."
+    ),
+)
+def classifier_experiment(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    keys = context.partition_key.keys_by_dimension
+    experiment, seed = keys["experiment"], int(keys["seed"])
+    device = compute.resolve_device()
+    result, data = run_experiment(s, experiment, seed, device, log=context.log.info)
+
+    counts = data.counts()
+    sel, last = result.test_selected, result.test_last
+    (tn, fp), (fn, tp) = sel["confusion"]
+    out = data.composition
+    test_ids = set(out.loc[out.role == "test", "image_id"])
+    leaked = sorted(set(out.loc[out.role.isin(["train", "val"]), "image_id"]) & test_ids)
+    numbers = [sel[m] for m in METRICS] + [last[m] for m in METRICS]
+    numbers += [h[k] for h in result.history for k in ("train_loss", "val_loss")]
+    not_finite = sum(not math.isfinite(v) for v in numbers)
+    folder = run_dir(s.data_dir, experiment, seed)
+    with Image.open(folder / CURVES_FILE) as im:
+        curves = im.convert("RGB")
+    composition = "\n".join(
+        [
+            "| | NORMAL | PNEUMONIA |",
+            "|---|---|---|",
+            *(
+                f"| {label} | {counts[f'{key}_normal']} | {counts[f'{key}_pneumonia']} |"
+                for label, key in [
+                    ("train, real", "train_real"),
+                    ("train, synthetic", "train_synthetic"),
+                    ("validation (real train)", "val_real"),
+                    ("test", "test_real"),
+                ]
+            ),
+        ]
+    )
+    metadata = {
+        "experiment": experiment,
+        "seed": seed,
+        "selection": f"{result.selection}: {result.selection_note}",
+        "selected_epoch": f"{result.selected_epoch}/{result.epochs}",
+        **{f"test_{m}": dg.MetadataValue.float(float(sel[m])) for m in METRICS},
+        **{f"last_epoch_test_{m}": dg.MetadataValue.float(float(last[m])) for m in METRICS},
+        "val_accuracy": dg.MetadataValue.float(float(result.val_selected["accuracy"])),
+        "confusion_matrix (rows true, columns predicted)": dg.MetadataValue.md(
+            f"| | pred NORMAL | pred PNEUMONIA |\n|---|---|---|\n| NORMAL | {tn} | {fp} |\n"
+            f"| PNEUMONIA | {fn} | {tp} |"
+        ),
+        "composition": dg.MetadataValue.md(composition),
+        "n_train": result.n_train,
+        "n_real": result.extra["n_real"],
+        "n_synthetic": result.extra["n_synthetic"],
+        "initial_weights": result.extra["initial_weights"],
+        "training_curves": dg.MetadataValue.md(png_markdown(curves, "loss and accuracy per epoch")),
+        "history": dg.MetadataValue.json(
+            [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in result.history]
+        ),
+        "wall_time_s": dg.MetadataValue.float(round(result.wall_time_s, 2)),
+        "train_images_per_s": dg.MetadataValue.float(round(result.train_images_per_s, 2)),
+        "resumed_from_epoch": result.resumed_from_epoch,
+        "device": device,
+        "checkpoint": dg.MetadataValue.path(result.weights_path),
+        "last_epoch_checkpoint": dg.MetadataValue.path(result.last_weights_path),
+        "run_dir": dg.MetadataValue.path(str(folder)),
+        "dataset_version": data.dataset_version,
+        "synthetic_versions": dg.MetadataValue.json(data.synthetic_versions),
+        "settings": dg.MetadataValue.json(s.section_json("classifier")),
+    }
+    return dg.MaterializeResult(
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=LEAKAGE_CHECK,
+                passed=not leaked,
+                metadata={
+                    "num_leaked": len(leaked),
+                    "leaked_hashes": ", ".join(leaked[:20]) or "none",
+                    "num_test": len(test_ids),
+                },
+            ),
+            dg.AssetCheckResult(
+                check_name=FINITE_CHECK,
+                passed=not_finite == 0,
+                metadata={"num_not_finite": not_finite, "num_checked": len(numbers)},
+            ),
+        ],
+    )
+
+
+defs = dg.Definitions(assets=[classifier_experiment])
