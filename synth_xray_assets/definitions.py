@@ -9,22 +9,27 @@ import dagster as dg
 from synth_xray_assets.classifier import assets as classifier
 from synth_xray_assets.dataset import assets as dataset
 from synth_xray_assets.dreambooth import assets as dreambooth
+from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.reports import assets as reports
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.synthesis import assets as synthesis
 
-DOMAINS = [dataset, dreambooth, synthesis, classifier, reports]
+DOMAINS = [dataset, dreambooth, synthesis, evaluation, classifier, reports]
 
 # One job per partitioning, in the order the demo (and a full run) materializes them.
 prepare_job = dg.define_asset_job(
     "prepare_job",
-    selection=dg.AssetSelection.assets("chest_xray_dataset", "base_model", "prior_class_images"),
-    description="The unpartitioned upstream assets: dataset, base model, prior images.",
+    selection=dg.AssetSelection.assets(
+        "chest_xray_dataset", "base_model", "prior_class_images", "cxr_feature_extractor"
+    ),
+    description="The unpartitioned upstream assets: dataset, base model, prior images, feature extractor.",
 )
 per_class_job = dg.define_asset_job(
     "per_class_job",
-    selection=dg.AssetSelection.assets("dreambooth_checkpoint", "synthetic_images"),
-    description="Per class: the DreamBooth checkpoint and its synthetic images.",
+    selection=dg.AssetSelection.assets(
+        "dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization"
+    ),
+    description="Per class: the DreamBooth checkpoint, its synthetic images, their scores and memorization.",
 )
 classifier_job = dg.define_asset_job(
     "classifier_job",

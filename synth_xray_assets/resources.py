@@ -45,13 +45,15 @@ class ComputeResource(dg.ConfigurableResource):
     device: str = "auto"
     mixed_precision: str = "fp16"
     seed: int = 42
-    cpu_threads: int = 0  # 0: torch's default (all cores)
+    # Torch threads on the CPU. 0: half the cores (at least one), leaving the rest to data-loader
+    # workers and Dagster; on a 2-core machine two threads beside busy workers run far slower
+    # than one (OpenMP threads wait on each other when the cores are oversubscribed).
+    cpu_threads: int = 0
 
     def resolve_device(self) -> str:
         import torch
 
-        if self.cpu_threads:
-            torch.set_num_threads(self.cpu_threads)
+        torch.set_num_threads(self.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
         if self.device != "auto":
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise RuntimeError(

@@ -285,7 +285,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "tiny_vae_channels": (16, 32, 64, 64),  # 64 px -> 8x8 latents: SD's factor 8
         "tiny_unet_channels": (32, 64),
         "tiny_vae_steps": 60,
-        "tiny_unet_steps": 500,
+        "tiny_unet_steps": 1000,
     },
     "dreambooth": {
         "num_class_images": 16,
@@ -293,10 +293,10 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "resolution": 64,
         "train_batch_size": 8,
         "gradient_accumulation_steps": 1,
-        "learning_rate": 2e-4,
+        "learning_rate": 3e-4,
         "lora_learning_rate": 1e-3,
         "lr_warmup_steps": 5,
-        "num_train_epochs": 4,
+        "num_train_epochs": 12,
         "checkpointing_steps": 20,
         "sample_steps": 15,
     },

@@ -186,7 +186,7 @@ def pretrain_tiny_pipeline(
 
     # 1. The VAE: reconstruction (+ a very small KL term), as SD's autoencoder was trained.
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.tiny_learning_rate)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.tiny_learning_rate, foreach=True)
     vae_loss = float("nan")
     for step in range(settings.tiny_vae_steps):
         x = images_to_tensor(images[rng.choice(len(images), batch, replace=False)], resolution).to(device)
@@ -217,7 +217,7 @@ def pretrain_tiny_pipeline(
     with torch.no_grad():
         embeds = encode_tokens(text_encoder, tokenize_prompts(pipe.tokenizer, [settings.tiny_prompt, ""]))
     unet.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.tiny_learning_rate)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=settings.tiny_learning_rate, foreach=True)
     warmup = min(50, settings.tiny_unet_steps // 10)
     lr_schedule = get_scheduler(
         "cosine", optimizer, num_warmup_steps=warmup, num_training_steps=settings.tiny_unet_steps

@@ -541,8 +541,11 @@ def _make_optimizer(
             warnings.warn(message, stacklevel=3)
             log(f"WARNING: {message}")
     lr = settings.lora_learning_rate if settings.method == "lora" else settings.learning_rate
+    # One kernel per op over all tensors instead of a loop per tensor (torch's CPU default).
+    extra = {"foreach": True} if optimizer_cls is torch.optim.AdamW else {}
     return optimizer_cls(
         params,
+        **extra,
         lr=lr,
         betas=(settings.adam_beta1, settings.adam_beta2),
         weight_decay=settings.adam_weight_decay,

@@ -1,16 +1,17 @@
-"""Feature spaces for FID / KID / precision-recall and the memorization check.
+"""The two feature spaces behind FID / KID / precision-recall and the memorization check.
 
-Two spaces, both as torch-fidelity feature extractors so that its metric code does the maths:
+Both are torch-fidelity feature extractors, so that its own factory, batching loop and metric
+functions do the maths:
 
-* ``cxr-densenet121``: the pooled 1024-d features (``features`` -> ReLU -> global average pool)
-  of a DenseNet-121 trained on the real training split. torch-fidelity builds extractors by
-  name and passes every ``calculate_metrics`` keyword to the constructor, so the weights come
-  as ``feature_extractor_weights_path`` (a safetensors state dict) and our own options as
-  ``cxr_feature_resolution`` / ``cxr_build_model`` / ``cxr_model``.
-* ``inception-v3-compat-local``: torch-fidelity's own ``inception-v3-compat`` network, with its
-  weights read from a local file with ``weights_only=True`` (torch-fidelity itself unpickles
-  with ``weights_only=False``). Without a local file we try the download once; when that
-  fails the space is *unavailable*, with the reason, and no score is made up.
+* ``cxr-densenet121``: the pooled 1024-d features (``classifier.model.pooled_features``) of a
+  DenseNet-121 trained on the real training split (the ``cxr_feature_extractor`` asset). Its
+  weights come from a safetensors file (``feature_extractor_weights_path``); torch-fidelity
+  passes every keyword to the constructor, so the input size comes as ``cxr_feature_resolution``.
+* ``inception-v3-compat-local``: torch-fidelity's own ``inception-v3-compat`` network (the
+  features of the study's FID), its weights read from a local file with ``weights_only=True``
+  (torch-fidelity itself unpickles with ``weights_only=False``). Without a local file the
+  download is tried once; when that fails the space is *unavailable*, with the reason, and no
+  score is made up.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import copy
 import functools
 import threading
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
+from synth_xray_assets.classifier.model import pooled_features
 from synth_xray_assets.settings import EvaluationSettings
 from synth_xray_assets.storage import atomic_path, sha256_file
 
@@ -52,11 +53,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INCEPTION_FILE_NAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 INCEPTION_SHA256_PREFIX = INCEPTION_FILE_NAME.rsplit("-", 1)[-1].split(".")[0]
 
-BuildModel = Callable[[], nn.Module]
-
-
-# --------------------------------------------------------------------------- images
-
 
 class GrayImageDataset(Dataset):
     """uint8 images ``[N, H, W]`` (or ``[N, H, W, 3]``) as torch-fidelity wants them: uint8 ``[3, H, W]``."""
@@ -65,8 +61,6 @@ class GrayImageDataset(Dataset):
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise TypeError(f"images must be uint8, got {images.dtype}")
-        if images.ndim == 4 and images.shape[-1] == 1:
-            images = images[..., 0]
         if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
             raise ValueError(f"images must be [N, H, W] or [N, H, W, 3], got shape {images.shape}")
         self.images = images
@@ -76,10 +70,7 @@ class GrayImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(self.images[i]))
-        return x.unsqueeze(0).expand(3, -1, -1).contiguous() if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-
-
-# --------------------------------------------------------------------------- chest-X-ray DenseNet space
+        return x.expand(3, -1, -1).contiguous() if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -95,34 +86,31 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_densenet_features(weights_path: str | Path, build_model: BuildModel | None = None) -> nn.Module:
-    """Build a DenseNet-121-like module and load the ``features.*`` tensors of ``weights_path`` strictly.
+# --------------------------------------------------------------------------- chest-X-ray space
 
-    The head in the file (any shape) is ignored; a missing or mismatched feature tensor raises,
-    so a wrong file never gives silently random features.
+
+def load_densenet_features(weights_path: str | Path) -> nn.Module:
+    """torchvision's DenseNet-121 with the ``features.*`` tensors of ``weights_path`` loaded strictly.
+
+    The head in the file (the classifier's Linear-ReLU-Dropout-Linear, or any other) is ignored;
+    a missing or mismatched feature tensor raises, so a wrong file never gives random features.
     """
-    model = (build_model or _plain_densenet121)()
-    if not isinstance(getattr(model, "features", None), nn.Module):
-        raise TypeError(f"{type(model).__name__} has no `.features` module (need a DenseNet-121-like model)")
     state = read_state_dict(weights_path)
     features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     if not features:
-        raise ValueError(f"no 'features.*' tensors in {weights_path}: not a DenseNet state dict")
+        raise ValueError(f"no 'features.*' tensors in {weights_path}: not a DenseNet-121 state dict")
+    model = torchvision.models.densenet121(weights=None)
     model.features.load_state_dict(features, strict=True)
     return model
-
-
-def _plain_densenet121() -> nn.Module:
-    return torchvision.models.densenet121(weights=None)
 
 
 class CXRDenseNetFeatures(FeatureExtractorBase):
     """torch-fidelity extractor: pooled 1024-d DenseNet-121 features of uint8 ``[N, 3, H, W]`` images.
 
     Images are resized (bilinear, antialiased) to ``cxr_feature_resolution`` and normalised with
-    the ImageNet mean and std, as the classifier saw them. Weights come from
-    ``feature_extractor_weights_path`` (built with ``cxr_build_model``, default torchvision's
-    DenseNet-121) or an in-memory ``cxr_model`` (copied, so the caller's module is untouched).
+    the ImageNet mean and std, as the classifier saw them in training. Weights come from
+    ``feature_extractor_weights_path`` or an in-memory ``cxr_model`` (copied; the caller's module
+    is left alone).
     """
 
     def __init__(
@@ -131,7 +119,6 @@ class CXRDenseNetFeatures(FeatureExtractorBase):
         features_list: list[str] | tuple[str, ...],
         feature_extractor_weights_path: str | None = None,
         cxr_feature_resolution: int = 224,
-        cxr_build_model: BuildModel | None = None,
         cxr_model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
@@ -139,29 +126,22 @@ class CXRDenseNetFeatures(FeatureExtractorBase):
         if cxr_model is not None:
             model = copy.deepcopy(cxr_model)
         elif feature_extractor_weights_path is not None:
-            model = load_densenet_features(feature_extractor_weights_path, cxr_build_model)
+            model = load_densenet_features(feature_extractor_weights_path)
         else:
-            raise ValueError(
-                f"{name} needs trained weights: pass feature_extractor_weights_path (safetensors) or cxr_model"
-            )
-        if not isinstance(getattr(model, "features", None), nn.Module):
-            raise TypeError(f"{type(model).__name__} has no `.features` module (need a DenseNet-121-like model)")
+            raise ValueError(f"{name} needs trained weights: feature_extractor_weights_path or cxr_model")
         self.features = model.features.float()
         self.resolution = int(cxr_feature_resolution)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
-        self.requires_grad_(False)
-        self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
         if not (torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3):
-            raise ValueError(f"expected uint8 [N, 3, H, W], got {getattr(x, 'dtype', type(x))} {tuple(x.shape)}")
+            raise ValueError(f"expected uint8 [N, 3, H, W], got {getattr(x, 'dtype', type(x))} {x.shape}")
         x = x.float()
         if x.shape[-2:] != (self.resolution, self.resolution):
-            x = F.interpolate(x, size=(self.resolution,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        x = (x - self.mean) / self.std
-        pooled = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)
-        return (pooled.float(),)
+            size = (self.resolution, self.resolution)
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return (pooled_features(self, (x - self.mean) / self.std).float(),)
 
     @staticmethod
     def get_provided_features_list() -> tuple[str, ...]:
@@ -186,11 +166,11 @@ _INCEPTION_LOCK = threading.Lock()
 
 
 class LocalInceptionV3(FeatureExtractorInceptionV3):
-    """torch-fidelity's ``inception-v3-compat`` network, weights read with ``weights_only=True``.
+    """torch-fidelity's ``inception-v3-compat`` network, its weights read with ``weights_only=True``.
 
-    ``feature_extractor_weights_path`` is a torch file holding the state dict of
-    ``FeatureExtractorInceptionV3`` (torch-fidelity's format) or the same as safetensors.
-    Never downloads: :func:`resolve_inception_weights` finds or fetches the file first.
+    ``feature_extractor_weights_path`` holds the state dict of ``FeatureExtractorInceptionV3``
+    (torch-fidelity's ``.pth``, or the same as safetensors). Never downloads:
+    :func:`resolve_inception_weights` finds or fetches the file first.
     """
 
     def __init__(
@@ -203,17 +183,21 @@ class LocalInceptionV3(FeatureExtractorInceptionV3):
         if feature_extractor_weights_path is None:
             raise ValueError(f"{name} needs a local weights file (feature_extractor_weights_path)")
         state = read_state_dict(feature_extractor_weights_path)
-        # The parent reads a path with weights_only=False, or calls load_state_dict_from_url when
+        # The parent unpickles a path (weights_only=False), or calls load_state_dict_from_url when
         # the path is None: hand it the already (safely) loaded state dict through the latter.
-        with _INCEPTION_LOCK, mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: state):
+        with (
+            _INCEPTION_LOCK,
+            mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: state),
+        ):
             super().__init__(name, features_list, feature_extractor_weights_path=None, **kwargs)
 
 
 def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """Save a randomly initialised ``FeatureExtractorInceptionV3`` state dict (torch-fidelity's format).
+    """Save a *randomly initialised* ``FeatureExtractorInceptionV3`` state dict in torch-fidelity's format.
 
-    For tests and benchmarks only: the scores it gives mean nothing, but the shapes, the code
-    path and the cost are the real ones.
+    For tests and benchmarks only: its scores mean nothing, but the shapes, the loading code and
+    the cost are the real ones. Batch-norm statistics come from one pass over noise, so features
+    neither vanish nor explode through 90-odd random layers.
     """
 
     class _Unloaded(FeatureExtractorInceptionV3):
@@ -223,7 +207,14 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     with _INCEPTION_LOCK, mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: None):
         module = _Unloaded("inception-v3-compat", [INCEPTION_LAYER])
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    for layer in module.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.reset_running_stats()
+            layer.momentum = None  # cumulative average over the one pass
+    module.train()
+    with torch.no_grad():
+        module(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8))
+    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         if Path(path).suffix == ".safetensors":
             save_file(state, str(tmp))
@@ -234,43 +225,39 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
 
 @dataclass(frozen=True)
 class InceptionWeights:
-    """Where the Inception weights are, or why there are none."""
+    """Where the Inception weights are (``path``), or why there are none (``reason``)."""
 
     path: Path | None
     source: str  # "settings", "torch-hub-cache", "downloaded" or "unavailable"
     reason: str | None = None
 
-    @property
-    def available(self) -> bool:
-        return self.path is not None
 
-
-def resolve_inception_weights(settings: EvaluationSettings, weights_path: str | Path | None = None) -> InceptionWeights:
-    """Find torch-fidelity's Inception weights: ``weights_path``, then ``settings.inception_weights``,
-    then torch hub's cache, then one download (when ``settings.inception_download``)."""
-    local = weights_path or settings.inception_weights
-    if local:
-        if Path(local).is_file():
-            return InceptionWeights(Path(local), "settings")
-        return InceptionWeights(None, "unavailable", f"Inception weights file not found: {local}")
+def resolve_inception_weights(settings: EvaluationSettings) -> InceptionWeights:
+    """torch-fidelity's Inception weights: ``settings.inception_weights``, else torch hub's cache,
+    else one download (when ``settings.inception_download``), else unavailable with the reason."""
+    if settings.inception_weights:
+        if Path(settings.inception_weights).is_file():
+            return InceptionWeights(Path(settings.inception_weights), "settings")
+        reason = (
+            f"Inception weights file not found: {settings.inception_weights} (evaluation.inception_weights)"
+        )
+        return InceptionWeights(None, "unavailable", reason)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE_NAME
     if cached.is_file():
         return InceptionWeights(cached, "torch-hub-cache")
     if not settings.inception_download:
-        return InceptionWeights(
-            None,
-            "unavailable",
-            "no local Inception weights (evaluation.inception_weights is unset) and downloading is disabled",
+        reason = (
+            "no local Inception weights (evaluation.inception_weights is unset) and downloading is disabled"
         )
+        return InceptionWeights(None, "unavailable", reason)
     try:
         _download(settings.inception_url, cached, settings.inception_download_timeout_s)
-    except Exception as exc:  # no network, proxy, bad file: all mean "no Inception score"
-        return InceptionWeights(
-            None,
-            "unavailable",
-            f"no local Inception weights (evaluation.inception_weights is unset) and the download of "
-            f"{settings.inception_url} failed: {type(exc).__name__}: {exc}",
+    except Exception as exc:  # no network, a proxy, a bad file: all mean "no Inception score"
+        reason = (
+            "no local Inception weights (evaluation.inception_weights is unset) and the download of "
+            f"{settings.inception_url} failed: {type(exc).__name__}: {exc}"
         )
+        return InceptionWeights(None, "unavailable", reason)
     return InceptionWeights(cached, "downloaded")
 
 
@@ -280,21 +267,21 @@ def _download(url: str, path: Path, timeout: float) -> None:
             while block := response.read(1 << 20):
                 out.write(block)
         if url == URL_INCEPTION_V3 and not sha256_file(tmp).startswith(INCEPTION_SHA256_PREFIX):
-            raise ValueError(f"downloaded file's sha256 does not start with {INCEPTION_SHA256_PREFIX}")
+            raise ValueError(f"the downloaded file's sha256 does not start with {INCEPTION_SHA256_PREFIX}")
 
 
 # --------------------------------------------------------------------------- registry and spaces
 
 
 def register_extractors() -> None:
-    """Register our extractors with torch-fidelity once (safe to call again, also after a reload)."""
+    """Register our extractors with torch-fidelity (idempotent, also after a module reload)."""
     for name, cls in ((CXR_EXTRACTOR, CXRDenseNetFeatures), (INCEPTION_EXTRACTOR, LocalInceptionV3)):
         known = FEATURE_EXTRACTORS_REGISTRY.get(name)
         if known is None:
             register_feature_extractor(name, cls)
-        elif known is not cls:
-            if (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
-                raise ValueError(f"torch-fidelity extractor {name!r} is already taken by {known!r}")
+        elif (known.__module__, known.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"torch-fidelity extractor {name!r} is already taken by {known!r}")
+        else:
             FEATURE_EXTRACTORS_REGISTRY[name] = cls  # this module was reloaded
 
 
@@ -325,7 +312,7 @@ class FeatureSpace:
     extractor_kwargs: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the features (for cache keys and metadata)."""
+        """What identifies the features (cache keys and metadata)."""
         return {
             "feature_space": self.name,
             "feature_extractor": self.extractor,
@@ -335,17 +322,23 @@ class FeatureSpace:
         }
 
     def build(self, device: str | torch.device = "cpu") -> FeatureExtractorBase:
-        """The torch-fidelity extractor, through torch-fidelity's own factory."""
+        """The torch-fidelity extractor, through torch-fidelity's own factory, on ``device``."""
         device = torch.device(device)
-        with _cuda_device(device):
-            return create_feature_extractor(
-                self.extractor,
-                [self.layer],
-                cuda=device.type == "cuda",
-                feature_extractor_weights_path=str(self.weights_path),
-                verbose=False,
-                **self.extractor_kwargs,
-            )
+        try:
+            with _cuda_device(device):
+                return create_feature_extractor(
+                    self.extractor,
+                    [self.layer],
+                    cuda=device.type == "cuda",
+                    feature_extractor_weights_path=str(self.weights_path),
+                    verbose=False,
+                    **self.extractor_kwargs,
+                )
+        except Exception as exc:
+            raise RuntimeError(
+                f"could not load the {self.name} feature extractor from {self.weights_path}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
 
 @dataclass(frozen=True)
@@ -355,54 +348,63 @@ class Unavailable:
     name: str
     reason: str
 
-    def as_result(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
         return {"available": False, "feature_space": self.name, "reason": self.reason}
 
 
-def feature_space(
-    name: str,
-    settings: EvaluationSettings,
-    weights_path: str | Path | None = None,
-    build_model: BuildModel | None = None,
+def get_feature_space(
+    name: str, settings: EvaluationSettings, cxr_weights: str | Path | None = None
 ) -> FeatureSpace | Unavailable:
-    """Describe the ``"cxr"`` or ``"inception"`` space; Inception may come back :class:`Unavailable`."""
+    """The ``"cxr"`` space (``cxr_weights``: the trained DenseNet-121, safetensors) or the
+    ``"inception"`` space (weights from :func:`resolve_inception_weights`; may be :class:`Unavailable`)."""
     if name == "cxr":
-        if weights_path is None:
-            raise ValueError("the cxr feature space needs weights_path (the trained DenseNet-121, safetensors)")
-        kwargs: dict[str, Any] = {"cxr_feature_resolution": settings.feature_resolution}
-        if build_model is not None:
-            kwargs["cxr_build_model"] = build_model
+        if cxr_weights is None:
+            raise ValueError(
+                "the cxr feature space needs cxr_weights (the trained DenseNet-121, safetensors)"
+            )
+        if not Path(cxr_weights).is_file():
+            raise FileNotFoundError(
+                f"chest-X-ray feature extractor weights not found at {cxr_weights}: "
+                "materialize cxr_feature_extractor first"
+            )
         return FeatureSpace(
-            "cxr", CXR_EXTRACTOR, CXR_LAYER, Path(weights_path), weights_sha256(weights_path),
-            settings.feature_resolution, kwargs,
-        )  # fmt: skip
+            name="cxr",
+            extractor=CXR_EXTRACTOR,
+            layer=CXR_LAYER,
+            weights_path=Path(cxr_weights),
+            weights_sha256=weights_sha256(cxr_weights),
+            resolution=settings.feature_resolution,
+            extractor_kwargs={"cxr_feature_resolution": settings.feature_resolution},
+        )
     if name == "inception":
-        found = resolve_inception_weights(settings, weights_path)
+        found = resolve_inception_weights(settings)
         if found.path is None:
             return Unavailable("inception", found.reason or "Inception weights unavailable")
         return FeatureSpace(
-            "inception", INCEPTION_EXTRACTOR, INCEPTION_LAYER, found.path, weights_sha256(found.path),
-            FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE, {},
-        )  # fmt: skip
+            name="inception",
+            extractor=INCEPTION_EXTRACTOR,
+            layer=INCEPTION_LAYER,
+            weights_path=found.path,
+            weights_sha256=weights_sha256(found.path),
+            resolution=FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE,
+        )
     raise ValueError(f"unknown feature space {name!r}; use 'cxr' or 'inception'")
 
 
 def build_cxr_extractor(
-    model_or_weights: nn.Module | str | Path,
-    *,
-    feature_resolution: int,
-    build_model: BuildModel | None = None,
-    device: str | torch.device = "cpu",
+    model: nn.Module, feature_resolution: int, device: str | torch.device = "cpu"
 ) -> FeatureExtractorBase:
-    """The chest-X-ray extractor from an in-memory DenseNet-like module or a safetensors path."""
+    """The chest-X-ray extractor around an in-memory DenseNet-121 (copied), through torch-fidelity."""
     device = torch.device(device)
-    kwargs: dict[str, Any] = {"cxr_feature_resolution": feature_resolution, "cxr_build_model": build_model}
-    if isinstance(model_or_weights, nn.Module):
-        kwargs["cxr_model"] = model_or_weights
-    else:
-        kwargs["feature_extractor_weights_path"] = str(model_or_weights)
     with _cuda_device(device):
-        return create_feature_extractor(CXR_EXTRACTOR, [CXR_LAYER], cuda=device.type == "cuda", verbose=False, **kwargs)
+        return create_feature_extractor(
+            CXR_EXTRACTOR,
+            [CXR_LAYER],
+            cuda=device.type == "cuda",
+            verbose=False,
+            cxr_model=model,
+            cxr_feature_resolution=feature_resolution,
+        )
 
 
 def extract_features(
@@ -413,8 +415,7 @@ def extract_features(
 ) -> np.ndarray:
     """Features ``[N, D]`` (float32) of uint8 images ``[N, H, W]``, with torch-fidelity's batching loop.
 
-    The extractor must already sit on ``device`` (``FeatureSpace.build`` / ``build_cxr_extractor``
-    put it there); its first requested feature layer is returned.
+    The extractor must already sit on ``device`` (``FeatureSpace.build`` puts it there).
     """
     if len(images) == 0:
         raise ValueError("no images to extract features from")
@@ -428,8 +429,7 @@ def extract_features(
             True,  # save_cpu_ram: no DataLoader worker processes for arrays already in memory
             False,  # verbose
         )
-    layer = extractor.get_requested_features_list()[0]
-    return out[layer].numpy().astype(np.float32, copy=False)
+    return out[extractor.features_list[0]].numpy().astype(np.float32, copy=False)
 
 
 def _cuda_device(device: torch.device) -> contextlib.AbstractContextManager[Any]:

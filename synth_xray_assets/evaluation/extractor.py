@@ -1,0 +1,104 @@
+"""The chest-X-ray feature extractor: a DenseNet-121 trained on the real training split only.
+
+The study's classifier recipe (``classifier.train.train_classifier`` with ``classifier.*``
+settings) at the evaluation's own input size and number of epochs: images resized to
+``feature_resolution`` without a crop, exactly as :class:`features.CXRDenseNetFeatures` sees
+them later; the epoch is chosen by accuracy on the validation split; the test split is only
+scored. No synthetic image is ever seen. Its pooled 1024-d features define the chest-X-ray
+feature space of FID, KID, precision/recall and the memorization check.
+
+Layout under ``data/evaluation/cxr_feature_extractor/``::
+
+    cxr_densenet121.safetensors   the selected epoch's weights (the feature space)
+    extractor.json                what it was trained on and how well it classifies
+    training/                     train_classifier's own files (best / last epoch)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synth_xray_assets.classifier.train import train_classifier
+from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
+from synth_xray_assets.storage import atomic_path, sha256_file, write_json_atomic
+
+WEIGHTS_FILE = "cxr_densenet121.safetensors"
+
+
+def extractor_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / "evaluation" / "cxr_feature_extractor"
+
+
+def extractor_weights(data_dir: str | Path) -> Path:
+    """The safetensors file of the chest-X-ray feature space (written by ``cxr_feature_extractor``)."""
+    return extractor_dir(data_dir) / WEIGHTS_FILE
+
+
+def extractor_settings(classifier: ClassifierSettings, evaluation: EvaluationSettings) -> ClassifierSettings:
+    """The classifier recipe at the feature space's input size (resize = crop = resolution) and epochs."""
+    r = evaluation.feature_resolution
+    return classifier.model_copy(
+        update={"resolution": r, "resize": r, "epochs": evaluation.feature_epochs, "selection": "validation"}
+    )
+
+
+def train_cxr_feature_extractor(
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    classifier: ClassifierSettings,
+    evaluation: EvaluationSettings,
+    out_dir: str | Path,
+    device: str = "cpu",
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Train the extractor on ``train`` (uint8 images ``[N, H, W]``, labels), choose its epoch on
+    ``validation``, score it on ``test``; write ``out_dir/cxr_densenet121.safetensors`` and
+    ``extractor.json``. Returns what ``extractor.json`` holds."""
+    out_dir = Path(out_dir)
+    if len(validation[0]) == 0:
+        raise ValueError(
+            "the chest-X-ray feature extractor needs a non-empty validation split to choose its epoch"
+        )
+    settings = extractor_settings(classifier, evaluation)
+    result = train_classifier(
+        *train,
+        *validation,
+        *test,
+        settings,
+        seed=evaluation.feature_seed,
+        device=device,
+        out_dir=out_dir / "training",
+        log=log,
+        experiment="cxr_feature_extractor",
+    )
+    weights = out_dir / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        shutil.copyfile(result.weights_path, tmp)
+    info = {
+        "weights_path": str(weights),
+        "weights_sha256": sha256_file(weights),
+        "n_train": result.n_train,
+        "n_train_per_class": result.n_train_per_class,
+        "n_validation": result.n_val,
+        "n_test": result.n_test,
+        "epochs": result.epochs,
+        "selected_epoch": result.selected_epoch,
+        "validation_accuracy": result.val_selected["accuracy"],
+        "test_accuracy": result.test_selected["accuracy"],
+        "test_auc": result.test_selected["auc"],
+        "train_images_per_s": result.train_images_per_s,
+        "train_time_s": result.train_time_s,
+        "resolution": settings.resolution,
+        "pretrained": settings.pretrained,
+        "seed": evaluation.feature_seed,
+        "device": device,
+        "history": result.history,
+    }
+    write_json_atomic(out_dir / "extractor.json", info)
+    return info

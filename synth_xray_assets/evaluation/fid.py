@@ -1,0 +1,242 @@
+"""FID, KID and precision/recall of image sets against real reference images, with cached reference features.
+
+The study reported one FID per class without saying on what reference set or with what code.
+Here both are stated in every result: torch-fidelity's implementation (its extractor factory,
+batching loop, ``fid_statistics_to_metric``, ``kid_features_to_metric`` and
+``prc_features_to_metric``, the functions ``calculate_metrics`` chains) in a named feature
+space, against the reference images the caller passes.
+
+The reference images' features are extracted once per (``reference_cache_key``, feature-space
+fingerprint) and kept under ``cache_dir`` as ``.npy`` (written atomically, read with
+``allow_pickle=False``; torch-fidelity's own cache unpickles with ``weights_only=False``). A
+sidecar JSON records what they are features of, including a hash of the reference images, so
+a key reused for other images is recomputed rather than trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+from synth_xray_assets.evaluation.features import FeatureSpace, Unavailable, extract_features
+from synth_xray_assets.settings import EvaluationSettings
+from synth_xray_assets.storage import save_numpy_atomic, write_json_atomic
+
+IMPLEMENTATION = (
+    f"torch-fidelity {torch_fidelity.__version__}: fid_statistics_to_metric, kid_features_to_metric, "
+    "prc_features_to_metric (input1 = generated set, input2 = real reference)"
+)
+
+
+@dataclass
+class SpaceFeatures:
+    """Features of several image sets and of the real reference set, in one feature space."""
+
+    space: FeatureSpace
+    sets: dict[str, np.ndarray]  # name -> [N, D]
+    reference: np.ndarray  # [M, D]
+    reference_cache: dict[str, Any]  # key, hit, path (and a note when a stale entry was replaced)
+    seconds: dict[str, float]
+
+
+def features_in_space(
+    sets: Mapping[str, np.ndarray],
+    reference: np.ndarray,
+    space: FeatureSpace,
+    *,
+    reference_cache_key: str,
+    cache_dir: str | Path,
+    batch_size: int,
+    device: str | torch.device = "cpu",
+) -> SpaceFeatures:
+    """Extract the features of every set in ``sets`` and of ``reference`` (cached), with one extractor."""
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    extractor = space.build(device)
+    seconds["build_extractor"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ref, cache = cached_reference_features(
+        reference,
+        space,
+        extractor,
+        cache_key=reference_cache_key,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        device=device,
+    )
+    seconds["reference_features"] = time.perf_counter() - start
+    features = {}
+    for name, images in sets.items():
+        start = time.perf_counter()
+        features[name] = extract_features(images, extractor, batch_size, device)
+        seconds[f"{name}_features"] = time.perf_counter() - start
+    return SpaceFeatures(space, features, ref, cache, seconds)
+
+
+def score_sets(
+    sets: Mapping[str, np.ndarray],
+    reference: np.ndarray,
+    space: FeatureSpace | Unavailable,
+    *,
+    reference_cache_key: str,
+    cache_dir: str | Path,
+    settings: EvaluationSettings,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """FID, KID and precision/recall of every set in ``sets`` against ``reference`` (uint8 ``[N, H, W]``).
+
+    Returns JSON-able data: the space's fingerprint, the reference cache entry (``hit`` says
+    whether the real images' features were reused), ``scores[name]`` from
+    :func:`fidelity_metrics`, and timings. An :class:`Unavailable` space gives
+    ``{"available": False, "reason": ...}`` and no score.
+    """
+    if isinstance(space, Unavailable):
+        return space.summary()
+    feats = features_in_space(
+        sets,
+        reference,
+        space,
+        reference_cache_key=reference_cache_key,
+        cache_dir=cache_dir,
+        batch_size=settings.batch_size,
+        device=device,
+    )
+    start = time.perf_counter()
+    scores = {name: fidelity_metrics(f, feats.reference, settings) for name, f in feats.sets.items()}
+    feats.seconds["metrics"] = time.perf_counter() - start
+    return {
+        "available": True,
+        **space.fingerprint(),
+        "weights_path": str(space.weights_path),
+        "feature_dim": int(feats.reference.shape[1]),
+        "implementation": IMPLEMENTATION,
+        "reference_cache": feats.reference_cache,
+        "scores": scores,
+        "seconds": {k: round(v, 3) for k, v in feats.seconds.items()},
+    }
+
+
+def fidelity_metrics(
+    features: np.ndarray, reference_features: np.ndarray, settings: EvaluationSettings
+) -> dict[str, Any]:
+    """FID, KID and precision/recall of one set's features against the reference features.
+
+    KID draws ``kid_subsets`` subsets of ``min(kid_subset_size, n, n_reference)`` images;
+    precision/recall (Kynkaanniemi et al., k = ``prc_neighborhood``) needs more than k images on
+    each side. What cannot be computed is ``None``, with the reason under ``"skipped"``.
+    """
+    f1 = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    f2 = torch.from_numpy(np.ascontiguousarray(reference_features, dtype=np.float32))
+    n1, n2, k = len(f1), len(f2), settings.prc_neighborhood
+    subset = min(settings.kid_subset_size, n1, n2)
+    out: dict[str, Any] = {
+        "fid": None,
+        "kid_mean": None,
+        "kid_std": None,
+        "precision": None,
+        "recall": None,
+        "n_images": n1,
+        "n_reference": n2,
+        "kid_subset_size": subset,
+        "kid_subsets": settings.kid_subsets,
+        "prc_neighborhood": k,
+    }
+    skipped: dict[str, str] = {}
+    if min(n1, n2) >= 2:
+        stats = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
+        out["fid"] = float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+    else:
+        skipped["fid"] = f"needs at least 2 images per set (have {n1} and {n2} reference)"
+    if subset >= 2:
+        kid = kid_features_to_metric(
+            f1,
+            f2,
+            kid_subsets=settings.kid_subsets,
+            kid_subset_size=subset,
+            rng_seed=settings.metrics_seed,
+            verbose=False,
+        )
+        out["kid_mean"], out["kid_std"] = float(kid[KEY_METRIC_KID_MEAN]), float(kid[KEY_METRIC_KID_STD])
+    else:
+        skipped["kid"] = f"needs subsets of at least 2 images (have {n1} and {n2} reference)"
+    if min(n1, n2) > k:
+        prc = prc_features_to_metric(f1, f2, prc_neighborhood=k, verbose=False)
+        out["precision"], out["recall"] = float(prc[KEY_METRIC_PRECISION]), float(prc[KEY_METRIC_RECALL])
+    else:
+        skipped["prc"] = f"needs more than prc_neighborhood={k} images per set (have {n1} and {n2} reference)"
+    out["skipped"] = skipped
+    return out
+
+
+def cached_reference_features(
+    reference: np.ndarray,
+    space: FeatureSpace,
+    extractor: FeatureExtractorBase,
+    *,
+    cache_key: str,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of the real ``reference`` images in ``space``: from ``cache_dir`` when there, else
+    extracted with ``extractor`` (already on ``device``) and stored.
+
+    Returns the features and ``{"key", "hit", "path"}`` (plus ``"note"`` when a stale entry, for
+    other images under the same key, was replaced).
+    """
+    reference = np.asarray(reference)
+    full_key = reference_features_key(cache_key, space)
+    npy, meta_path = Path(cache_dir) / f"{full_key}.npy", Path(cache_dir) / f"{full_key}.json"
+    images_hash = images_sha256(reference)
+    info: dict[str, Any] = {"key": full_key, "path": str(npy)}
+    if npy.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("images_sha256") == images_hash and meta.get("fingerprint") == space.fingerprint():
+            features = np.load(npy, allow_pickle=False)
+            if features.shape[0] == len(reference):
+                return features, {**info, "hit": True}
+        info["note"] = "stale entry (other images under this key) recomputed"
+    features = extract_features(reference, extractor, batch_size, device)
+    save_numpy_atomic(features, npy)
+    write_json_atomic(
+        meta_path,
+        {
+            "cache_key": cache_key,
+            "fingerprint": space.fingerprint(),
+            "images_sha256": images_hash,
+            "images_shape": list(reference.shape),
+            "feature_shape": list(features.shape),
+            "torch_fidelity": torch_fidelity.__version__,
+        },
+    )
+    return features, {**info, "hit": False}
+
+
+def reference_features_key(cache_key: str, space: FeatureSpace) -> str:
+    """File-name-safe key: the caller's key (dataset version, class), the space, and a digest of its
+    fingerprint (extractor, layer, weights hash, input resolution)."""
+    digest = hashlib.sha256(json.dumps(space.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", cache_key).strip("._") or "reference"
+    return f"{slug[:100]}-{space.name}-{digest}"
+
+
+def images_sha256(images: np.ndarray) -> str:
+    """sha256 of an image array's shape, dtype and bytes."""
+    images = np.ascontiguousarray(images)
+    h = hashlib.sha256(f"{images.shape}|{images.dtype}".encode())
+    h.update(memoryview(images).cast("B"))
+    return h.hexdigest()

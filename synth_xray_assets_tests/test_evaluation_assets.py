@@ -1,0 +1,158 @@
+"""End to end on tiny data: chest_xray_dataset -> cxr_feature_extractor -> fid_scores + memorization.
+
+The synthetic and base-model images are written here in the ``SyntheticImages`` layout (the
+DreamBooth and generation assets are not run): "fine-tuned" images are lightly altered real
+training images, one of them an exact copy (the memorization check must warn), and the "base
+model" images are smooth noise, unlike any radiograph.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from synth_xray_assets.dataset.assets import chest_xray_dataset
+from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.dreambooth.store import prior_dir
+from synth_xray_assets.evaluation import assets as evaluation
+from synth_xray_assets.evaluation.extractor import extractor_weights
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.synthesis.store import MANIFEST, MANIFEST_COLUMNS, synthetic_dir
+
+N_SYNTHETIC = 8
+OVERRIDES = {
+    "phantoms": {
+        "split_counts": {"train": (12, 12), "validation": (2, 2), "test": (2, 2)},
+        "min_side": 40,
+        "max_side": 80,
+    },
+    "dataset": {"resolution": 32, "workers": 1},
+    "generation": {"images_per_class": N_SYNTHETIC},
+    "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none"},
+    "evaluation": {
+        "feature_resolution": 32,
+        "feature_epochs": 1,
+        "batch_size": 16,
+        "kid_subsets": 10,
+        "kid_subset_size": 8,
+        "inception_download": False,
+        "memorization_pixel_size": 32,
+    },
+}
+
+
+def write_image_set(root: Path, images: np.ndarray, class_key: str, version: str) -> None:
+    """Images in the layout ``SyntheticImages`` reads (PNGs + manifest.parquet)."""
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i, img in enumerate(images):
+        file = f"images/{i:05d}.png"
+        Image.fromarray(img, mode="L").save(root / file)
+        rows.append([i, file, class_key, 0, i, "a prompt", version, ""])
+    pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(root / MANIFEST, index=False)
+
+
+@pytest.fixture(scope="module")
+def materialized(tmp_path_factory):
+    data = tmp_path_factory.mktemp("data")
+    resources = {
+        "settings": SettingsResource(data_dir=str(data), overrides_json=json.dumps(OVERRIDES)),
+        "compute": ComputeResource(device="cpu"),
+    }
+    with dg.instance_for_test() as instance:
+        upstream = dg.materialize(
+            [chest_xray_dataset, evaluation.cxr_feature_extractor], instance=instance, resources=resources
+        )
+        real = StandardizedDataset.open(data / "dataset").images("train", 0)
+        rng = np.random.default_rng(0)
+        synthetic = np.clip(real[:N_SYNTHETIC] + rng.normal(0, 6, (N_SYNTHETIC, 32, 32)), 0, 255)
+        synthetic = synthetic.astype(np.uint8)
+        synthetic[2] = real[7]  # a planted copy of a training image
+        write_image_set(synthetic_dir(data, "normal"), synthetic, "normal", "ckpt-v1")
+        noise = rng.normal(128, 50, (6, 8, 8)).clip(0, 255).astype(np.uint8)
+        base = np.stack(
+            [np.asarray(Image.fromarray(n).resize((32, 32), Image.Resampling.BICUBIC)) for n in noise]
+        )
+        write_image_set(prior_dir(data), base, "prior", "base-v1")
+        downstream = dg.materialize(
+            [evaluation.fid_scores, evaluation.memorization],
+            instance=instance,
+            resources=resources,
+            partition_key="normal",
+        )
+        failures = {}
+        for case in ("missing", "unreadable"):
+            if case == "unreadable":  # a manifest whose PNG is not an image
+                write_image_set(synthetic_dir(data, "pneumonia"), synthetic[:1], "pneumonia", "ckpt-v1")
+                (synthetic_dir(data, "pneumonia") / "images" / "00000.png").write_bytes(b"not a png")
+            result = dg.materialize(
+                [evaluation.fid_scores],
+                instance=instance,
+                resources=resources,
+                partition_key="pneumonia",
+                raise_on_error=False,
+            )
+            assert not result.success
+            failure = next(e for e in result.all_events if e.is_step_failure)
+            failures[case] = str(failure.step_failure_data.error)
+    return data, upstream, downstream, failures
+
+
+def test_feature_extractor_is_trained_on_real_train_images_and_saved(materialized):
+    data, upstream, _, _ = materialized
+    assert upstream.success
+    md = upstream.asset_materializations_for_node("cxr_feature_extractor")[0].metadata
+    assert Path(md["path"].value) == extractor_weights(data) and extractor_weights(data).is_file()
+    assert md["path"].value.endswith(".safetensors")
+    assert "train split, real images only: 24 (NORMAL 12, PNEUMONIA 12)" in md["training_set"].value
+    assert 0.0 <= md["validation_accuracy"].value <= 1.0
+    assert md["feature_resolution"].value == 32
+
+
+def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(materialized):
+    data, _, downstream, _ = materialized
+    assert downstream.success
+    md = downstream.asset_materializations_for_node("fid_scores")[0].metadata
+    assert md["n_synthetic"].value == N_SYNTHETIC and md["n_base_model"].value == 6
+    assert md["n_reference"].value == 12
+    assert "all 12 NORMAL images of the chest_xray_dataset train split" in md["reference_set"].value
+    assert md["checkpoint_version"].value == "ckpt-v1" and md["base_model_version"].value == "base-v1"
+    for key in ("fid_cxr", "kid_cxr", "precision_cxr", "fid_cxr_base_model", "fid_cxr_synthetic_matched"):
+        assert math.isfinite(md[key].value), key
+    assert md["fid_cxr"].value < md["fid_cxr_base_model"].value
+    assert "disabled" in md["inception_unavailable"].value
+    assert "fid_inception" not in md
+    assert md["published_fid_inception"].value == 61.88
+    record = json.loads(Path(md["path"].value).read_text())
+    assert record["spaces"]["inception"]["available"] is False
+    assert record["spaces"]["cxr"]["scores"]["synthetic"]["n_images"] == N_SYNTHETIC
+    assert record["spaces"]["cxr"]["reference_cache"]["hit"] is False  # memorization reuses it
+
+    checks = {c.check_name: c for c in downstream.get_asset_check_evaluations()}
+    assert checks["scores_are_finite"].passed
+    assert checks["every_synthetic_image_scored"].passed
+    assert checks["closer_to_real_than_base_model"].passed
+
+
+def test_memorization_warns_about_the_planted_copy(materialized):
+    data, _, downstream, _ = materialized
+    md = downstream.asset_materializations_for_node("memorization")[0].metadata
+    assert md["n_synthetic"].value == N_SYNTHETIC and md["n_near_copies"].value >= 1
+    assert md["distribution"].value.startswith("![") and "base64" in md["closest_pairs_features"].value
+    table = pd.read_parquet(md["path"].value)
+    planted = table.loc[table.synthetic_index == 2].iloc[0]
+    assert planted.near_copy and planted.nearest_real_index == 7 and planted.cosine_distance < 1e-4
+    check = {c.check_name: c for c in downstream.get_asset_check_evaluations()}["no_memorized_images"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert "images/00002.png" in check.metadata["near_copies"].value
+
+
+def test_a_missing_or_unreadable_synthetic_set_is_a_clear_error_naming_it(materialized):
+    _, _, _, failures = materialized
+    assert "materialize synthetic_images[pneumonia] first" in failures["missing"]
+    assert "could not read synthetic_images[pneumonia]" in failures["unreadable"]
