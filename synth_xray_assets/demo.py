@@ -13,7 +13,6 @@ import dagster as dg
 
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
 
-
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
