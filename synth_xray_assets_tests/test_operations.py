@@ -98,6 +98,8 @@ def test_changed_source_requests_the_dataset_and_its_dependents(tmp_path):
     assert union.get("dreambooth_checkpoint") == 2, ticks  # both classes, once each
     assert union.get("synthetic_images") == 2, ticks
     assert union.get("prior_class_images") == 1, ticks
+    assert union.get("cxr_feature_extractor") == 1, ticks
+    assert union.get("fid_scores") == 2 and union.get("memorization") == 2, ticks
     # Beyond the automation point (evaluation, by default) nothing runs without a request.
     s = settings.get()
     late_groups = set(s.automation.groups) - set(s.automation.eager_groups())

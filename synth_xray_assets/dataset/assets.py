@@ -51,6 +51,7 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     automation_condition=automation_for("dataset"),
     kinds={"huggingface", "pandas"},
     owners=OWNERS,
+    pool="cpu",  # uses every core (dataset.workers processes): one such step at a time
     code_version=STANDARDIZE_VERSION,
     description=(
         "The real chest X-rays (hf-vision/chest-xray-pneumonia in the full profile; synthetic "
