@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 
 import dagster as dg
 
@@ -66,15 +65,6 @@ class ComputeResource(dg.ConfigurableResource):
             return "mps"
         return "cpu"
 
-    def precision_for(self, device: str) -> str:
-        return self.mixed_precision if device.startswith("cuda") else "no"
-
-    def seed_everything(self, offset: int = 0) -> int:
-        import numpy as np
-        import torch
-
-        seed = self.seed + offset
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
-        return seed
+    def precision_for(self, device: str, wanted: str | None = None) -> str:
+        """``wanted`` (or this resource's ``mixed_precision``) on CUDA; fp32 ("no") elsewhere."""
+        return (wanted or self.mixed_precision) if device.startswith("cuda") else "no"

@@ -1,5 +1,7 @@
 """Dagster wiring of the real dataset: the ``chest_xray_dataset`` asset and its checks."""
 
+import os
+
 import dagster as dg
 import numpy as np
 
@@ -33,7 +35,7 @@ OWNERS = ["team:synth-xray"]
 def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     s = settings.get()
     resolved = resolve_source(s)
-    version = source_fingerprint(resolved)
+    version = source_fingerprint(resolved, token=os.environ.get(s.dataset.hf_token_env) or None)
     context.log.info(f"source {resolved.location}: version {version}")
     return dg.ObserveResult(
         data_version=dg.DataVersion(version),

@@ -78,9 +78,9 @@ def load_source(resolved: ResolvedSource, settings: Settings) -> Any:
     """The source as a ``datasets.DatasetDict`` whose ``image`` column is not decoded."""
     import datasets
 
+    token = os.environ.get(settings.dataset.hf_token_env) or None
     try:
         if resolved.kind == "hub":
-            token = os.environ.get(settings.dataset.hf_token_env) or None
             dsd = datasets.load_dataset(resolved.location, revision=resolved.revision, token=token)
         elif resolved.kind == "parquet":
             dsd = datasets.load_dataset(resolved.location)
@@ -88,9 +88,10 @@ def load_source(resolved: ResolvedSource, settings: Settings) -> Any:
             dsd = datasets.load_dataset("imagefolder", data_dir=resolved.location)
     except Exception as exc:  # noqa: BLE001 - re-raised with the source named
         where = resolved.location + (f"@{resolved.revision}" if resolved.revision else "")
+        message = str(exc).replace(token, "***") if token else str(exc)  # never log a token
         raise SourceError(
-            f"cannot read dataset source {where} ({resolved.kind}): {type(exc).__name__}: {exc}"
-        ) from exc
+            f"cannot read dataset source {where} ({resolved.kind}): {type(exc).__name__}: {message}"
+        ) from None
     for column in ("image", "label"):
         for split, ds in dsd.items():
             if column not in ds.column_names:
@@ -141,12 +142,12 @@ def _label_names(ds: Any) -> list[str]:
     return list(getattr(feature, "names", []) or [])
 
 
-def source_fingerprint(resolved: ResolvedSource) -> str:
+def source_fingerprint(resolved: ResolvedSource, token: str | None = None) -> str:
     """The source's version: the Hub revision's commit sha, or a local folder's content hash."""
     if resolved.kind == "hub":
         from huggingface_hub import HfApi
 
-        info = HfApi().dataset_info(resolved.location, revision=resolved.revision)
+        info = HfApi(token=token).dataset_info(resolved.location, revision=resolved.revision)
         return str(info.sha)
     root = Path(resolved.location)
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))

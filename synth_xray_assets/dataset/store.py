@@ -2,7 +2,7 @@
 
 Layout under ``data/dataset/``::
 
-    images/{split}/{CLASS}/{sha256[:20]}.png   one standardized image
+    images/{res}px-{mode}-{version}/{split}/{CLASS}/{sha256[:20]}.png   one standardized image
     arrays/{split}.npy                         uint8 [N, res, res], manifest order
     manifest.parquet                           split, label, class_name, source_id, sha256,
                                                orig_width, orig_height, orig_mode, path
@@ -51,8 +51,10 @@ class BuildReport:
     extra: dict = field(default_factory=dict)
 
 
-def _cached_png(out_dir: Path, split: str, class_name: str, sha: str) -> Path:
-    return out_dir / "images" / split / class_name / f"{sha[:20]}.png"
+def _cached_png(out_dir: Path, settings: DatasetSettings, split: str, class_name: str, sha: str) -> Path:
+    # Keyed by what shapes the pixels, so a new resolution or mode never reuses old images.
+    recipe = f"{settings.resolution}px-{settings.mode}-{STANDARDIZE_VERSION}"
+    return out_dir / "images" / recipe / split / class_name / f"{sha[:20]}.png"
 
 
 def build_standardized_dataset(
@@ -81,7 +83,10 @@ def build_standardized_dataset(
                 continue
             todo.append(rec)
         hashes = [sha256_bytes(r.data) for r in todo]
-        cached = [_cached_png(out_dir, split, settings.class_names[r.label], h) for r, h in zip(todo, hashes)]
+        cached = [
+            _cached_png(out_dir, settings, split, settings.class_names[r.label], h)
+            for r, h in zip(todo, hashes)
+        ]
         fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
         results = iter(
             standardize_many(
@@ -136,6 +141,9 @@ def build_standardized_dataset(
     skipped_df = pd.DataFrame(skipped, columns=["split", "source_id", "reason"])
     version = data_version(manifest, settings)
     shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
+    # Until the new version.json is written last, the folder reads as incomplete, never as the old
+    # version with new arrays.
+    (out_dir / "version.json").unlink(missing_ok=True)
     for split, images in arrays.items():
         stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")

@@ -5,7 +5,6 @@ demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 """
 
 import os
-import shutil
 import time
 
 import dagster as dg
@@ -29,22 +28,12 @@ from synth_xray_assets.synthesis.generate import generate_set, sample_images, us
 
 OWNERS = ["team:synth-xray"]
 RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint
-_PROFILE = SettingsResource.from_env().get().profile
-
-
-def _peak_memory_mb(device: str) -> float:
-    import resource
-
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+_TINY_BASE = SettingsResource.from_env().get().base_model.tiny
 
 
 @dg.asset(
     # The demo's tiny model is pre-trained on the demo images; SD 2.1 comes from the Hub.
-    deps=[chest_xray_dataset] if _PROFILE == "demo" else [],
+    deps=[chest_xray_dataset] if _TINY_BASE else [],
     group_name="generation",
     automation_condition=automation_for("generation"),
     kinds={"pytorch", "huggingface", "diffusers"},
@@ -215,7 +204,9 @@ def dreambooth_checkpoint(
     class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
     base_path = store.base_model_path(s.data_dir)
     device = compute.resolve_device()
-    settings_used = db.model_copy(update={"mixed_precision": compute.precision_for(device), "seed": db.seed})
+    settings_used = db.model_copy(
+        update={"mixed_precision": compute.precision_for(device, db.mixed_precision)}
+    )
     prompt = db.instance_prompts[key]
     out = store.checkpoint_dir(s.data_dir, key)
     context.log.info(
@@ -262,7 +253,7 @@ def dreambooth_checkpoint(
             "smoothed_loss": float(smooth[-1]),
             "first_smoothed_loss": float(smooth[min(len(smooth) - 1, 9)]),
             "wall_time_s": round(result.wall_s, 1),
-            "peak_memory_mb": round(_peak_memory_mb(device), 1),
+            "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1),
             "device": device,
             "precision": settings_used.mixed_precision if device.startswith("cuda") else "fp32",
             "base_model_version": folder_version(base_path),
@@ -317,12 +308,6 @@ def check_checkpoint(s, key: str, device: str) -> dict:
     finite = bool(np.isfinite(img).all())
     std = float(np.nan_to_num(img).std())
     return {"ok": finite and std > 1e-3, "finite": finite, "pixel_std": round(std, 5)}
-
-
-def clear_checkpoint(data_dir, key: str) -> None:
-    """Remove a class's trained model and its resumable state (for a fresh start)."""
-    shutil.rmtree(store.checkpoint_dir(data_dir, key), ignore_errors=True)
-    shutil.rmtree(store.work_dir(data_dir, key), ignore_errors=True)
 
 
 defs = dg.Definitions(

@@ -642,7 +642,15 @@ def _save_checkpoint(accelerator: Any, work_dir: Path, step: int, state: dict, l
     with atomic_path(path) as tmp:
         accelerator.save_state(str(tmp))
         write_json_atomic(tmp / CHECKPOINT_STATE_NAME, state)
-    for _, old in _checkpoints(work_dir)[: -max(limit, 1)]:
+    # Checkpoints of other data or settings can never be resumed by this run: drop them, then
+    # keep this run's newest ``limit``.
+    ours = []
+    for _, old in _checkpoints(work_dir):
+        if _read_json(old / CHECKPOINT_STATE_NAME).get("fingerprint") == state["fingerprint"]:
+            ours.append(old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in ours[: -max(limit, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
