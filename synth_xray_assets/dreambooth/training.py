@@ -324,7 +324,9 @@ def _train(
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it; the old name still works but warns.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
     # Attention uses diffusers' default processor, torch's scaled_dot_product_attention.
 
     # Data: the VAE posterior of every image, once; token ids of the two prompts.
