@@ -109,7 +109,9 @@ def test_feature_extractor_is_trained_on_real_train_images_and_saved(materialize
     md = upstream.asset_materializations_for_node("cxr_feature_extractor")[0].metadata
     assert Path(md["path"].value) == extractor_weights(data) and extractor_weights(data).is_file()
     assert md["path"].value.endswith(".safetensors")
-    assert "train split, real images only: 24 (NORMAL 12, PNEUMONIA 12)" in md["training_set"].value
+    # 24 real train images less the classifiers' validation split (10% of each class: 1 + 1).
+    assert "validation split, real images only: 22 (NORMAL 11, PNEUMONIA 11)" in md["training_set"].value
+    assert "2 images" in md["selected_epoch"].value
     assert 0.0 <= md["validation_accuracy"].value <= 1.0
     assert md["feature_resolution"].value == 32
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from synth_xray_assets.automation import automation_for
+from synth_xray_assets.classifier.data import stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import prior_dir, prior_images
 from synth_xray_assets.evaluation.extractor import (
@@ -114,11 +115,14 @@ def cxr_feature_extractor(
     s = settings.get()
     ds = _dataset(s)
     device = compute.resolve_device()
-    splits = {split: (ds.images(split), ds.labels(split)) for split in ("train", "validation", "test")}
+    # The epoch is chosen on the classifier experiments' validation split, carved from real train
+    # (the dataset's own validation split is 16 images in the Hub dataset).
+    images, labels = ds.images("train"), ds.labels("train")
+    keep, val = stratified_split(labels, s.classifier.val_fraction, s.classifier.split_seed)
     info = train_cxr_feature_extractor(
-        splits["train"],
-        splits["validation"],
-        splits["test"],
+        (images[keep], labels[keep]),
+        (images[val], labels[val]),
+        (ds.images("test"), ds.labels("test")),
         s.classifier,
         s.evaluation,
         extractor_dir(s.data_dir),
@@ -132,7 +136,8 @@ def cxr_feature_extractor(
             "path": dg.MetadataValue.path(info["weights_path"]),
             "weights_sha256": info["weights_sha256"],
             "training_set": (
-                f"chest_xray_dataset train split, real images only: {info['n_train']} ({per_class}); "
+                f"chest_xray_dataset train split less the classifiers' validation split, real images only: "
+                f"{info['n_train']} ({per_class}); "
                 f"dataset version {ds.version}"
             ),
             "dataset_version": ds.version,
