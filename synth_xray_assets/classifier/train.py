@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from synth_xray_assets.classifier.data import make_train_loader, normalize_batch, prepare_images
-from synth_xray_assets.classifier.model import build_densenet121, save_classifier
+from synth_xray_assets.classifier.model import build_densenet121, classifier_metadata, save_classifier
 from synth_xray_assets.classifier.stats import binary_metrics, roc_auc  # noqa: F401 (re-exported)
 from synth_xray_assets.settings import ClassifierSettings
 from synth_xray_assets.storage import atomic_path
@@ -208,7 +208,12 @@ def train_classifier(
         start_epoch = 0
         if state_path.is_file():
             state = torch.load(state_path, map_location="cpu", weights_only=True)
-            if state.get("fingerprint") == fingerprint and best_path.is_file():
+            # The best weights are written before the state: after a crash between the two, the
+            # file on disk is a later epoch than the state's best, and the run starts afresh.
+            best_matches = best_path.is_file() and classifier_metadata(best_path).get("epoch") == str(
+                state.get("best_epoch")
+            )
+            if state.get("fingerprint") == fingerprint and best_matches:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 scheduler.load_state_dict(state["scheduler"])
