@@ -117,3 +117,15 @@ def png_markdown(image: Image.Image, alt: str = "grid") -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=True)
     return f"![{alt}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def markdown_table(frame: Any, index: bool = False) -> str:
+    """A pandas DataFrame as a markdown table for ``MetadataValue.md`` ("" when it has no rows)."""
+    if frame is None or len(frame) == 0:
+        return ""
+    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for idx, row in frame.iterrows():
+        cells = ([str(idx)] if index else []) + [str(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return "\n".join(lines)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
-from synth_xray_assets.storage import combined_hash, save_numpy_atomic
+from synth_xray_assets.storage import save_numpy_atomic
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -175,7 +175,7 @@ def load_experiment_data(
             images = SyntheticImages.open(synthetic_dir(s.data_dir, key))
             if (images.manifest.label != label).any():
                 raise ValueError(f"{images.root}: manifest labels other than {label} for class {key!r}")
-            versions[key] = combined_hash(list(images.manifest.sha256))
+            versions[key] = images.version()
             synth_x.append(
                 cached_prepared_images(
                     cache / f"synthetic-{key}-{versions[key]}-{size}.npy", len(images), c, images.images

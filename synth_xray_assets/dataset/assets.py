@@ -19,7 +19,7 @@ from synth_xray_assets.dataset.store import (
     build_standardized_dataset,
 )
 from synth_xray_assets.resources import SettingsResource
-from synth_xray_assets.storage import image_grid, png_markdown
+from synth_xray_assets.storage import image_grid, markdown_table, png_markdown
 
 OWNERS = ["team:synth-xray"]
 
@@ -95,7 +95,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "resolution": s.dataset.resolution,
             "mode": s.dataset.mode,
             "num_images": len(m),
-            "counts_by_split_and_class": dg.MetadataValue.md(_table_md(counts)),
+            "counts_by_split_and_class": dg.MetadataValue.md(markdown_table(counts, index=True)),
             "train_class_balance": dg.MetadataValue.json(balance),
             "original_width_range": f"{int(m.orig_width.min())}-{int(m.orig_width.max())}" if len(m) else "-",
             "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}"
@@ -103,7 +103,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             else "-",
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
-            "skipped": dg.MetadataValue.md(_table_md(report.skipped.head(50), index=False) or "none"),
+            "skipped": dg.MetadataValue.md(markdown_table(report.skipped.head(50)) or "none"),
             "reused_from_previous_run": report.reused,
             "decoded": report.decoded,
             "thumbnails (top NORMAL, bottom PNEUMONIA)": dg.MetadataValue.md(
@@ -112,17 +112,6 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
         },
         data_version=dg.DataVersion(report.version),
     )
-
-
-def _table_md(frame, index: bool = True) -> str:
-    if frame is None or len(frame) == 0:
-        return ""
-    cols = ([frame.index.name or ""] if index else []) + [str(c) for c in frame.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in frame.iterrows():
-        cells = ([str(idx)] if index else []) + [str(v) for v in row.tolist()]
-        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
-    return "\n".join(lines)
 
 
 @dg.asset_check(asset=chest_xray_dataset, blocking=True, description="Every class has images in every split.")
@@ -181,7 +170,7 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "num_skipped": len(skipped),
-            "skipped": dg.MetadataValue.md(_table_md(skipped.head(50), False) or "none"),
+            "skipped": dg.MetadataValue.md(markdown_table(skipped.head(50)) or "none"),
         },
     )
 

@@ -25,6 +25,7 @@ from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
 from synth_xray_assets.synthesis.generate import generate_set, sample_images, use_dpm_solver
+from synth_xray_assets.synthesis.store import manifest_version
 
 OWNERS = ["team:synth-xray"]
 RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint
@@ -156,7 +157,7 @@ def prior_class_images(
             "path": dg.MetadataValue.path(str(store.prior_dir(s.data_dir))),
             "images": dg.MetadataValue.md(png_markdown(image_grid(list(images[:16]), 8, 96), "class images")),
         },
-        data_version=dg.DataVersion(_manifest_version(report.manifest)),
+        data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
 
 
@@ -164,12 +165,6 @@ def _dtype(device: str):
     import torch
 
     return torch.float16 if device.startswith("cuda") else torch.float32
-
-
-def _manifest_version(manifest) -> str:
-    from synth_xray_assets.storage import combined_hash
-
-    return combined_hash(list(manifest["sha256"]))
 
 
 @dg.asset(

@@ -34,7 +34,7 @@ from synth_xray_assets.evaluation.memorization import (
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import png_markdown, write_json_atomic, write_parquet_atomic
+from synth_xray_assets.storage import markdown_table, png_markdown, write_json_atomic, write_parquet_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -150,7 +150,7 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
-            "history": dg.MetadataValue.md(_md_table(curve.round(4)) if len(curve) else "-"),
+            "history": dg.MetadataValue.md(markdown_table(curve.round(4)) if len(curve) else "-"),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),
     )
@@ -411,7 +411,7 @@ def memorization(
                     "cosine_threshold": e.memorization_cosine_threshold,
                     "pixel_threshold": e.memorization_pixel_threshold,
                     "near_copies": dg.MetadataValue.md(
-                        _md_table(
+                        markdown_table(
                             copies.head(20)[
                                 [
                                     "synthetic_file",
@@ -440,13 +440,6 @@ def _fmt(value) -> str:
 
 def _finite_or_nan(value) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.nan
-
-
-def _md_table(frame: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
-    for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(str(v).replace("|", "/") for v in row) + " |")
-    return "\n".join(lines)
 
 
 defs = dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])

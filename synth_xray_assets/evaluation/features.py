@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 from torch_fidelity import feature_extractor_inceptionv3 as _tf_inception
@@ -39,7 +39,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
-from synth_xray_assets.classifier.model import pooled_features
+from synth_xray_assets.classifier.model import pooled_features, read_state_dict
 from synth_xray_assets.settings import EvaluationSettings
 from synth_xray_assets.storage import atomic_path, sha256_file
 
@@ -71,19 +71,6 @@ class GrayImageDataset(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(self.images[i]))
         return x.expand(3, -1, -1).contiguous() if x.ndim == 2 else x.permute(2, 0, 1).contiguous()
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors``, or from a torch file with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        return load_file(str(path), device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state
 
 
 # --------------------------------------------------------------------------- chest-X-ray space

@@ -10,9 +10,9 @@ from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.dreambooth.training import load_trained_pipeline
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
-from synth_xray_assets.storage import combined_hash, image_grid, png_markdown
+from synth_xray_assets.storage import image_grid, png_markdown
 from synth_xray_assets.synthesis.generate import generate_set
-from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
+from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
 
@@ -86,7 +86,7 @@ def synthetic_images(
             "device": device,
             "images": dg.MetadataValue.md(png_markdown(image_grid(list(images), 8, 96), f"synthetic {key}")),
         },
-        data_version=dg.DataVersion(combined_hash(list(report.manifest["sha256"]))),
+        data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
 
 

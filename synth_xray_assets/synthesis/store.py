@@ -17,12 +17,19 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from synth_xray_assets.storage import combined_hash
+
 MANIFEST = "manifest.parquet"
 MANIFEST_COLUMNS = ["index", "file", "class_key", "label", "seed", "prompt", "checkpoint_version", "sha256"]
 
 
 def synthetic_dir(data_dir: str | Path, class_key: str) -> Path:
     return Path(data_dir) / "synthetic" / class_key
+
+
+def manifest_version(manifest: pd.DataFrame) -> str:
+    """The data version of a set of generated images: a hash of their PNGs' hashes."""
+    return combined_hash(list(manifest["sha256"]))
 
 
 @dataclass
@@ -42,6 +49,9 @@ class SyntheticImages:
 
     def __len__(self) -> int:
         return len(self.manifest)
+
+    def version(self) -> str:
+        return manifest_version(self.manifest)
 
     def paths(self) -> list[Path]:
         return [self.root / f for f in self.manifest.file]
