@@ -55,3 +55,22 @@ def free_disk(path: str | Path) -> int:
 
 
 GIB = 1024**3
+
+
+def require_free_space(path: str | Path, needed_bytes: int, what: str) -> None:
+    """Fail before any write when the file system of ``path`` has less than ``needed_bytes`` free.
+
+    The message names the step, both figures and the folder.
+    """
+    free = free_disk(path)
+    if free < needed_bytes:
+        raise OSError(
+            f"not enough disk for {what}: it needs about {format_bytes(needed_bytes)}, "
+            f"{format_bytes(free)} free at {Path(path).absolute()}; free space there or point "
+            "SYNTH_XRAY_DATA at a larger disk"
+        )
+
+
+def format_bytes(n: int) -> str:
+    """``n`` bytes in GiB (two decimals), or in MiB below a tenth of a GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"

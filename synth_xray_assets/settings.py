@@ -121,6 +121,11 @@ class DreamBoothSettings(_Section):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
+    # GPU memory presets (issue 11; dreambooth/presets.py): "auto" picks by free GPU memory on CUDA
+    # (study >= 50 GiB: the 80 GB cards; memory-saving = gradient checkpointing + 8-bit Adam, 24-40 GB
+    # cards; lora below), "none" keeps these settings, or name one. Minimums are estimates.
+    memory_preset: Literal["auto", "none", "study", "memory-saving", "lora"] = "auto"
+    preset_min_free_gib: dict[str, float] = {"study": 50.0, "memory-saving": 20.0, "lora": 8.0}
     sample_images: int = 8  # for the UI grid
     sample_steps: int = 25
 
@@ -133,6 +138,12 @@ class GenerationSettings(_Section):
     guidance_scale: float = 4.0
     batch_size: int = 8
     seed_offset: int = 0  # image i uses seed seed_offset + i
+    # GPU memory per image at 512 px in fp16, scaled by area (estimates from SD 2.1's architecture):
+    # the batch is cut to what the free memory holds; the VAE decodes one image at a time when
+    # the whole batch would not fit (VAE slicing). Used for prior images too.
+    generation_weights_gib: float = 3.0
+    gib_per_image_512: float = 0.5  # UNet with classifier-free guidance (2 latents per image)
+    vae_decode_gib_per_image_512: float = 1.5
 
 
 class EvaluationSettings(_Section):
