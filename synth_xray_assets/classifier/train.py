@@ -43,7 +43,7 @@ from synth_xray_assets.classifier.step import (
     prepare_model,
     use_channels_last,
 )
-from synth_xray_assets.hardware import loader_workers
+from synth_xray_assets.hardware import loader_workers, require_free_space
 from synth_xray_assets.settings import ClassifierSettings
 
 SELECTION_LABELS = {
@@ -342,9 +342,6 @@ def train_classifier(
     fingerprint = _fingerprint(
         settings, seed, data.train_x, data.train_y, data.val_x, data.val_y, *selection_arrays
     )
-    saver = CheckpointSaver(
-        out_dir, fingerprint, {"experiment": experiment, "seed": str(seed), "selection": settings.selection}
-    )
     label = f"{experiment or 'run'} seed {seed}"
     precision = choose_precision(device, settings.mixed_precision)
 
@@ -353,6 +350,14 @@ def train_classifier(
     with torch.random.fork_rng(devices=rng_devices, device_type="cuda" if cuda else "cpu"):
         torch.manual_seed(seed)
         model = prepare_model(build_densenet121(settings), device, use_channels_last(settings, device))
+        # best + last weights (4 bytes a weight each) and the state (weights + AdamW's 2 moments)
+        n_weights = sum(p.numel() for p in model.parameters())
+        require_free_space(out_dir, n_weights * 4 * 5, f"classifier training of {label}")
+        saver = CheckpointSaver(
+            out_dir,
+            fingerprint,
+            {"experiment": experiment, "seed": str(seed), "selection": settings.selection},
+        )
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=settings.learning_rate,

@@ -22,7 +22,7 @@ from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
-from synth_xray_assets.hardware import free_gpu_memory
+from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
@@ -137,6 +137,11 @@ def prior_class_images(
     base_version = folder_version(base_path)
     device = compute.resolve_device()
     plan = generation_plan(db.class_image_batch_size, db.resolution, free_gpu_memory(device), s.generation)
+    require_free_space(
+        store.prior_dir(s.data_dir),
+        db.num_class_images * db.resolution**2,
+        "prior-preservation class images (PNG, at most raw size)",
+    )
     report = generate_set(
         lambda: with_plan(load_pipeline(base_path, device, _dtype(device)), plan),
         store.prior_dir(s.data_dir),

@@ -13,6 +13,7 @@ By concern:
 
 from __future__ import annotations
 
+import gc
 import math
 import resource
 import time
@@ -504,6 +505,7 @@ def _finish(models: _Models, inputs: RunInputs, run: _Run, progress: _Progress) 
         "train_text_encoder": models.train_text,
         "fingerprint": progress.fingerprint,
     }
+    _drop_optimizer_state(progress.optim)  # twice the trained weights, no longer needed
     unwrapped = [accelerator.unwrap_model(m) for m in models.trained]
     save_final_model(unwrapped, inputs.base_model_dir, run.output_dir, info, settings.method)
     run.log(f"saved the {settings.method} DreamBooth model to {run.output_dir}")
@@ -531,6 +533,16 @@ def _finish(models: _Models, inputs: RunInputs, run: _Run, progress: _Progress) 
         prior_losses=history["prior_losses"],
         disk_needed_bytes=progress.disk_needed,
     )
+
+
+def _drop_optimizer_state(optim: _Optimization) -> None:
+    """Free the optimizer's moments and the gradients before the final model is written."""
+    inner = getattr(optim.optimizer, "optimizer", optim.optimizer)  # accelerate's wrapper
+    inner.zero_grad(set_to_none=True)
+    inner.state.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _make_accelerator(device: str, settings: DreamBoothSettings) -> Any:
@@ -578,8 +590,9 @@ def _make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSettin
             raise RuntimeError(f"bitsandbytes is not installed: {BITSANDBYTES_HINT}") from exc
         optimizer_cls = bnb.optim.AdamW8bit
     lr = settings.lora_learning_rate if settings.method == "lora" else settings.learning_rate
-    # One kernel per op over all tensors instead of a loop per tensor (torch's CPU default).
-    extra = {"foreach": True} if optimizer_cls is torch.optim.AdamW else {}
+    # Fused AdamW (CPU and CUDA): one kernel over all tensors and no temporary copies of the
+    # parameters (foreach's temporaries are another 3.5 GB on SD 2.1's UNet).
+    extra = {"fused": True} if optimizer_cls is torch.optim.AdamW else {}
     return optimizer_cls(
         params,
         **extra,

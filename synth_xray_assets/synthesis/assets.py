@@ -9,7 +9,7 @@ from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.dreambooth.training import load_trained_pipeline
-from synth_xray_assets.hardware import free_gpu_memory
+from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
@@ -61,6 +61,9 @@ def synthetic_images(
     prompt = s.dreambooth.instance_prompts[key]
     out = synthetic_dir(s.data_dir, key)
     plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
+    require_free_space(
+        out, g.images_per_class * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)"
+    )
     report = generate_set(
         lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
