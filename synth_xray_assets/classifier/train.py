@@ -378,44 +378,82 @@ def train_classifier(
         del batches
 
     # Only now, with the epoch chosen, does the test set come in (under "validation").
-    bs, cl = settings.batch_size, use_channels_last(settings, device)
-    saver.save_last(model, settings.epochs)
-    last_prob, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
-    saver.load_best(model, device)
-    sel_test_prob, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
-    sel_val_prob, _ = predict_proba(model, data.val_x, data.val_y, bs, device, cl)
+    probs = _final_scores(model, saver, data, settings, device)
     if not keep_state:
         saver.clear_state()
+    info = _RunInfo(experiment, seed, device, started, resumed_from, dict(extra or {}), precision.label)
+    compute = {
+        **oom_note(step),
+        "channels_last": use_channels_last(settings, device),
+        "augmentation": description,
+    }
+    return _run_result(info, settings, data, progress, saver, probs, compute)
+
+
+def _final_scores(
+    model: nn.Module, saver: CheckpointSaver, data: _Splits, settings: ClassifierSettings, device: str
+) -> dict[str, np.ndarray]:
+    """Save the last epoch's weights; test probabilities at the last and the selected epoch, and the
+    selected epoch's validation probabilities (the model ends holding the selected weights)."""
+    bs, cl = settings.batch_size, use_channels_last(settings, device)
+    saver.save_last(model, settings.epochs)
+    last, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
+    saver.load_best(model, device)
+    test, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
+    val, _ = predict_proba(model, data.val_x, data.val_y, bs, device, cl)
+    return {"last": last, "test": test, "val": val}
+
+
+@dataclass
+class _RunInfo:
+    experiment: str
+    seed: int
+    device: str
+    started: float
+    resumed_from: int
+    extra: dict[str, Any]
+    precision: str
+
+
+def _run_result(
+    info: _RunInfo,
+    settings: ClassifierSettings,
+    data: _Splits,
+    progress: Progress,
+    saver: CheckpointSaver,
+    probs: dict[str, np.ndarray],
+    compute: dict[str, Any],
+) -> RunResult:
     history = progress.history
     train_time = float(sum(h["train_seconds"] for h in history))
     n_images = int(sum(h["train_images"] for h in history))
     return RunResult(
-        experiment=experiment,
-        seed=seed,
+        experiment=info.experiment,
+        seed=info.seed,
         selection=settings.selection,
         selection_note=SELECTION_LABELS[settings.selection],
         epochs=settings.epochs,
         selected_epoch=progress.best_epoch,
         history=history,
-        val_selected=binary_metrics(data.val_y, sel_val_prob),
-        test_selected=binary_metrics(data.test_y, sel_test_prob),
-        test_last=binary_metrics(data.test_y, last_prob),
+        val_selected=binary_metrics(data.val_y, probs["val"]),
+        test_selected=binary_metrics(data.test_y, probs["test"]),
+        test_last=binary_metrics(data.test_y, probs["last"]),
         test_labels=data.test_y.tolist(),
-        test_prob_selected=sel_test_prob.tolist(),
-        test_prob_last=last_prob.tolist(),
+        test_prob_selected=probs["test"].tolist(),
+        test_prob_last=probs["last"].tolist(),
         n_train=len(data.train_y),
         n_train_per_class=np.bincount(data.train_y, minlength=2).tolist(),
         n_val=len(data.val_y),
         n_test=len(data.test_y),
         weights_path=str(saver.best_path),
         last_weights_path=str(saver.last_path),
-        resumed_from_epoch=resumed_from,
-        wall_time_s=time.perf_counter() - started,
+        resumed_from_epoch=info.resumed_from,
+        wall_time_s=time.perf_counter() - info.started,
         train_time_s=train_time,
         train_images_per_s=n_images / train_time if train_time > 0 else 0.0,
-        device=device,
+        device=info.device,
         settings=settings.model_dump(mode="json"),
-        extra=dict(extra or {}),
-        precision=precision.label,
-        compute={**oom_note(step), "channels_last": cl, "augmentation": description},
+        extra=info.extra,
+        precision=info.precision,
+        compute=compute,
     )

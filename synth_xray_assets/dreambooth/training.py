@@ -234,8 +234,8 @@ class _Models:
 
     accelerator: Any
     tokenizer: Any
-    text_encoder: torch.nn.Module
-    vae: torch.nn.Module
+    text_encoder: torch.nn.Module | None  # None once a frozen one has encoded the prompts
+    vae: torch.nn.Module | None  # None once the images are encoded
     unet: torch.nn.Module
     noise_scheduler: Any
     weight_dtype: torch.dtype
@@ -330,6 +330,12 @@ def _encode_data(models: _Models, inputs: RunInputs, settings: DreamBoothSetting
         with torch.no_grad():
             fixed_embeds = encode_tokens(models.text_encoder, prompt_ids)
     scaling = float(models.vae.config.scaling_factor)
+    # The VAE (and a frozen text encoder) did their part: drop them for the loop's sake (SD 2.1:
+    # 0.3 + 1.4 GB); the final model takes them from the base model's folder.
+    models.vae = None
+    if not models.train_text:
+        models.text_encoder = None
+    gc.collect()
     return _Data(inst_mean, inst_std, cls_mean, cls_std, prompt_ids, fixed_embeds, scaling)
 
 
