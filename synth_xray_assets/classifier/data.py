@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
 from synth_xray_assets.storage import save_numpy_atomic
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -134,7 +135,7 @@ class ExperimentData:
 
 def classifier_cache_dir(data_dir: str | Path) -> Path:
     """Where images prepared at the classifier's size are cached (file names carry data versions)."""
-    return Path(data_dir) / "classifier" / "cache"
+    return Layout(Path(data_dir)).classifier_cache
 
 
 def load_experiment_data(
@@ -153,7 +154,7 @@ def load_experiment_data(
     real_fraction, n_synthetic = c.experiments[experiment]
     if c.val_fraction <= 0:
         raise ValueError("classifier.val_fraction must be > 0: the model is selected on that split")
-    ds = StandardizedDataset.open(s.data_dir / "dataset")
+    ds = StandardizedDataset.open(s.layout.dataset)
     cache = classifier_cache_dir(s.data_dir)
     size = f"{c.resize}-{c.resolution}"
 

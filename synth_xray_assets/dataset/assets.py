@@ -1,11 +1,8 @@
 """Dagster wiring of the real dataset: the ``chest_xray_dataset`` asset and its checks."""
 
-import os
-
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     iter_records,
@@ -14,11 +11,13 @@ from synth_xray_assets.dataset.sources import (
     source_fingerprint,
 )
 from synth_xray_assets.dataset.store import (
+    SKIPPED_FILE,
     STANDARDIZE_VERSION,
     StandardizedDataset,
     build_standardized_dataset,
 )
 from synth_xray_assets.resources import SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import image_grid, markdown_table, png_markdown
 
 OWNERS = ["team:synth-xray"]
@@ -35,7 +34,7 @@ OWNERS = ["team:synth-xray"]
 def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     s = settings.get()
     resolved = resolve_source(s)
-    version = source_fingerprint(resolved, token=os.environ.get(s.dataset.hf_token_env) or None)
+    version = source_fingerprint(resolved, token=settings.hf_token)
     context.log.info(f"source {resolved.location}: version {version}")
     return dg.ObserveResult(
         data_version=dg.DataVersion(version),
@@ -50,7 +49,6 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
 @dg.asset(
     deps=[chest_xray_source],
     group_name="dataset",
-    automation_condition=automation_for("dataset"),
     kinds={"huggingface", "pandas"},
     owners=OWNERS,
     pool="cpu",  # uses every core (dataset.workers processes): one such step at a time
@@ -66,10 +64,10 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
     s = settings.get()
     resolved = resolve_source(s)
     context.log.info(f"dataset source: {resolved.kind} {resolved.location}")
-    dsd = load_source(resolved, s)
+    dsd = load_source(resolved, s, settings.hf_token)
     check_splits_and_classes(dsd, s, resolved.location)
     records = {split: iter_records(dsd, split, s.dataset.class_names) for split in s.dataset.splits}
-    out = s.data_dir / "dataset"
+    out = s.layout.dataset
     report = build_standardized_dataset(records, s.dataset, out, log=context.log.info)
     for row in report.skipped.itertuples():
         context.log.warning(f"skipped {row.split} {row.source_id}: {row.reason}")
@@ -117,7 +115,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
 @dg.asset_check(asset=chest_xray_dataset, blocking=True, description="Every class has images in every split.")
 def every_class_in_every_split(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    m = StandardizedDataset.open(s.data_dir / "dataset").manifest
+    m = StandardizedDataset.open(s.layout.dataset).manifest
     missing = [
         f"{split}/{c}"
         for split in s.dataset.splits
@@ -132,7 +130,7 @@ def every_class_in_every_split(settings: SettingsResource) -> dg.AssetCheckResul
 )
 def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    ds = StandardizedDataset.open(s.data_dir / "dataset")
+    ds = StandardizedDataset.open(s.layout.dataset)
     res = s.dataset.resolution
     bad = {}
     for split in s.dataset.splits:
@@ -150,7 +148,7 @@ def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     description="No image (by content hash) is in both train and test.",
 )
 def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
-    m = StandardizedDataset.open(settings.get().data_dir / "dataset").manifest
+    m = StandardizedDataset.open(settings.get().layout.dataset).manifest
     shared = set(m.loc[m.split == "train", "sha256"]) & set(m.loc[m.split == "test", "sha256"])
     return dg.AssetCheckResult(
         passed=not shared,
@@ -164,7 +162,7 @@ def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
 def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResult:
     import pandas as pd
 
-    skipped = pd.read_csv(settings.get().data_dir / "dataset" / "skipped.csv")
+    skipped = pd.read_csv(settings.get().layout.dataset / SKIPPED_FILE)
     return dg.AssetCheckResult(
         passed=skipped.empty,
         severity=dg.AssetCheckSeverity.WARN,
@@ -189,13 +187,16 @@ def observe_source_schedule(cron: str, running: bool) -> dg.ScheduleDefinition:
     )
 
 
-defs = dg.Definitions(
-    assets=[chest_xray_source, chest_xray_dataset],
-    jobs=[observe_source_job],
-    asset_checks=[
-        every_class_in_every_split,
-        images_are_square,
-        no_train_test_overlap,
-        all_source_images_readable,
-    ],
-)
+def build_defs(s: Settings) -> dg.Definitions:
+    """The dataset domain's definitions, with the source observed on ``dataset.observe_cron``."""
+    return dg.Definitions(
+        assets=[chest_xray_source, chest_xray_dataset],
+        jobs=[observe_source_job],
+        schedules=[observe_source_schedule(s.dataset.observe_cron, s.automation.running_by_default)],
+        asset_checks=[
+            every_class_in_every_split,
+            images_are_square,
+            no_train_test_overlap,
+            all_source_images_readable,
+        ],
+    )

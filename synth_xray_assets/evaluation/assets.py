@@ -13,7 +13,6 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.classifier.data import stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import prior_dir, prior_images
@@ -46,7 +45,7 @@ METRICS = ("fid", "kid_mean", "precision", "recall")
 
 
 def _dataset(s: Settings) -> StandardizedDataset:
-    return StandardizedDataset.open(s.data_dir / "dataset")
+    return StandardizedDataset.open(s.layout.dataset)
 
 
 def _reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.ndarray, pd.DataFrame, str]:
@@ -96,7 +95,6 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
 @dg.asset(
     deps=["chest_xray_dataset"],
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -181,7 +179,6 @@ FID_CHECKS = [
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "prior_class_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -217,7 +214,7 @@ def fid_scores(
             real,
             space,
             reference_cache_key=cache_key,
-            cache_dir=s.data_dir / "evaluation" / "reference_features",
+            cache_dir=s.layout.reference_features,
             settings=s.evaluation,
             device=device,
         )
@@ -233,7 +230,7 @@ def fid_scores(
         "published_fid_inception": s.evaluation.published_fid.get(key),
         "spaces": results,
     }
-    path = s.data_dir / "evaluation" / "fid" / f"{key}.json"
+    path = s.layout.fid_scores(key)
     write_json_atomic(path, record)
 
     metadata: dict = {
@@ -330,7 +327,6 @@ def _scores_md(results: dict) -> str:
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -364,7 +360,7 @@ def memorization(
         real,
         space,
         reference_cache_key=cache_key,
-        cache_dir=s.data_dir / "evaluation" / "reference_features",
+        cache_dir=s.layout.reference_features,
         batch_size=e.batch_size,
         device=compute.resolve_device(),
     )
@@ -376,7 +372,7 @@ def memorization(
         nearest_real_source_id=rows["source_id"].to_numpy()[table["nearest_real_index"]],
         nearest_real_source_id_pixel=rows["source_id"].to_numpy()[table["nearest_real_index_pixel"]],
     )
-    path = s.data_dir / "evaluation" / "memorization" / f"{key}.parquet"
+    path = s.layout.memorization(key)
     write_parquet_atomic(saved, path)
     copies = saved[saved["near_copy"]]
     n = e.memorization_pairs_shown
@@ -442,4 +438,6 @@ def _finite_or_nan(value) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.nan
 
 
-defs = dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The evaluation domain's definitions (none depends on settings)."""
+    return dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])

@@ -3,13 +3,13 @@
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.dreambooth.training import load_trained_pipeline
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import image_grid, png_markdown
 from synth_xray_assets.synthesis.generate import generate_set
 from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
@@ -32,8 +32,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
 @dg.asset(
     deps=[dreambooth_checkpoint],
     partitions_def=class_partitions,
-    group_name="generation",
-    automation_condition=automation_for("generation"),
+    group_name="synthesis",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
@@ -122,4 +121,6 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
     }
 
 
-defs = dg.Definitions(assets=[synthetic_images], asset_checks=[no_blank_samples])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The synthesis domain's definitions (none depends on settings)."""
+    return dg.Definitions(assets=[synthetic_images], asset_checks=[no_blank_samples])

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.storage import combined_hash
 
 MANIFEST = "manifest.parquet"
@@ -24,7 +25,7 @@ MANIFEST_COLUMNS = ["index", "file", "class_key", "label", "seed", "prompt", "ch
 
 
 def synthetic_dir(data_dir: str | Path, class_key: str) -> Path:
-    return Path(data_dir) / "synthetic" / class_key
+    return Layout(Path(data_dir)).synthetic(class_key)
 
 
 def manifest_version(manifest: pd.DataFrame) -> str:
