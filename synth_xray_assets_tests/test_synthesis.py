@@ -5,12 +5,12 @@ import numpy as np
 from conftest import tiny_overrides_json
 
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.diffusion.generate import generate_set
+from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.base_model import load_pipeline
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.synthesis import assets as synthesis_assets
-from synth_xray_assets.synthesis.generate import generate_set
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
 
 PROMPT = "A chest xray of healthy normal lungs, clear lung fields"

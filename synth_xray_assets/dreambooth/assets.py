@@ -11,20 +11,25 @@ import numpy as np
 
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.dreambooth import store
-from synth_xray_assets.dreambooth.base_model import fetch_base_model, load_pipeline
-from synth_xray_assets.dreambooth.summary import folder_version, loss_curve, smoothed
-from synth_xray_assets.dreambooth.training import (
+from synth_xray_assets.diffusion.generate import generate_set
+from synth_xray_assets.diffusion.image_sets import manifest_version
+from synth_xray_assets.diffusion.pipelines import (
+    load_pipeline,
     load_trained_pipeline,
+    sample_images,
+    use_dpm_solver,
+)
+from synth_xray_assets.dreambooth import store
+from synth_xray_assets.dreambooth.base_model import fetch_base_model
+from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
+from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
-from synth_xray_assets.synthesis.generate import generate_set, sample_images, use_dpm_solver
-from synth_xray_assets.synthesis.store import manifest_version
+from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
 
 OWNERS = ["team:synth-xray"]
 RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from synth_xray_assets.diffusion.image_sets import SyntheticImages
 from synth_xray_assets.layout import Layout
-from synth_xray_assets.synthesis.store import SyntheticImages
 
 
 def models_dir(data_dir: str | Path) -> Path:

@@ -13,7 +13,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.classifier.data import stratified_split
+from synth_xray_assets.dataset.splits import stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import prior_dir, prior_images
 from synth_xray_assets.evaluation.extractor import (

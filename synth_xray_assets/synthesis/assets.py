@@ -3,15 +3,14 @@
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.diffusion.generate import generate_set
+from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
-from synth_xray_assets.dreambooth.summary import folder_version
-from synth_xray_assets.dreambooth.training import load_trained_pipeline
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import image_grid, png_markdown
-from synth_xray_assets.synthesis.generate import generate_set
+from synth_xray_assets.storage import folder_version, image_grid, png_markdown
 from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
 
 OWNERS = ["team:synth-xray"]

@@ -1,6 +1,6 @@
-"""Sampling images from a Stable Diffusion pipeline, one recorded seed per image, resumably.
+"""Filling a folder with images from a Stable Diffusion pipeline, one recorded seed per image, resumably.
 
-``sample_images`` is the sampler (DPM-Solver multistep, the study's scheduler). ``generate_set``
+``generate_set``
 fills a folder with ``count`` images: image ``i`` uses seed ``seed_offset + i`` through its own
 generator, so it does not depend on the batch it was made in, and a re-run after an interruption
 makes only the images that are missing. Used for the synthetic images and the prior-preservation
@@ -9,53 +9,17 @@ class images alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from synth_xray_assets.diffusion.image_sets import MANIFEST
+from synth_xray_assets.diffusion.pipelines import sample_images, use_dpm_solver
 from synth_xray_assets.storage import save_png_atomic, sha256_bytes, write_parquet_atomic
-from synth_xray_assets.synthesis.store import MANIFEST
-
-
-def use_dpm_solver(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """Swap the pipeline's scheduler for DPM-Solver multistep with the same noise schedule."""
-    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    return pipe
-
-
-@torch.no_grad()
-def sample_images(
-    pipe: StableDiffusionPipeline,
-    prompt: str,
-    seeds: Sequence[int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-) -> np.ndarray:
-    """uint8 grayscale ``[len(seeds), resolution, resolution]``; image k from ``seeds[k]`` alone."""
-    device = pipe.device
-    # Each image gets its own generator: the same seed gives the same image in any batch.
-    gen_device = "cpu" if device.type == "mps" else device
-    generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
-    out = pipe(
-        prompt=[prompt] * len(seeds),
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=resolution,
-        width=resolution,
-        generator=generators,
-        output_type="np",
-    ).images
-    rgb = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0)
-    gray = rgb.mean(axis=-1) if rgb.ndim == 4 else rgb
-    return np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
 
 
 @dataclass
