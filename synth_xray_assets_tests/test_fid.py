@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import write_random_inception_weights
 from safetensors.torch import save_file
 from torch_fidelity import calculate_metrics
 
@@ -24,7 +25,6 @@ from synth_xray_assets.evaluation.features import (
     extract_features,
     get_feature_space,
     load_densenet_features,
-    write_random_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import (
     cached_reference_features,

@@ -43,7 +43,7 @@ FINITE_CHECK = "metrics_are_finite"
         ),
     ],
     description=(
-        "One DenseNet-121 pneumonia classifier per experiment (the study's seven mixes of real and "
+        "One DenseNet-121 pneumonia classifier per experiment (the study's mixes of real and "
         "synthetic images) and seed, trained with the study's head, optimizer, schedule and "
         "augmentation. The epoch is selected on a validation split carved from real train (or on "
         "the test set with classifier.selection='test', the study's protocol, labelled as such); the "

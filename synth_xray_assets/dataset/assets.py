@@ -16,9 +16,10 @@ from synth_xray_assets.dataset.store import (
     StandardizedDataset,
     build_standardized_dataset,
 )
+from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import image_grid, markdown_table, png_markdown
+from synth_xray_assets.storage import image_grid, png_markdown
 
 OWNERS = ["team:synth-xray"]
 
@@ -28,7 +29,7 @@ OWNERS = ["team:synth-xray"]
     description=(
         "Where the real images come from. Its data version is the Hub dataset's revision (full "
         "profile) or the local folder's content fingerprint (demo and local folders); observed "
-        "daily by `observe_source_schedule` and on demand."
+        "by `observe_source_schedule` (dataset.observe_cron) and on demand."
     ),
 )
 def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
@@ -54,7 +55,7 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     pool="cpu",  # uses every core (dataset.workers processes): one such step at a time
     code_version=STANDARDIZE_VERSION,
     description=(
-        "The real chest X-rays (hf-vision/chest-xray-pneumonia in the full profile; synthetic "
+        "The real chest X-rays (settings dataset.source: the Hub dataset in the full profile; synthetic "
         "PHANTOMS, not real patients, in the demo profile), standardized as the study did: shorter "
         "side to the resolution, center crop to a square, one grayscale mode. Images under "
         "data/dataset/ with a manifest; the data version is a content hash."
@@ -93,7 +94,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "resolution": s.dataset.resolution,
             "mode": s.dataset.mode,
             "num_images": len(m),
-            "counts_by_split_and_class": dg.MetadataValue.md(markdown_table(counts, index=True)),
+            "counts_by_split_and_class": metadata_table(counts, index=True),
             "train_class_balance": dg.MetadataValue.json(balance),
             "original_width_range": f"{int(m.orig_width.min())}-{int(m.orig_width.max())}" if len(m) else "-",
             "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}"
@@ -101,7 +102,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             else "-",
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
-            "skipped": dg.MetadataValue.md(markdown_table(report.skipped.head(50)) or "none"),
+            "skipped": metadata_table(report.skipped.head(50)),
             "reused_from_previous_run": report.reused,
             "decoded": report.decoded,
             "thumbnails (top NORMAL, bottom PNEUMONIA)": dg.MetadataValue.md(
@@ -168,7 +169,7 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "num_skipped": len(skipped),
-            "skipped": dg.MetadataValue.md(markdown_table(skipped.head(50)) or "none"),
+            "skipped": metadata_table(skipped.head(50)),
         },
     )
 

@@ -119,8 +119,9 @@ def base_model(
     code_version="prior-images-v1",
     retry_policy=RETRY,
     description=(
-        "Prior-preservation class images: what the base model makes of the class prompt ('a chest "
-        "xray image'; 200 images, 30 steps, guidance 7.5 in full). Kept under data/prior/ so that "
+        "Prior-preservation class images: what the base model makes of dreambooth.class_prompt "
+        "(dreambooth.num_class_images images, class_image_steps steps, class_image_guidance). Kept "
+        "under data/prior/ so that "
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )

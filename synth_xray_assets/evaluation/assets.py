@@ -30,10 +30,11 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
+from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import markdown_table, png_markdown, write_json_atomic, write_parquet_atomic
+from synth_xray_assets.storage import png_markdown, write_json_atomic, write_parquet_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -148,7 +149,7 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
-            "history": dg.MetadataValue.md(markdown_table(curve.round(4)) if len(curve) else "-"),
+            "history": metadata_table(curve.round(4)),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),
     )
@@ -185,9 +186,10 @@ FID_CHECKS = [
     code_version="fid-scores-v1",
     check_specs=FID_CHECKS,
     description=(
-        "FID, KID and precision/recall (Kynkaanniemi, k=3) of the class's synthetic images against ALL "
-        "real standardized training images of the class, with torch-fidelity, in two feature spaces: "
-        "Inception (inception-v3-compat, as the study's FID 61.88 / 64.08; recorded unavailable, with "
+        "FID, KID and precision/recall (Kynkaanniemi, k = evaluation.prc_neighborhood) of the class's "
+        "synthetic images against ALL real standardized training images of the class, with "
+        "torch-fidelity, in two feature spaces: Inception (inception-v3-compat, as the study's FID, "
+        "evaluation.published_fid; recorded unavailable, with "
         "the reason, where its weights cannot be had) and the chest-X-ray space of "
         "cxr_feature_extractor. The untrained base model's images (prior_class_images) are scored the "
         "same way. Reference features are cached per dataset version and feature space."
@@ -244,7 +246,7 @@ def fid_scores(
         "published_fid_inception": dg.MetadataValue.float(
             float(s.evaluation.published_fid.get(key, math.nan))
         ),
-        "scores": dg.MetadataValue.md(_scores_md(results)),
+        "scores": metadata_table(_scores_frame(results)),
         "path": dg.MetadataValue.path(str(path)),
     }
     for space, result in results.items():
@@ -305,19 +307,19 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
     ]
 
 
-def _scores_md(results: dict) -> str:
-    lines = [
-        "| space | images | n | FID | KID | precision | recall |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _scores_frame(results: dict) -> pd.DataFrame:
+    """One row per feature space and image set: n, FID, KID, precision, recall."""
+    rows = []
     for space, r in results.items():
         if not r["available"]:
-            lines.append(f"| {space} | unavailable: {r['reason'].replace('|', '/')} | | | | | |")
+            rows.append({"space": space, "images": f"unavailable: {r['reason']}", "n": None})
             continue
         for set_name, sc in r["scores"].items():
-            cells = [_fmt(sc[m]) for m in METRICS]
-            lines.append(f"| {space} | {set_name} | {sc['n_images']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(
+                {"space": space, "images": set_name, "n": sc["n_images"], **{m: sc[m] for m in METRICS}}
+            )
+    frame = pd.DataFrame(rows, columns=["space", "images", "n", *METRICS])
+    return frame.astype({"n": "Int64", **{m: float for m in METRICS}}).rename(columns={"kid_mean": "kid"})
 
 
 # --------------------------------------------------------------------------- memorization
@@ -406,20 +408,16 @@ def memorization(
                     "n_near_copies": len(copies),
                     "cosine_threshold": e.memorization_cosine_threshold,
                     "pixel_threshold": e.memorization_pixel_threshold,
-                    "near_copies": dg.MetadataValue.md(
-                        markdown_table(
-                            copies.head(20)[
-                                [
-                                    "synthetic_file",
-                                    "nearest_real_source_id",
-                                    "cosine_distance",
-                                    "nearest_real_source_id_pixel",
-                                    "pixel_correlation",
-                                ]
+                    "near_copies": metadata_table(
+                        copies.head(20)[
+                            [
+                                "synthetic_file",
+                                "nearest_real_source_id",
+                                "cosine_distance",
+                                "nearest_real_source_id_pixel",
+                                "pixel_correlation",
                             ]
-                        )
-                        if len(copies)
-                        else "none"
+                        ]
                     ),
                 },
             )
@@ -428,10 +426,6 @@ def memorization(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
 
 
 def _finite_or_nan(value) -> float:

@@ -38,8 +38,9 @@ def _checkpoint_version(data_dir, key: str) -> str:
     code_version="synthetic-images-v1",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
-        "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep, 50 steps, "
-        "guidance 4.0, batch 8, 1200 per class in full. One recorded seed per image; PNGs and a manifest "
+        "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep with "
+        "settings generation.* (steps, guidance, batch, images per class). One recorded seed per image; "
+        "PNGs and a manifest "
         "(file, class, seed, prompt, checkpoint version) under data/synthetic/{class}/. A re-run makes only "
         "missing images."
     ),
