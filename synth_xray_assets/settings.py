@@ -383,6 +383,8 @@ def load_settings() -> Settings:
     choice = _Choice()
     base = PROFILE_CLASSES[choice.profile]
     config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True)
-    from_env = type(f"{base.__name__}FromEnvironment", (BaseSettings, base), {"model_config": config})
-    values = from_env(profile=choice.profile, **({"data_dir": choice.data} if choice.data else {}))
+    environment_class = type(
+        f"{base.__name__}FromEnvironment", (BaseSettings, base), {"model_config": config}
+    )
+    values = environment_class(profile=choice.profile, **({"data_dir": choice.data} if choice.data else {}))
     return base.model_validate(values.model_dump())
