@@ -27,9 +27,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from synth_xray_assets.layout import Layout
 
-ENV_PREFIX = "SYNTH_XRAY_"
-PROFILE_ENV = "SYNTH_XRAY_PROFILE"
-DATA_DIR_ENV = "SYNTH_XRAY_DATA"
+ENV_PREFIX = "SYNTH_XRAY_"  # SYNTH_XRAY_PROFILE, SYNTH_XRAY_DATA, SYNTH_XRAY_<SECTION>__<FIELD>
 PROFILES = ("demo", "full")
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 # Partition keys of the per-class assets, in label order (0 = NORMAL, 1 = PNEUMONIA).

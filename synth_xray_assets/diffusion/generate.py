@@ -22,6 +22,26 @@ from synth_xray_assets.diffusion.pipelines import sample_images, use_dpm_solver
 from synth_xray_assets.storage import save_png_atomic, sha256_bytes, write_parquet_atomic
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How every image of a set is made; image ``i`` uses seed ``seed_offset + i``."""
+
+    prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: int
+    seed_offset: int = 0
+
+    def columns(self) -> dict[str, object]:
+        """The manifest columns an image must match to be kept (the seed is checked apart)."""
+        return {
+            "prompt": self.prompt,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": float(self.guidance_scale),
+            "resolution": self.resolution,
+        }
+
+
 @dataclass
 class GenerationReport:
     manifest: pd.DataFrame
@@ -33,41 +53,23 @@ def generate_set(
     make_pipe: Callable[[], StableDiffusionPipeline],
     out_dir: Path,
     count: int,
-    prompt: str,
+    recipe: Recipe,
     *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
     batch_size: int,
-    seed_offset: int = 0,
     extra_columns: dict[str, object] | None = None,
     log: Callable[[str], None] = print,
 ) -> GenerationReport:
     """Make images ``0..count-1`` in ``out_dir/images/``, keeping those already there.
 
-    An existing image is kept when the manifest lists it with the same prompt, seed, sampler
-    settings and ``extra_columns`` (for example the checkpoint's version) and its file is intact;
-    everything else is made (again). The manifest is rewritten atomically after every batch, so
-    an interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
+    An existing image is kept when the manifest lists it with the same recipe, seed and
+    ``extra_columns`` (for example the checkpoint's version) and its file is intact; everything
+    else is made (again). The manifest is rewritten atomically after every batch, so an
+    interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
     """
     out_dir = Path(out_dir)
-    extra = dict(extra_columns or {})
-    recipe = {
-        "prompt": prompt,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": float(guidance_scale),
-        "resolution": resolution,
-        **extra,
-    }
-    rows: dict[int, dict] = {}
+    columns = {**recipe.columns(), **(extra_columns or {})}
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        for row in pd.read_parquet(manifest_path).to_dict("records"):
-            i = int(row["index"])
-            same = i < count and int(row["seed"]) == seed_offset + i
-            same = same and all(_same(row.get(k), v) for k, v in recipe.items())
-            if same and _intact(out_dir / row["file"], row["sha256"]):
-                rows[i] = row
+    rows = _kept_rows(manifest_path, count, recipe.seed_offset, columns)
     reused = len(rows)
     todo = [i for i in range(count) if i not in rows]
     if todo:
@@ -75,8 +77,11 @@ def generate_set(
         pipe = use_dpm_solver(make_pipe())
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            seeds = [seed_offset + i for i in batch]
-            images = sample_images(pipe, prompt, seeds, num_inference_steps, guidance_scale, resolution)
+            seeds = [recipe.seed_offset + i for i in batch]
+            r = recipe
+            images = sample_images(
+                pipe, r.prompt, seeds, r.num_inference_steps, r.guidance_scale, r.resolution
+            )
             for i, seed, pixels in zip(batch, seeds, images):
                 file = f"images/{i:05d}.png"
                 save_png_atomic(Image.fromarray(pixels, mode="L"), out_dir / file)
@@ -84,7 +89,7 @@ def generate_set(
                     "index": i,
                     "file": file,
                     "seed": seed,
-                    **recipe,
+                    **columns,
                     "sha256": _png_hash(out_dir / file),
                 }
             _write_manifest(rows, manifest_path)
@@ -92,6 +97,22 @@ def generate_set(
     # Files beyond ``count`` (a smaller setting than last time) are left out of the manifest.
     manifest = _write_manifest(rows, manifest_path)
     return GenerationReport(manifest=manifest, generated=todo, reused=reused)
+
+
+def _kept_rows(
+    manifest_path: Path, count: int, seed_offset: int, columns: dict[str, object]
+) -> dict[int, dict]:
+    """The manifest rows whose image can be kept: same seed and columns, file intact."""
+    rows: dict[int, dict] = {}
+    if not manifest_path.exists():
+        return rows
+    for row in pd.read_parquet(manifest_path).to_dict("records"):
+        i = int(row["index"])
+        same = i < count and int(row["seed"]) == seed_offset + i
+        same = same and all(_same(row.get(k), v) for k, v in columns.items())
+        if same and _intact(manifest_path.parent / row["file"], row["sha256"]):
+            rows[i] = row
+    return rows
 
 
 def _write_manifest(rows: dict[int, dict], path: Path) -> pd.DataFrame:

@@ -11,7 +11,7 @@ import numpy as np
 
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.diffusion.generate import generate_set
+from synth_xray_assets.diffusion.generate import Recipe, generate_set
 from synth_xray_assets.diffusion.image_sets import manifest_version
 from synth_xray_assets.diffusion.pipelines import (
     load_pipeline,
@@ -137,10 +137,7 @@ def prior_class_images(
         lambda: load_pipeline(base_path, device, _dtype(device)),
         store.prior_dir(s.data_dir),
         db.num_class_images,
-        db.class_prompt,
-        num_inference_steps=db.class_image_steps,
-        guidance_scale=db.class_image_guidance,
-        resolution=db.resolution,
+        Recipe(db.class_prompt, db.class_image_steps, db.class_image_guidance, db.resolution),
         batch_size=db.class_image_batch_size,
         extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,

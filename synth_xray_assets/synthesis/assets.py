@@ -3,7 +3,7 @@
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.diffusion.generate import generate_set
+from synth_xray_assets.diffusion.generate import Recipe, generate_set
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
@@ -61,12 +61,8 @@ def synthetic_images(
         lambda: load_trained_pipeline(ckpt, base, device),
         out,
         g.images_per_class,
-        prompt,
-        num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale,
-        resolution=s.dreambooth.resolution,
+        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, g.seed_offset),
         batch_size=g.batch_size,
-        seed_offset=g.seed_offset,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
