@@ -131,11 +131,10 @@ def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> None:
 
 
 def bench_generation(base: Path, sizes: Sizes) -> None:
-    from synth_xray_assets.dreambooth.base_model import load_pipeline
+    from synth_xray_assets.diffusion.pipelines import load_pipeline, sample_images, use_dpm_solver
     from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
     from synth_xray_assets.hardware import free_gpu_memory
     from synth_xray_assets.settings import GenerationSettings
-    from synth_xray_assets.synthesis.generate import sample_images, use_dpm_solver
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = generation_plan(8, sizes.resolution, free_gpu_memory(device), GenerationSettings())

@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_settings
 
-from synth_xray_assets import hardware
-from synth_xray_assets.dreambooth import checkpoints, summary
-from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets import hardware, storage
+from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth import checkpoints
 from synth_xray_assets.dreambooth.presets import (
     choose_preset,
     generation_plan,
@@ -126,9 +126,9 @@ def test_disk_estimate_counts_checkpoints_and_the_final_model(tiny_base_model, t
     trained = n["unet"] + n["text_encoder"]
     # two checkpoints (limit 2) of fp32 weights + AdamW's two moments, then the whole pipeline in fp32
     assert result.disk_needed_bytes == 2 * trained * 12 + 4 * sum(n.values())
-    stored = summary.folder_version(tmp_path / "out")  # the final model's hash was stored when written
-    assert (tmp_path / "out" / summary.VERSION_FILE).is_file()
-    assert json.loads((tmp_path / "out" / summary.VERSION_FILE).read_text())["version"] == stored
+    stored = storage.folder_version(tmp_path / "out")  # the final model's hash was stored when written
+    assert (tmp_path / "out" / storage.VERSION_FILE).is_file()
+    assert json.loads((tmp_path / "out" / storage.VERSION_FILE).read_text())["version"] == stored
 
 
 class FakeAccelerator:
@@ -202,16 +202,16 @@ def test_a_weights_folder_is_hashed_once(tmp_path, monkeypatch):
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * 1000)
     (folder / "model_index.json").write_text("{}")
-    first = summary.write_folder_version(folder)
+    first = storage.write_folder_version(folder)
     calls = []
-    real = summary.sha256_file
+    real = storage.sha256_file
     monkeypatch.setattr(summary, "sha256_file", lambda p: calls.append(p) or real(p))
-    assert summary.folder_version(folder) == first and calls == []  # read, not re-hashed
+    assert storage.folder_version(folder) == first and calls == []  # read, not re-hashed
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"v" * 1001)
-    changed = summary.folder_version(folder)
+    changed = storage.folder_version(folder)
     assert changed != first and len(calls) == 2  # a changed file: hashed again, and stored
     calls.clear()
-    assert summary.folder_version(folder) == changed and calls == []
+    assert storage.folder_version(folder) == changed and calls == []
 
 
 def test_memorization_pixels_in_chunks_match_all_at_once():

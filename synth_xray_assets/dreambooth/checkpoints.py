@@ -1,4 +1,6 @@
-"""DreamBooth's files: resumable checkpoints (save, find, prune), the final model, and loading it.
+"""DreamBooth's files: resumable checkpoints (save, find, prune) and the final model.
+
+The final model loads back with ``diffusion.pipelines.load_trained_pipeline``.
 
 Checkpoints are ``accelerate`` states in ``work_dir/checkpoint-<step>``, each written to a
 temporary folder and renamed; a folder counts as complete once its ``training_state.json`` is
@@ -22,12 +24,10 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from synth_xray_assets.dreambooth.base_model import load_pipeline
-from synth_xray_assets.dreambooth.summary import write_folder_version
+from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeline
 from synth_xray_assets.settings import DreamBoothSettings
-from synth_xray_assets.storage import atomic_path, sha256_bytes, write_json_atomic
+from synth_xray_assets.storage import atomic_path, sha256_bytes, write_folder_version, write_json_atomic
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_INFO_NAME = "dreambooth.json"  # beside the saved model: method, base, prompt, steps
 CHECKPOINT_STATE_NAME = "training_state.json"  # inside each checkpoint-<step> folder
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -222,30 +222,3 @@ def save_final_model(
             pipe.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(tmp / TRAINING_INFO_NAME, info)
         write_folder_version(tmp)
-
-
-def load_trained_pipeline(
-    checkpoint_dir: Path, base_model_dir: Path, device: str, dtype: torch.dtype | None = None
-) -> StableDiffusionPipeline:
-    """The pipeline ``train_dreambooth`` saved in ``checkpoint_dir``: a whole pipeline (full) or the
-    base model in ``base_model_dir`` with the LoRA weights loaded. ``dtype`` defaults to float16 on
-    CUDA, float32 elsewhere."""
-    checkpoint_dir = Path(checkpoint_dir)
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"DreamBooth checkpoint {checkpoint_dir} does not exist: train it first")
-    if (checkpoint_dir / LORA_WEIGHTS_NAME).is_file():
-        pipe = load_pipeline(base_model_dir, device, dtype)
-        try:
-            pipe.load_lora_weights(str(checkpoint_dir), weight_name=LORA_WEIGHTS_NAME)
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not load the LoRA weights in {checkpoint_dir} into the base model "
-                f"{base_model_dir}: {exc}"
-            ) from exc
-        return pipe
-    if (checkpoint_dir / "model_index.json").is_file():
-        return load_pipeline(checkpoint_dir, device, dtype)
-    raise FileNotFoundError(
-        f"{checkpoint_dir} holds no DreamBooth model (neither {LORA_WEIGHTS_NAME} nor model_index.json)"
-    )

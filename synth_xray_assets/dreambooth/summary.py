@@ -1,26 +1,18 @@
-"""Small summaries of a training run for the UI: smoothed loss, the loss curve; folder versions,
-hashed once when a model folder is written and read back after."""
+"""Small summaries of a training run for the UI: smoothed loss and the loss curve."""
 
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
-
-from synth_xray_assets.storage import combined_hash, sha256_file, write_json_atomic
 
 
 def smoothed(values: Sequence[float], alpha: float = 0.1) -> list[float]:
-    """Exponential moving average (the smoothing TensorBoard shows)."""
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else (1 - alpha) * avg + alpha * v
-        out.append(float(avg))
-    return out
+    """Exponential moving average (the smoothing TensorBoard shows), with pandas' ``ewm``."""
+    return [float(v) for v in pd.Series(values, dtype=float).ewm(alpha=alpha, adjust=False).mean()]
 
 
 def loss_curve(
@@ -49,57 +41,3 @@ def loss_curve(
     fig.savefig(buf, format="png")
     plt.close(fig)
     return Image.open(io.BytesIO(buf.getvalue()))
-
-
-MODEL_FILE_PATTERNS = ("**/*.safetensors", "**/*config*.json", "model_index.json")
-VERSION_FILE = ".content-version.json"  # inside the folder: its hash and the files' sizes and times
-
-
-def _model_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
-    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
-    if not files:
-        raise FileNotFoundError(f"no model files in {folder}")
-    return files
-
-
-def _listing(folder: Path, files: list[Path]) -> dict[str, list[int]]:
-    """Each file's size and modification time: what must be unchanged for a stored hash to hold."""
-    out = {}
-    for p in files:
-        st = p.stat()
-        out[str(p.relative_to(folder))] = [st.st_size, st.st_mtime_ns]
-    return out
-
-
-def write_folder_version(folder: str | Path, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> str:
-    """Hash a model folder's weights and configs once and store the hash in it (``VERSION_FILE``).
-
-    Call it where the folder is written (inside its atomic write): later readers get the hash
-    from :func:`folder_version` without re-reading gigabytes of weights.
-    """
-    folder = Path(folder)
-    files = _model_files(folder, patterns)
-    version = combined_hash([f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files])[:16]
-    record = {"version": version, "patterns": list(patterns), "files": _listing(folder, files)}
-    write_json_atomic(folder / VERSION_FILE, record)
-    return version
-
-
-def folder_version(folder: str | Path, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> str:
-    """A content hash of a model folder's weights and configs (its data version).
-
-    Read from the folder's ``VERSION_FILE`` when its files still have the recorded sizes and
-    modification times; otherwise hashed (and stored, where the folder is writable).
-    """
-    folder = Path(folder)
-    files = _model_files(folder, patterns)
-    try:
-        record = json.loads((folder / VERSION_FILE).read_text())
-        if record.get("patterns") == list(patterns) and record.get("files") == _listing(folder, files):
-            return str(record["version"])
-    except (OSError, ValueError, KeyError):
-        pass
-    try:
-        return write_folder_version(folder, patterns)
-    except OSError:  # a read-only folder: hash without storing
-        return combined_hash([f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files])[:16]

@@ -3,7 +3,8 @@
 By concern:
 
 * ``loss.py``: the loss (``dreambooth_loss``) and its schedule (steps, micro-batches per step).
-* ``checkpoints.py``: resumable checkpoints (save, find, prune), the final model, loading it.
+* ``checkpoints.py``: resumable checkpoints (save, find, prune), the final model
+  (it loads back with ``diffusion.pipelines.load_trained_pipeline``).
 * ``presets.py``: memory presets chosen from the free GPU memory; 8-bit Adam's requirement.
 * this file: the small diffusion helpers shared with the tiny model's pre-training in
   ``tiny.py`` (images to tensors, latents, noise), then ``train_dreambooth``, the loop: full
@@ -27,16 +28,15 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 
-from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeline  # noqa: F401
 from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exported)
     CHECKPOINT_STATE_NAME,
-    LORA_WEIGHTS_NAME,
     TRAINING_INFO_NAME,
     RunInputs,
     latest_checkpoint,
     list_checkpoints,
-    load_trained_pipeline,
     read_json,
     register_trainable_only_state_hooks,
     remove_all_checkpoints,
@@ -293,10 +293,7 @@ def _load_models(base_model_dir: Path, settings: DreamBoothSettings, device: str
     unet.to(device_t, dtype=weight_dtype if lora else torch.float32)
     text_encoder.to(device_t, dtype=torch.float32 if train_text and not lora else weight_dtype)
     trained: list[torch.nn.Module] = [unet] + ([text_encoder] if train_text else [])
-    for model in trained:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params(trained, dtype=torch.float32)  # what is trained stays float32
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text:
