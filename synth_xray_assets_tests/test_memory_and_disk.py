@@ -205,7 +205,7 @@ def test_a_weights_folder_is_hashed_once(tmp_path, monkeypatch):
     first = storage.write_folder_version(folder)
     calls = []
     real = storage.sha256_file
-    monkeypatch.setattr(summary, "sha256_file", lambda p: calls.append(p) or real(p))
+    monkeypatch.setattr(storage, "sha256_file", lambda p: calls.append(p) or real(p))
     assert storage.folder_version(folder) == first and calls == []  # read, not re-hashed
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"v" * 1001)
     changed = storage.folder_version(folder)
