@@ -46,6 +46,9 @@ class DatasetSettings(_Section):
     # Hugging Face token, read from this environment variable only (never logged).
     hf_token_env: str = "HF_TOKEN"
     observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
+    # Drop train images identical (same bytes) to a test image, listed in dropped.csv; off: the
+    # blocking no_train_test_overlap check stops the pipeline and names the files instead.
+    drop_train_test_duplicates: bool = False
 
 
 class PhantomSettings(_Section):
