@@ -121,13 +121,14 @@ def test_the_ui_in_a_real_browser(tmp_path):
             run_prefix = re.search(r"Launched run ([0-9a-f]{8})", toast.inner_text()).group(1)
             _shot(page, shots, "3-run-launched")
             run = _wait_for_run(dev, run_prefix)
+            assert run["status"] == "SUCCESS", f"run {run['runId']}: {run['status']}\n{dev.log_tail()}"
             page.goto(f"{dev.url}/runs/{run['runId']}")
-            expect(page.get_by_text("chest_xray_dataset").first).to_be_visible()
+            expect(page.get_by_text("Success", exact=True).first).to_be_visible()  # the UI's own status
+            expect(page.get_by_text("Loading run logs")).to_have_count(0)
             _shot(page, shots, "4-run-page")
         finally:
             browser.close()
 
-    assert run["status"] == "SUCCESS", f"run {run['runId']}: {run['status']}"
     assert run["assetSelection"] == [{"path": ["chest_xray_dataset"]}]
     assert {"key": "dagster/from_ui", "value": "true"} in run["tags"]
     # Queued by the webserver (QueuedRunCoordinator), then launched by the daemon: starting, started.
