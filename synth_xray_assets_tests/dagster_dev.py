@@ -26,6 +26,8 @@ import dagster as dg
 import psutil
 import pytest
 
+from synth_xray_assets.settings import ENV_PREFIX
+
 REPO = Path(__file__).resolve().parents[1]
 STOP_GRACE_S = 20
 
@@ -66,13 +68,18 @@ def free_port() -> int:
 
 
 def dev_env(home: Path, data_dir: Path, overrides_json: str) -> dict[str, str]:
-    """The environment of a process that loads this checkout with these settings."""
+    """The environment of a process that loads this checkout with these settings: each section
+    of ``overrides_json`` as ``SYNTH_XRAY_<SECTION>`` (JSON, read by ``load_settings``)."""
     path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    sections = {
+        f"{ENV_PREFIX}{name.upper()}": json.dumps(v) for name, v in json.loads(overrides_json).items()
+    }
     return {
-        **os.environ,
+        **env,
+        **sections,
         "DAGSTER_HOME": str(home),
-        "SYNTH_XRAY_DATA": str(data_dir),
-        "SYNTH_XRAY_OVERRIDES": overrides_json,
+        f"{ENV_PREFIX}DATA": str(data_dir),
         "PYTHONPATH": path,
     }
 

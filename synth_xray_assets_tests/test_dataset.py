@@ -291,7 +291,8 @@ def test_asset_materializes_with_metadata_and_checks(tmp_path):
     md = mat.metadata
     assert md["num_images"].value == 28
     assert "SYNTHETIC PHANTOMS" in md["source"].value
-    assert "| train | 6 | 10 |" in md["counts_by_split_and_class"].value
+    counts = {r.data["split"]: r.data for r in md["counts_by_split_and_class"].records}
+    assert counts["train"] == {"split": "train", "NORMAL": 6, "PNEUMONIA": 10}
     assert md["thumbnails (top NORMAL, bottom PNEUMONIA)"].value.startswith("![")
     assert mat.tags["dagster/data_version"] == md["data_version"].value
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
@@ -383,9 +384,9 @@ def test_train_test_overlap_names_the_files_on_each_side(tmp_path):
     result = materialize_dataset(SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides))
     check = {c.check_name: c for c in result.get_asset_check_evaluations()}["no_train_test_overlap"]
     assert not check.passed and check.metadata["num_shared"].value == 1
-    table = check.metadata["shared (train and test files with the same content)"].value
-    row = next(line for line in table.splitlines() if "NORMAL_0.jpeg" in line)
-    assert "leak.jpeg" in row and "leak-again.jpeg" in row
+    (row,) = [r.data for r in check.metadata["shared (train and test files with the same content)"].records]
+    assert row["train"].endswith(":NORMAL_0.jpeg")
+    assert "leak.jpeg" in row["test"] and "leak-again.jpeg" in row["test"]
     assert check.metadata["train_duplicates_of_test_dropped"].value == 0
 
 
@@ -403,7 +404,8 @@ def test_drop_train_test_duplicates_drops_them_from_train_and_records_them(tmp_p
     assert checks["all_source_images_readable"].passed  # a deliberate drop is not a bad file
     md = result.asset_materializations_for_node("chest_xray_dataset")[0].metadata
     assert md["train_duplicates_of_test_dropped"].value == 1
-    assert "NORMAL_0.jpeg" in md["dropped"].value and "leak.jpeg" in md["dropped"].value
+    (dropped_row,) = [r.data for r in md["dropped"].records]
+    assert dropped_row["source_id"].endswith(":NORMAL_0.jpeg") and "leak.jpeg" in dropped_row["duplicate_of"]
     ds = StandardizedDataset.open(tmp_path / "data" / "dataset")
     train = ds.rows("train")
     assert (train.class_name == "NORMAL").sum() == 2 and not train.source_id.str.contains("NORMAL_0").any()

@@ -20,6 +20,7 @@ from conftest import tiny_overrides_json
 from dagster_dev import dagster_dev, dev_env, materialized_instance
 
 from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.resources import SettingsResource
 
 CHROMIUM = os.environ.get("SYNTH_XRAY_CHROMIUM", "/usr/bin/chromium")
 # Playwright's own browser download is unreachable here: the OS's Chromium, headless, quiet.
@@ -89,7 +90,8 @@ def test_the_ui_in_a_real_browser(tmp_path):
     print(f"screenshots in {shots}")
     overrides = tiny_overrides_json()
     home, data = materialized_instance(tmp_path, overrides)
-    groups = sorted({n.group_name for n in build_defs().resolve_asset_graph().asset_nodes})
+    defs = build_defs(SettingsResource(data_dir=str(data), overrides_json=overrides))
+    groups = sorted({n.group_name for n in defs.resolve_asset_graph().asset_nodes})
 
     with dagster_dev(dev_env(home, data, overrides)) as dev, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

@@ -43,6 +43,9 @@ from synth_xray_assets.storage import (
 
 # Bump when the standardization changes its pixels (v2: EXIF orientation applied).
 STANDARDIZE_VERSION = "standardize-v2"
+
+SKIPPED_FILE = "skipped.csv"  # bad input: split, source_id, reason
+DROPPED_FILE = "dropped.csv"  # train images identical to a test image (drop_train_test_duplicates)
 DROPPED_COLUMNS = ["split", "source_id", "sha256", "duplicate_of"]
 
 
@@ -160,9 +163,9 @@ def build_standardized_dataset(
     for split, images in arrays.items():
         stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
-    write_bytes_atomic(out_dir / "skipped.csv", skipped_df.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / SKIPPED_FILE, skipped_df.to_csv(index=False).encode())
     dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
-    write_bytes_atomic(out_dir / "dropped.csv", dropped_df.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / DROPPED_FILE, dropped_df.to_csv(index=False).encode())
     write_parquet_atomic(manifest, out_dir / "manifest.parquet")
     write_json_atomic(
         out_dir / "version.json",
