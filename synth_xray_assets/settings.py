@@ -53,6 +53,9 @@ class DatasetSettings(_Section):
     max_image_pixels: int = 178_956_970  # PIL's decompression-bomb limit (2x its warning)
     workers: int = 2  # processes for standardization
     observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
+    # Drop train images identical (same bytes) to a test image, listed in dropped.csv; off: the
+    # blocking no_train_test_overlap check stops the pipeline and names the files instead.
+    drop_train_test_duplicates: bool = False
 
 
 class PhantomSettings(_Section):
