@@ -8,6 +8,7 @@ import dagster as dg
 
 from synth_xray_assets.classifier import assets as classifier
 from synth_xray_assets.dataset import assets as dataset
+from synth_xray_assets.deployment import executor_for, with_step_tags
 from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.reports import assets as reports
@@ -50,7 +51,7 @@ def build_defs(
 ) -> dg.Definitions:
     settings = settings or SettingsResource.from_env()
     s = settings.get()
-    merged = dg.Definitions.merge(*(d.defs for d in DOMAINS))
+    merged = with_step_tags(dg.Definitions.merge(*(d.defs for d in DOMAINS)), s.deployment)
     running = s.automation.running_by_default
     automation_sensor = dg.AutomationConditionSensorDefinition(
         "synth_xray_automation",
@@ -70,6 +71,7 @@ def build_defs(
             jobs=JOBS,
             schedules=[dataset.observe_source_schedule(s.dataset.observe_cron, running)],
             sensors=[automation_sensor],
+            executor=executor_for(s),  # settings deployment.executor: multiprocess, k8s or celery
         ),
     )
 

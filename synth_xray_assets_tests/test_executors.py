@@ -1,0 +1,78 @@
+"""The executor by deployment: the same graph, partitions and automation under each executor, and
+Dagster's own validation of the definitions for each choice."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from servers import REPO, repo_env
+
+from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.deployment import CELERY_QUEUE_TAG, GPU_POOL, K8S_CONFIG_TAG
+from synth_xray_assets.resources import SettingsResource
+
+EXECUTORS = ("multiprocess", "k8s", "celery")
+
+
+def _overrides(executor: str) -> str:
+    return json.dumps({"deployment": {"executor": executor}})
+
+
+def _shape(defs: dg.Definitions) -> dict:
+    """Everything that must not depend on the executor: assets, deps, partitions, automation, pools,
+    step tags, jobs, schedules and sensors."""
+    repo = defs.get_repository_def()
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        partitions = node.partitions_def
+        assets[key.to_user_string()] = (
+            sorted(p.to_user_string() for p in node.parent_keys),
+            partitions.get_partition_keys() if partitions else None,
+            str(node.automation_condition),
+            node.group_name,
+        )
+    steps = {}
+    for job in repo.get_all_jobs():
+        for node in job.graph.nodes:
+            steps[(job.name, node.name)] = (node.definition.pool, dict(node.tags))
+    return {
+        "assets": assets,
+        "steps": steps,
+        "schedules": sorted(s.name for s in repo.schedule_defs),
+        "sensors": sorted(s.name for s in repo.sensor_defs),
+    }
+
+
+def test_graph_partitions_and_automation_are_the_same_under_every_executor():
+    built = {e: build_defs(SettingsResource(overrides_json=_overrides(e))) for e in EXECUTORS}
+    for executor, defs in built.items():
+        for job in defs.get_repository_def().get_all_jobs():
+            assert job.executor_def.name == executor, (executor, job.name)
+    shapes = [_shape(d) for d in built.values()]
+    assert shapes[0] == shapes[1] == shapes[2]
+    gpu = [tags for (pool, tags) in shapes[0]["steps"].values() if pool == GPU_POOL]
+    other = [tags for (pool, tags) in shapes[0]["steps"].values() if pool != GPU_POOL]
+    assert gpu and all(t[CELERY_QUEUE_TAG] == "gpu" and K8S_CONFIG_TAG in t for t in gpu)
+    assert other and not any(CELERY_QUEUE_TAG in t or K8S_CONFIG_TAG in t for t in other)
+
+
+@pytest.mark.parametrize("executor", ["k8s", "celery"])
+def test_dagster_definitions_validate_passes(executor, tmp_path):
+    # multiprocess (the default) is validated by .ci/run itself.
+    dagster = Path(sys.executable).with_name("dagster")
+    env = repo_env(DAGSTER_HOME=str(tmp_path), SYNTH_XRAY_OVERRIDES=_overrides(executor))
+    done = subprocess.run(
+        [str(dagster), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "Validation successful" in done.stdout + done.stderr

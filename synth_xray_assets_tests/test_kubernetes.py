@@ -1,0 +1,171 @@
+"""Kubernetes: the Job manifest of every step of the real jobs, built by dagster-k8s and validated
+against the Kubernetes 1.37 schema (there is no cluster here: this is what Dagster would submit)."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import kubernetes
+import kubernetes_validate
+import pytest
+import yaml
+from dagster._core.definitions.job_base import InMemoryJob
+from dagster._core.execution.api import create_execution_plan
+from dagster._core.executor.init import InitExecutorContext
+from dagster._core.system_config.objects import ResolvedRunConfig
+from dagster_k8s.job import construct_dagster_k8s_job, get_k8s_job_name
+
+from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.deployment import DATA_VOLUME, GPU_POOL, available_cpus, cgroup_cpu_quota
+from synth_xray_assets.resources import SettingsResource
+
+REPO = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.37.0"
+OVERRIDES = json.dumps({"deployment": {"executor": "k8s"}})
+
+
+def _launcher_config(values: dict) -> dict:
+    """The K8sRunLauncher config the chart renders from deploy/values.yaml (the fields we set)."""
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]
+    return {
+        "instance_config_map": "dagster-instance",
+        "service_account_name": "dagster",
+        "dagster_home": "/opt/dagster/dagster_home",
+        "postgres_password_secret": values["global"]["postgresqlSecretName"],
+        "job_image": "registry.example.org/synth-xray:test",
+        "image_pull_policy": launcher["imagePullPolicy"],
+        "load_incluster_config": launcher["loadInclusterConfig"],
+        "env_vars": launcher["envVars"],
+        "volume_mounts": launcher["volumeMounts"],
+        "volumes": launcher["volumes"],
+    }
+
+
+@pytest.fixture
+def k8s_setup(monkeypatch, tmp_path):
+    # No cluster: the launcher and the executor would read the pod's service account here.
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda *a, **k: None)
+    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "full")
+    monkeypatch.setenv("SYNTH_XRAY_OVERRIDES", OVERRIDES)
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    settings = SettingsResource(profile="full", data_dir="/data", overrides_json=OVERRIDES)
+    launcher = {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": _launcher_config(values)}
+    with dg.instance_for_test(overrides={"run_launcher": launcher}) as instance:
+        yield build_defs(settings), settings.get(), instance
+
+
+def _step_handler(job: dg.JobDefinition, instance: dg.DagsterInstance):
+    """The real K8sStepHandler that the job's executor makes for this instance."""
+    resolved = ResolvedRunConfig.build(job, {})
+    context = InitExecutorContext(
+        job=InMemoryJob(job),
+        executor_def=job.executor_def,
+        executor_config=resolved.execution.execution_engine_config,
+        instance=instance,
+    )
+    return job.executor_def.executor_creation_fn(context)._step_handler  # noqa: SLF001
+
+
+def _step_manifest(handler, instance, job, step) -> dict:
+    """What K8sStepHandler.launch_step submits for ``step``, as a JSON-able manifest."""
+    run = dg.DagsterRun(job_name=job.name)
+    context = SimpleNamespace(
+        execute_step_args=SimpleNamespace(step_keys_to_execute=[step.key]),
+        dagster_run=run,
+        instance=instance,
+        step_tags={step.key: step.tags},
+        get_step_context=lambda key: SimpleNamespace(step=step),
+    )
+    container_context = handler._get_container_context(context)  # noqa: SLF001 (the executor's own merge)
+    name = f"dagster-step-{get_k8s_job_name(run.run_id, step.key)}"
+    job_manifest = construct_dagster_k8s_job(
+        job_config=container_context.get_k8s_job_config(None, instance.run_launcher),
+        args=["dagster", "api", "execute_step"],
+        job_name=name,
+        pod_name=name,
+        component="step_worker",
+        user_defined_k8s_config=container_context.run_k8s_config,
+        labels={"dagster/job": job.name, "dagster/op": step.key},
+        env_vars=[{"name": "DAGSTER_RUN_STEP_KEY", "value": step.key}],
+    )
+    return kubernetes.client.ApiClient().sanitize_for_serialization(job_manifest)
+
+
+def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup):
+    defs, s, instance = k8s_setup
+    k = s.deployment.kubernetes
+    gpu_steps, cpu_steps = set(), set()
+    for job in defs.get_repository_def().get_all_jobs():
+        assert job.executor_def.name == "k8s", job.name
+        handler = _step_handler(job, instance)
+        plan = create_execution_plan(job)
+        pools = {node.name: node.definition.pool for node in job.graph.nodes}
+        for step in plan.get_all_steps_in_topo_order():
+            manifest = _step_manifest(handler, instance, job, step)
+            kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+            pod = manifest["spec"]["template"]["spec"]
+            (container,) = pod["containers"]
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            # Every step: the shared data claim at the same path, the settings and profile.
+            assert {"name": DATA_VOLUME, "mountPath": k.data_mount_path} in container["volumeMounts"]
+            assert {"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": k.data_claim}} in pod[
+                "volumes"
+            ]
+            assert env["SYNTH_XRAY_DATA"] == k.data_mount_path
+            assert env["SYNTH_XRAY_PROFILE"] == "full"
+            assert json.loads(env["SYNTH_XRAY_OVERRIDES"]) == json.loads(OVERRIDES)
+            limits = (container.get("resources") or {}).get("limits") or {}
+            if pools[step.node_handle.root.name] == GPU_POOL:
+                gpu_steps.add(step.key)
+                assert limits == {k.gpu_resource: str(k.gpus_per_step)}, step.key
+                assert pod["nodeSelector"] == k.gpu_node_selector, step.key
+                assert pod["tolerations"] == [dict(t) for t in k.gpu_tolerations], step.key
+            else:
+                cpu_steps.add(step.key)
+                assert k.gpu_resource not in limits, step.key
+                assert "nodeSelector" not in pod and "tolerations" not in pod, step.key
+    assert {"base_model", "dreambooth_checkpoint", "synthetic_images", "classifier_experiment"} <= gpu_steps
+    assert {"chest_xray_dataset", "study_report"} <= cpu_steps
+    print(
+        f"{len(gpu_steps)} GPU and {len(cpu_steps)} CPU step manifests valid against Kubernetes {K8S_VERSION}"
+    )
+
+
+def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
+    _, s, _ = k8s_setup
+    k = s.deployment.kubernetes
+    claim = yaml.safe_load((REPO / "deploy" / "data-volume.yaml").read_text())
+    kubernetes_validate.validate(claim, K8S_VERSION, strict=True)
+    assert claim["metadata"]["name"] == k.data_claim
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["postgresql"]["postgresqlScheme"] == "postgresql+psycopg2"
+    assert values["dagsterDaemon"]["runMonitoring"]["enabled"] is True
+    assert values["concurrency"]["enabled"] is True and values["concurrency"]["pools"]["defaultLimit"] >= 1
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    assert env["SYNTH_XRAY_DATA"] == k.data_mount_path
+    assert json.loads(env["SYNTH_XRAY_OVERRIDES"])["deployment"]["executor"] == "k8s"
+    assert deployment["dagsterApiGrpcArgs"] == ["-m", "synth_xray_assets.definitions"]
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "250000 100000\n"}, 2.5),
+        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_quota_of_the_pod(tmp_path, files, quota):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cgroup_cpu_quota(tmp_path) == quota
+    assert 1 <= available_cpus(tmp_path) <= len(__import__("os").sched_getaffinity(0))
+    if quota:
+        assert available_cpus(tmp_path) <= max(1, -(-quota // 1))
