@@ -149,3 +149,34 @@ def _wait_until_ready(pg: Postgres, proc: subprocess.Popen, root: Path, timeout_
             if time.monotonic() > deadline:
                 unavailable(f"postgres did not accept connections in {timeout_s:.0f} s: {error}")
         time.sleep(0.3)
+
+
+@contextmanager
+def redis_server(timeout_s: float = 30.0) -> Iterator[str]:
+    """A Redis server on a free loopback port, nothing persisted; yields its URL (database 0)."""
+    binary = shutil.which("redis-server")
+    if not binary:
+        unavailable("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if proc.poll() is not None:
+                unavailable(f"redis-server exited with {proc.returncode}")
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    unavailable(f"redis-server did not answer in {timeout_s:.0f} s")
+                time.sleep(0.2)
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        stop_group(proc)
