@@ -2,6 +2,7 @@
 against the Kubernetes 1.37 schema (there is no cluster here: this is what Dagster would submit)."""
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -149,6 +150,9 @@ def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
     assert env["SYNTH_XRAY_DATA"] == k.data_mount_path
     assert json.loads(env["SYNTH_XRAY_OVERRIDES"])["deployment"]["executor"] == "k8s"
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "synth_xray_assets.definitions"]
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.MULTILINE)
+    assert "synth_xray_assets.definitions" in dockerfile and "'.[gpu]'" in dockerfile
 
 
 @pytest.mark.parametrize(
