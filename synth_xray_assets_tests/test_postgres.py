@@ -78,6 +78,10 @@ def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
         assert second["RUN_START"] < first["STEP_SUCCESS"], runs
         # ...yet their gpu steps did not overlap: the second started after the first had finished.
         assert second["STEP_START"] >= first["STEP_SUCCESS"], runs
+        # The pool's slots live in Postgres: one slot (deploy/dagster.yaml), none left claimed.
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            info = instance.event_log_storage.get_concurrency_info("gpu")
+            assert (info.slot_count, info.claimed_slots, info.pending_steps) == (1, [], [])
         print(
             f"run overlap {first['STEP_SUCCESS'] - second['RUN_START']:.1f} s; "
             f"gpu steps {first['STEP_START']:.1f}-{first['STEP_SUCCESS']:.1f} and "
