@@ -104,6 +104,7 @@ def with_step_tags(defs: dg.Definitions, d: DeploymentSettings) -> dg.Definition
         executor=defs.executor,
         loggers=defs.loggers,
         metadata=defs.metadata,
+        component_tree=defs.component_tree,
     )
 
 
@@ -111,7 +112,9 @@ def settings_env(s: Settings, environ: Mapping[str, str] | None = None) -> list[
     """The environment every step pod gets: this process's settings variables, the profile, and
     ``SYNTH_XRAY_DATA`` at the shared volume's mount path."""
     environ = os.environ if environ is None else environ
-    values = {k: v for k, v in environ.items() if k.startswith(SETTINGS_ENV_PREFIX)}
+    # Celery URLs may carry a password: never copied into a pod spec (secrets come from Secrets).
+    skipped = {s.deployment.celery.broker_env, s.deployment.celery.backend_env}
+    values = {k: v for k, v in environ.items() if k.startswith(SETTINGS_ENV_PREFIX) and k not in skipped}
     values[PROFILE_ENV] = s.profile
     values[DATA_DIR_ENV] = s.deployment.kubernetes.data_mount_path
     return [{"name": k, "value": v} for k, v in sorted(values.items())]

@@ -18,7 +18,7 @@ from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster_k8s.job import construct_dagster_k8s_job, get_k8s_job_name
 
 from synth_xray_assets.definitions import build_defs
-from synth_xray_assets.deployment import DATA_VOLUME, GPU_POOL, available_cpus, cgroup_cpu_quota
+from synth_xray_assets.deployment import DATA_VOLUME, GPU_POOL, available_cpus, cgroup_cpu_quota, settings_env
 from synth_xray_assets.resources import SettingsResource
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,3 +173,20 @@ def test_cpu_quota_of_the_pod(tmp_path, files, quota):
     assert 1 <= available_cpus(tmp_path) <= len(__import__("os").sched_getaffinity(0))
     if quota:
         assert available_cpus(tmp_path) <= max(1, -(-quota // 1))
+
+
+def test_step_env_carries_the_settings_and_no_secrets():
+    s = SettingsResource(profile="full", overrides_json=OVERRIDES).get()
+    environ = {
+        "SYNTH_XRAY_OVERRIDES": OVERRIDES,
+        "SYNTH_XRAY_DATA": "/somewhere/else",
+        "SYNTH_XRAY_CELERY_BROKER": "redis://:secret@queue:6379/0",
+        "HF_TOKEN": "hf_secret",
+        "DAGSTER_PG_PASSWORD": "pg_secret",
+    }
+    env = {e["name"]: e["value"] for e in settings_env(s, environ)}
+    assert env == {
+        "SYNTH_XRAY_OVERRIDES": OVERRIDES,
+        "SYNTH_XRAY_PROFILE": "full",
+        "SYNTH_XRAY_DATA": s.deployment.kubernetes.data_mount_path,
+    }
