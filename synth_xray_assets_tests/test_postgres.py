@@ -3,11 +3,12 @@
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
 import sqlalchemy
-from servers import REPO, postgres_server, repo_env
+from servers import REPO, postgres_server, repo_env, stop_group
 
 POOL_DEFS = Path(__file__).with_name("gpu_pool_defs.py")
 # The event log stores run events under their historical names (PIPELINE_START, ...).
@@ -46,12 +47,21 @@ def _step_intervals(pg) -> dict[str, dict[str, float]]:
         conn.close()
 
 
+def _wait_for_run_starts(pg, n: int, procs: list[subprocess.Popen], timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len([r for r in _step_intervals(pg).values() if "RUN_START" in r]) < n:
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            raise AssertionError(f"{n} runs did not start: {_step_intervals(pg)}")
+        time.sleep(0.3)
+
+
 def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
     with postgres_server() as pg:
         home = tmp_path / "dagster_home"
         home.mkdir()
         shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
-        env = repo_env(**pg.env(), GPU_POOL_HOLD_S="4")
+        release = tmp_path / "release"
+        env = repo_env(**pg.env(), GPU_POOL_HOLD_S="2", GPU_POOL_RELEASE_FILE=str(release))
 
         # The configured driver is psycopg2 (SQLAlchemy 2.1's default for postgresql:// is psycopg 3).
         for key, value in pg.env().items():
@@ -64,9 +74,15 @@ def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
         # Two runs at once, each with one step in the gpu pool (limit 1 in deploy/dagster.yaml).
         procs = [_materialize(home, env, a) for a in ("gpu_step_a", "gpu_step_b")]
         outputs = []
-        for proc in procs:
-            out, _ = proc.communicate(timeout=300)
-            outputs.append(out)
+        try:
+            # Once both runs have started, the step holding the pool may finish.
+            _wait_for_run_starts(pg, 2, procs)
+            release.touch()
+            for proc in procs:
+                outputs.append(proc.communicate(timeout=300)[0])
+        finally:
+            for proc in procs:
+                stop_group(proc)
         assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
         runs = _step_intervals(pg)
