@@ -21,18 +21,11 @@ from typing import Any
 
 import dagster as dg
 
-from synth_xray_assets.settings import (
-    DATA_DIR_ENV,
-    PROFILE_ENV,
-    DeploymentSettings,
-    KubernetesSettings,
-    Settings,
-)
+from synth_xray_assets.settings import ENV_PREFIX, DeploymentSettings, KubernetesSettings, Settings
 
 GPU_POOL = "gpu"
 K8S_CONFIG_TAG = "dagster-k8s/config"  # read by dagster_k8s.get_user_defined_k8s_config
 CELERY_QUEUE_TAG = "dagster-celery/queue"  # read by dagster_celery's execution loop
-SETTINGS_ENV_PREFIX = "SYNTH_XRAY_"  # every variable that selects the profile and settings
 DATA_VOLUME = "synth-xray-data"
 
 
@@ -108,25 +101,29 @@ def with_step_tags(defs: dg.Definitions, d: DeploymentSettings) -> dg.Definition
     )
 
 
-def settings_env(s: Settings, environ: Mapping[str, str] | None = None) -> list[dict[str, str]]:
-    """The environment every step pod gets: this process's settings variables, the profile, and
-    ``SYNTH_XRAY_DATA`` at the shared volume's mount path."""
-    environ = os.environ if environ is None else environ
-    # Celery URLs may carry a password: never copied into a pod spec (secrets come from Secrets).
-    skipped = {s.deployment.celery.broker_env, s.deployment.celery.backend_env}
-    values = {k: v for k, v in environ.items() if k.startswith(SETTINGS_ENV_PREFIX) and k not in skipped}
-    values[PROFILE_ENV] = s.profile
-    values[DATA_DIR_ENV] = s.deployment.kubernetes.data_mount_path
-    return [{"name": k, "value": v} for k, v in sorted(values.items())]
+def settings_environment(s: Settings) -> dict[str, str]:
+    """The environment under which ``settings.load_settings`` gives back ``s``: the profile, the data
+    folder, and ``SYNTH_XRAY_<SECTION>__<FIELD>`` for every field that differs from the profile's
+    default (JSON for all but strings). Derived from the settings alone, so it carries no secret."""
+    env = {f"{ENV_PREFIX}PROFILE": s.profile, f"{ENV_PREFIX}DATA": str(s.data_dir)}
+    changed = s.model_dump(mode="json", exclude_defaults=True, exclude={"profile", "data_dir"})
+    for section, fields in changed.items():
+        for name, value in fields.items():
+            key = f"{ENV_PREFIX}{section}__{name}".upper()
+            env[key] = value if isinstance(value, str) else json.dumps(value)
+    return env
 
 
-def every_step_k8s_config(s: Settings, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+def every_step_k8s_config(s: Settings) -> dict[str, Any]:
     """Kubernetes configuration of every step pod: the shared data volume (a ReadWriteMany claim)
-    mounted at the same path, and the environment that selects the profile and settings."""
+    mounted at the same path, and the environment that gives these settings, with
+    ``SYNTH_XRAY_DATA`` at the mount path."""
     k = s.deployment.kubernetes
+    in_pod = s.model_copy(update={"data_dir": Path(k.data_mount_path)})
+    env = [{"name": n, "value": v} for n, v in sorted(settings_environment(in_pod).items())]
     return {
         "container_config": {
-            "env": settings_env(s, environ),
+            "env": env,
             "volume_mounts": [{"name": DATA_VOLUME, "mount_path": k.data_mount_path}],
         },
         "pod_spec_config": {
@@ -135,13 +132,13 @@ def every_step_k8s_config(s: Settings, environ: Mapping[str, str] | None = None)
     }
 
 
-def executor_for(s: Settings, environ: Mapping[str, str] | None = None) -> dg.ExecutorDefinition:
+def executor_for(s: Settings) -> dg.ExecutorDefinition:
     """The executor of ``s.deployment.executor``: multiprocess, Kubernetes Jobs, or Celery."""
     d = s.deployment
     if d.executor == "k8s":
         from dagster_k8s import k8s_job_executor
 
-        config: dict[str, Any] = {"step_k8s_config": every_step_k8s_config(s, environ)}
+        config: dict[str, Any] = {"step_k8s_config": every_step_k8s_config(s)}
         if d.kubernetes.namespace:
             config["job_namespace"] = d.kubernetes.namespace
         return k8s_job_executor.configured(config, name="k8s")

@@ -180,3 +180,19 @@ def redis_server(timeout_s: float = 30.0) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}"
     finally:
         stop_group(proc)
+
+
+def production_home(root: Path, pg: Postgres, monkeypatch, pools: dict[str, int]) -> Path:
+    """A DAGSTER_HOME with deploy/dagster.yaml on ``pg``, the pools' limits set as deploy/README.md
+    says (what `dagster instance concurrency set POOL N` does). ``pg``'s variables stay set here."""
+    import dagster as dg
+
+    home = root / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+    for key, value in pg.env().items():
+        monkeypatch.setenv(key, value)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        for pool, limit in pools.items():
+            instance.event_log_storage.set_concurrency_slots(pool, limit)
+    return home

@@ -4,19 +4,17 @@ which step."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import dagster as dg
 import pytest
-from conftest import TINY_MODEL_OVERRIDES
-from servers import REPO, postgres_server, redis_server, repo_env, stop_group
+from conftest import tiny_settings
+from servers import REPO, postgres_server, production_home, redis_server, repo_env, stop_group
 
 from synth_xray_assets.definitions import build_defs
-from synth_xray_assets.deployment import GPU_POOL
-from synth_xray_assets.resources import SettingsResource
+from synth_xray_assets.deployment import GPU_POOL, settings_environment
 
 CHAIN = "chest_xray_dataset,base_model"  # the dataset (and its checks) on cpu, the base model on gpu
 BIN = Path(sys.executable).parent
@@ -32,18 +30,14 @@ def _worker(queue: str, env: dict[str, str], log: Path) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_gpu_steps_run_on_the_gpu_worker_only(tmp_path, monkeypatch):
-    overrides = json.dumps({**TINY_MODEL_OVERRIDES, "deployment": {"executor": "celery"}})
+    settings = tiny_settings(tmp_path / "data", deployment={"executor": "celery"})
     with postgres_server() as pg, redis_server() as redis_url:
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        home = production_home(tmp_path, pg, monkeypatch, {"gpu": 1, "cpu": 1})
         env = repo_env(
             **pg.env(),
             DAGSTER_HOME=str(home),
             PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",  # `celery` beside our python
-            SYNTH_XRAY_PROFILE="demo",
-            SYNTH_XRAY_DATA=str(tmp_path / "data"),
-            SYNTH_XRAY_OVERRIDES=overrides,
+            **settings_environment(settings),  # the same settings in every process
             SYNTH_XRAY_CELERY_BROKER=f"{redis_url}/0",
             SYNTH_XRAY_CELERY_BACKEND=f"{redis_url}/1",
         )
@@ -64,8 +58,6 @@ def test_gpu_steps_run_on_the_gpu_worker_only(tmp_path, monkeypatch):
         logs = "".join((tmp_path / f"worker-{q}.log").read_text()[-2000:] for q in ("gpu", "cpu"))
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:] + logs
 
-        for key, value in pg.env().items():
-            monkeypatch.setenv(key, value)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             (run,) = instance.get_runs()
             assert run.status == dg.DagsterRunStatus.SUCCESS
@@ -80,7 +72,7 @@ def test_gpu_steps_run_on_the_gpu_worker_only(tmp_path, monkeypatch):
                 for r in instance.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_SUCCESS)
             }
 
-    defs = build_defs(SettingsResource(overrides_json=overrides))
+    defs = build_defs(settings)
     job = defs.get_implicit_global_asset_job_def()
     pools = {node.name: node.definition.pool for node in job.graph.nodes}
     assert set(workers_by_step) == succeeded, (workers_by_step, succeeded)

@@ -1,7 +1,6 @@
 """The executor by deployment: the same graph, partitions and automation under each executor, and
 Dagster's own validation of the definitions for each choice."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,13 +10,13 @@ from servers import REPO, repo_env, stop_group
 
 from synth_xray_assets.definitions import build_defs
 from synth_xray_assets.deployment import CELERY_QUEUE_TAG, GPU_POOL, K8S_CONFIG_TAG
-from synth_xray_assets.resources import SettingsResource
+from synth_xray_assets.settings import Settings
 
 EXECUTORS = ("multiprocess", "k8s", "celery")
 
 
-def _overrides(executor: str) -> str:
-    return json.dumps({"deployment": {"executor": executor}})
+def _settings(executor: str) -> Settings:
+    return Settings.for_profile("demo", overrides={"deployment": {"executor": executor}})
 
 
 def _shape(defs: dg.Definitions) -> dict:
@@ -48,7 +47,7 @@ def _shape(defs: dg.Definitions) -> dict:
 
 
 def test_graph_partitions_and_automation_are_the_same_under_every_executor():
-    built = {e: build_defs(SettingsResource(overrides_json=_overrides(e))) for e in EXECUTORS}
+    built = {e: build_defs(_settings(e)) for e in EXECUTORS}
     for executor, defs in built.items():
         for job in defs.get_repository_def().get_all_jobs():
             assert job.executor_def.name == executor, (executor, job.name)
@@ -65,7 +64,7 @@ def test_dagster_definitions_validate_passes_for_k8s_and_celery(tmp_path):
     dagster = Path(sys.executable).with_name("dagster")
     procs = {}
     for executor in ("k8s", "celery"):
-        env = repo_env(DAGSTER_HOME=str(tmp_path), SYNTH_XRAY_OVERRIDES=_overrides(executor))
+        env = repo_env(DAGSTER_HOME=str(tmp_path), SYNTH_XRAY_DEPLOYMENT__EXECUTOR=executor)
         procs[executor] = subprocess.Popen(
             [str(dagster), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
             cwd=REPO,

@@ -1,7 +1,7 @@
 """Kubernetes: the Job manifest of every step of the real jobs, built by dagster-k8s and validated
 against the Kubernetes 1.37 schema (there is no cluster here: this is what Dagster would submit)."""
 
-import json
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +11,7 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import tiny_settings
 from dagster._core.definitions.job_base import InMemoryJob
 from dagster._core.execution.api import create_execution_plan
 from dagster._core.executor.init import InitExecutorContext
@@ -18,12 +19,18 @@ from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster_k8s.job import construct_dagster_k8s_job, get_k8s_job_name
 
 from synth_xray_assets.definitions import build_defs
-from synth_xray_assets.deployment import DATA_VOLUME, GPU_POOL, available_cpus, cgroup_cpu_quota, settings_env
-from synth_xray_assets.resources import SettingsResource
+from synth_xray_assets.deployment import (
+    DATA_VOLUME,
+    GPU_POOL,
+    available_cpus,
+    cgroup_cpu_quota,
+    settings_environment,
+)
+from synth_xray_assets.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.37.0"
-OVERRIDES = json.dumps({"deployment": {"executor": "k8s"}})
+K8S = {"deployment": {"executor": "k8s"}}
 
 
 def _launcher_config(values: dict) -> dict:
@@ -47,13 +54,11 @@ def _launcher_config(values: dict) -> dict:
 def k8s_setup(monkeypatch, tmp_path):
     # No cluster: the launcher and the executor would read the pod's service account here.
     monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda *a, **k: None)
-    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "full")
-    monkeypatch.setenv("SYNTH_XRAY_OVERRIDES", OVERRIDES)
     values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
-    settings = SettingsResource(profile="full", data_dir="/data", overrides_json=OVERRIDES)
+    settings = Settings.for_profile("full", "/data", K8S)
     launcher = {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": _launcher_config(values)}
     with dg.instance_for_test(overrides={"run_launcher": launcher}) as instance:
-        yield build_defs(settings), settings.get(), instance
+        yield build_defs(settings), settings, instance
 
 
 def _step_handler(job: dg.JobDefinition, instance: dg.DagsterInstance):
@@ -93,10 +98,19 @@ def _step_manifest(handler, instance, job, step) -> dict:
     return kubernetes.client.ApiClient().sanitize_for_serialization(job_manifest)
 
 
-def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup):
+def _loaded_under(env: dict[str, str], monkeypatch) -> Settings:
+    """``load_settings()`` in an environment with exactly these SYNTH_XRAY_* variables."""
+    for name in [n for n in os.environ if n.startswith("SYNTH_XRAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
+def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup, monkeypatch):
     defs, s, instance = k8s_setup
     k = s.deployment.kubernetes
-    gpu_steps, cpu_steps = set(), set()
+    gpu_steps, cpu_steps, settings_envs = set(), set(), set()
     for job in defs.get_repository_def().get_all_jobs():
         assert job.executor_def.name == "k8s", job.name
         handler = _step_handler(job, instance)
@@ -115,7 +129,8 @@ def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup):
             ]
             assert env["SYNTH_XRAY_DATA"] == k.data_mount_path
             assert env["SYNTH_XRAY_PROFILE"] == "full"
-            assert json.loads(env["SYNTH_XRAY_OVERRIDES"]) == json.loads(OVERRIDES)
+            assert env["SYNTH_XRAY_DEPLOYMENT__EXECUTOR"] == "k8s"
+            settings_envs.add(tuple(sorted((n, v) for n, v in env.items() if n.startswith("SYNTH_XRAY_"))))
             limits = (container.get("resources") or {}).get("limits") or {}
             if pools[step.node_handle.root.name] == GPU_POOL:
                 gpu_steps.add(step.key)
@@ -128,6 +143,9 @@ def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup):
                 assert "nodeSelector" not in pod and "tolerations" not in pod, step.key
     assert {"base_model", "dreambooth_checkpoint", "synthetic_images", "classifier_experiment"} <= gpu_steps
     assert {"chest_xray_dataset", "study_report"} <= cpu_steps
+    # One environment for every step, and in it the settings load as these (data at the mount path).
+    (step_env,) = settings_envs
+    assert _loaded_under(dict(step_env), monkeypatch) == s.model_copy(update={"data_dir": Path("/data")})
     print(
         f"{len(gpu_steps)} GPU and {len(cpu_steps)} CPU step manifests valid against Kubernetes {K8S_VERSION}"
     )
@@ -148,7 +166,7 @@ def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
     (deployment,) = values["dagster-user-deployments"]["deployments"]
     env = {e["name"]: e["value"] for e in deployment["env"]}
     assert env["SYNTH_XRAY_DATA"] == k.data_mount_path
-    assert json.loads(env["SYNTH_XRAY_OVERRIDES"])["deployment"]["executor"] == "k8s"
+    assert env["SYNTH_XRAY_DEPLOYMENT__EXECUTOR"] == "k8s"
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "synth_xray_assets.definitions"]
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.MULTILINE)
@@ -170,23 +188,21 @@ def test_cpu_quota_of_the_pod(tmp_path, files, quota):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert cgroup_cpu_quota(tmp_path) == quota
-    assert 1 <= available_cpus(tmp_path) <= len(__import__("os").sched_getaffinity(0))
+    assert 1 <= available_cpus(tmp_path) <= len(os.sched_getaffinity(0))
     if quota:
         assert available_cpus(tmp_path) <= max(1, -(-quota // 1))
 
 
-def test_step_env_carries_the_settings_and_no_secrets():
-    s = SettingsResource(profile="full", overrides_json=OVERRIDES).get()
-    environ = {
-        "SYNTH_XRAY_OVERRIDES": OVERRIDES,
-        "SYNTH_XRAY_DATA": "/somewhere/else",
-        "SYNTH_XRAY_CELERY_BROKER": "redis://:secret@queue:6379/0",
-        "HF_TOKEN": "hf_secret",
-        "DAGSTER_PG_PASSWORD": "pg_secret",
+def test_settings_environment_gives_back_the_settings(tmp_path, monkeypatch):
+    changed = {
+        "deployment": {"executor": "celery", "kubernetes": {"gpus_per_step": 2}},
+        "dreambooth": {"method": "lora", "instance_prompts": {"normal": "n", "pneumonia": "p"}},
     }
-    env = {e["name"]: e["value"] for e in settings_env(s, environ)}
-    assert env == {
-        "SYNTH_XRAY_OVERRIDES": OVERRIDES,
-        "SYNTH_XRAY_PROFILE": "full",
-        "SYNTH_XRAY_DATA": s.deployment.kubernetes.data_mount_path,
-    }
+    for s in (
+        tiny_settings(tmp_path / "data", **changed),
+        Settings.for_profile("full", tmp_path / "full", {"classifier": {"seeds": (3, 4)}}),
+        Settings.for_profile("demo"),
+    ):
+        env = settings_environment(s)
+        assert all(name.startswith("SYNTH_XRAY_") for name in env)
+        assert _loaded_under(env, monkeypatch) == s

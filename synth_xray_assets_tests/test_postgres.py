@@ -1,6 +1,5 @@
 """The production instance (deploy/dagster.yaml) against a real PostgreSQL 15 server."""
 
-import shutil
 import subprocess
 import sys
 import time
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import sqlalchemy
-from servers import REPO, postgres_server, repo_env, stop_group
+from servers import REPO, postgres_server, production_home, repo_env, stop_group
 
 POOL_DEFS = Path(__file__).with_name("gpu_pool_defs.py")
 # The event log stores run events under their historical names (PIPELINE_START, ...).
@@ -57,21 +56,17 @@ def _wait_for_run_starts(pg, n: int, procs: list[subprocess.Popen], timeout_s: f
 
 def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
     with postgres_server() as pg:
-        home = tmp_path / "dagster_home"
-        home.mkdir()
-        shutil.copy(REPO / "deploy" / "dagster.yaml", home / "dagster.yaml")
+        home = production_home(tmp_path, pg, monkeypatch, {"gpu": 1})
         release = tmp_path / "release"
         env = repo_env(**pg.env(), GPU_POOL_HOLD_S="2", GPU_POOL_RELEASE_FILE=str(release))
 
         # The configured driver is psycopg2 (SQLAlchemy 2.1's default for postgresql:// is psycopg 3).
-        for key, value in pg.env().items():
-            monkeypatch.setenv(key, value)
         with dg.DagsterInstance.from_config(str(home)) as instance:
             url = instance.run_storage.postgres_url
             assert sqlalchemy.engine.make_url(url).get_dialect().driver == "psycopg2"
             assert pg.password not in repr(instance.get_settings("storage"))  # env references, not values
 
-        # Two runs at once, each with one step in the gpu pool (limit 1 in deploy/dagster.yaml).
+        # Two runs at once, each with one step in the gpu pool (limit 1).
         procs = [_materialize(home, env, a) for a in ("gpu_step_a", "gpu_step_b")]
         outputs = []
         try:
