@@ -149,6 +149,8 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
+            "precision": info.get("precision", "fp32"),
+            "micro_batch": info.get("compute", {}).get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),
