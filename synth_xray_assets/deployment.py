@@ -6,16 +6,12 @@ which gives every GPU step (``pool="gpu"``: assets and asset checks) the ``dagst
 tag (GPU limit, node selector, tolerations) and the Celery queue ``gpu``; every other step runs
 on the Celery queue ``cpu`` (the executor's default queue) and carries no Kubernetes
 configuration. The asset graph, partitions and automation are the same whatever the executor.
-
-``available_cpus`` counts the CPUs this process may use: in a pod, its CPU limit, not the node's.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -155,36 +151,3 @@ def executor_for(s: Settings) -> dg.ExecutorDefinition:
             name="celery",
         )
     return dg.multiprocess_executor
-
-
-def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a pod's CPU limit)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    quota = cgroup_cpu_quota(cgroup_root)
-    return max(1, min(n, math.ceil(quota))) if quota else max(1, n)
-
-
-def cgroup_cpu_quota(root: Path) -> float | None:
-    """The CPU quota in CPUs from cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``; None when unlimited."""
-    try:
-        v2 = root / "cpu.max"
-        if v2.exists():
-            quota, period = _fields(v2.read_text(), 2)
-            return None if quota == "max" else int(quota) / int(period)
-        v1 = root / "cpu" / "cpu.cfs_quota_us"
-        if not v1.exists():
-            v1 = root / "cpu,cpuacct" / "cpu.cfs_quota_us"
-        if v1.exists():
-            quota_us = int(v1.read_text().strip())
-            period_us = int((v1.parent / "cpu.cfs_period_us").read_text().strip())
-            return None if quota_us <= 0 else quota_us / period_us
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _fields(text: str, n: int) -> Sequence[str]:
-    parts = text.split()
-    if len(parts) != n:
-        raise ValueError(f"expected {n} fields, got {text!r}")
-    return parts

@@ -54,7 +54,7 @@ class ComputeResource(dg.ConfigurableResource):
     def resolve_device(self) -> str:
         import torch
 
-        from synth_xray_assets.deployment import available_cpus  # the pod's CPU limit, not the node's
+        from synth_xray_assets.hardware import available_cpus  # the pod's CPU limit, not the node's
 
         torch.set_num_threads(self.cpu_threads or max(1, available_cpus() // 2))
         if self.device != "auto":

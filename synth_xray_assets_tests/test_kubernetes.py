@@ -22,8 +22,6 @@ from synth_xray_assets.definitions import build_defs
 from synth_xray_assets.deployment import (
     DATA_VOLUME,
     GPU_POOL,
-    available_cpus,
-    cgroup_cpu_quota,
     settings_environment,
 )
 from synth_xray_assets.settings import Settings, load_settings
@@ -171,26 +169,6 @@ def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.MULTILINE)
     assert "synth_xray_assets.definitions" in dockerfile and "'.[gpu]'" in dockerfile
-
-
-@pytest.mark.parametrize(
-    ("files", "quota"),
-    [
-        ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu.max": "250000 100000\n"}, 2.5),
-        ({"cpu/cpu.cfs_quota_us": "150000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.5),
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),
-    ],
-)
-def test_cpu_quota_of_the_pod(tmp_path, files, quota):
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cgroup_cpu_quota(tmp_path) == quota
-    assert 1 <= available_cpus(tmp_path) <= len(os.sched_getaffinity(0))
-    if quota:
-        assert available_cpus(tmp_path) <= max(1, -(-quota // 1))
 
 
 def test_settings_environment_gives_back_the_settings(tmp_path, monkeypatch):
