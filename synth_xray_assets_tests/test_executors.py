@@ -64,7 +64,9 @@ def test_dagster_definitions_validate_passes_for_k8s_and_celery(tmp_path):
     dagster = Path(sys.executable).with_name("dagster")
     procs = {}
     for executor in ("k8s", "celery"):
-        env = repo_env(DAGSTER_HOME=str(tmp_path), SYNTH_XRAY_DEPLOYMENT__EXECUTOR=executor)
+        home = tmp_path / executor  # one instance each: two processes creating one SQLite db race
+        home.mkdir()
+        env = repo_env(DAGSTER_HOME=str(home), SYNTH_XRAY_DEPLOYMENT__EXECUTOR=executor)
         procs[executor] = subprocess.Popen(
             [str(dagster), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
             cwd=REPO,
