@@ -250,6 +250,38 @@ class AutomationSettings(_Section):
         return self.groups[: self.groups.index(self.eager_through) + 1]
 
 
+# --- Deployment (issue 12): where the steps run. Fixed when the code loads, like the partitions. ---
+class KubernetesSettings(_Section):
+    """Step pods on Kubernetes (``deployment.executor = "k8s"``): GPU placement and the shared data."""
+
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
+    gpus_per_step: int = 1
+    gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}  # NVIDIA GPU operator's label
+    gpu_tolerations: tuple[dict[str, str], ...] = (
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    )
+    data_claim: str = "synth-xray-data"  # a ReadWriteMany PersistentVolumeClaim (POSIX: renames, folders)
+    data_mount_path: str = "/data"  # where every run and step pod mounts it; SYNTH_XRAY_DATA points here
+    namespace: str | None = None  # None: the run launcher's (the chart's release namespace)
+
+
+class CelerySettings(_Section):
+    """Steps as Celery tasks on bare GPU servers (``deployment.executor = "celery"``)."""
+
+    broker_env: str = "SYNTH_XRAY_CELERY_BROKER"  # names the variable holding e.g. redis://host:6379/0
+    backend_env: str = "SYNTH_XRAY_CELERY_BACKEND"  # result backend URL (same Redis is fine)
+    gpu_queue: str = "gpu"  # one worker per card, concurrency 1
+    cpu_queue: str = "cpu"
+
+
+class DeploymentSettings(_Section):
+    """Which executor runs the steps: one process per step here, Kubernetes Jobs, or Celery workers."""
+
+    executor: Literal["multiprocess", "k8s", "celery"] = "multiprocess"
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    celery: CelerySettings = Field(default_factory=CelerySettings)
+
+
 # The study's published classifier results (fractions; ../shared/STUDY.md). "accuracy", "f1",
 # "auc": the reported figures, best epoch selected on the test set; "last_*": the same run's
 # last epoch. Synth-100 used 2400 synthetic images in the article (2160 in the notebook).
@@ -277,6 +309,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
 
     @classmethod
     def for_profile(
