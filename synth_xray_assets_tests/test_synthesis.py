@@ -3,8 +3,10 @@
 import dagster as dg
 import numpy as np
 from conftest import tiny_overrides_json
+from PIL import Image
 
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.base_model import load_pipeline
@@ -105,6 +107,20 @@ def test_dreambooth_chain_materializes_as_assets(tmp_path):
     assert set(checks) == {"checkpoint_loads", "no_blank_samples"}
     images = SyntheticImages.open(synthetic_dir(tmp_path / "data", "normal"))
     assert len(images) == 4
+    synth_meta = result.asset_materializations_for_node("synthetic_images")[0].metadata
+    grid_md = synth_meta["samples (top) and real training images of the class (bottom)"].value
+    assert grid_md.startswith("![synthetic normal above real normal](data:image/png;base64,")
+    grid = synthesis_assets.samples_beside_real(
+        images,
+        SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=tiny_overrides_json()).get(),
+        "normal",
+    )
+    # 4 synthetic images padded to one row of 8, then one row of real NORMAL training images.
+    assert grid.size == (8 * 96, 2 * 96)
+    real = StandardizedDataset.open(tmp_path / "data" / "dataset").images("train", 0)[0]
+    cell = np.asarray(grid.convert("L").crop((0, 96, 96, 192)), dtype=float)
+    resized = np.asarray(Image.fromarray(real).resize((96, 96), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(cell - resized).mean() < 2.0  # the first real NORMAL image opens the bottom row
     assert set(images.manifest.class_key) == {"normal"}
     assert (models.checkpoint_dir(tmp_path / "data", "normal") / "model_index.json").is_file()
 

@@ -4,6 +4,7 @@ import dagster as dg
 import numpy as np
 
 from synth_xray_assets.automation import automation_for
+from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.summary import folder_version
@@ -71,7 +72,7 @@ def synthetic_images(
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
-    images = SyntheticImages.open(out).images(limit=16)
+    grid = samples_beside_real(SyntheticImages.open(out), s, key)
     return dg.MaterializeResult(
         metadata={
             "num_images": len(report.manifest),
@@ -84,10 +85,21 @@ def synthetic_images(
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
             "device": device,
-            "images": dg.MetadataValue.md(png_markdown(image_grid(list(images), 8, 96), f"synthetic {key}")),
+            "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
+                png_markdown(grid, f"synthetic {key} above real {key}")
+            ),
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
+
+
+def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
+    """Two rows of synthetic images of class ``key`` above a row of its real training images, so a
+    glance shows whether the class was learned (as ``dreambooth_checkpoint`` shows its samples)."""
+    synthetic = list(images.images(limit=2 * columns))
+    real = StandardizedDataset.open(s.data_dir / "dataset").images("train", class_label(key))[:columns]
+    blank = np.full((8, 8), 255, np.uint8)  # fills the last synthetic row so real images start a row
+    return image_grid(synthetic + [blank] * (-len(synthetic) % columns) + list(real), columns, 96)
 
 
 @dg.asset_check(
