@@ -75,9 +75,11 @@ class BaseModelSettings(_Section):
     tiny_text_layers: int = 2
     tiny_layers_per_block: int = 1  # resnet layers per UNet / VAE level (SD 2.1 has 2)
     tiny_vae_steps: int = 300
+    tiny_vae_batch_size: int = 8
+    tiny_vae_learning_rate: float = 2e-3
     tiny_unet_steps: int = 1500
-    tiny_batch_size: int = 16
-    tiny_learning_rate: float = 1e-3
+    tiny_batch_size: int = 16  # the UNet's
+    tiny_learning_rate: float = 1e-3  # the UNet's
     tiny_prompt: str = "a chest xray image"
     tiny_uncond_probability: float = 0.1  # prompt dropped to "" so guidance has an unconditional branch
     seed: int = 42
@@ -129,6 +131,11 @@ class GenerationSettings(_Section):
     """Synthetic images from each class's checkpoint."""
 
     images_per_class: int = 1200
+    # The synthetic counts (images_per_class here, and the experiments' in classifier.experiments)
+    # are the study's, beside its 5,216 real training images: each is scaled by the dataset's real
+    # training images / study_train_size (rounded up), so that the mixes keep the study's
+    # proportions on any source (Synth-100: 2400 synthetic to 5216 real). None: counts as written.
+    study_train_size: int | None = 5216
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     batch_size: int = 8
@@ -267,6 +274,17 @@ class Settings(_Section):
         values = _deep_merge(values, overrides or {})
         return cls.model_validate(values)
 
+    def synthetic_count(self, count: int, n_real_train: int) -> int:
+        """A synthetic-image count of the settings (``generation.images_per_class`` or an experiment's)
+        for a dataset of ``n_real_train`` real training images: ``ceil(count * n_real_train /
+        generation.study_train_size)``, or ``count`` itself when that is None."""
+        reference = self.generation.study_train_size
+        if reference is None:
+            return count
+        if reference <= 0 or n_real_train < 0:
+            raise ValueError(f"cannot scale {count} synthetic images to {n_real_train} real / {reference}")
+        return -(-count * n_real_train // reference)
+
     def section_json(self, name: str) -> dict[str, Any]:
         """One section as JSON-able data, for asset metadata."""
         return getattr(self, name).model_dump(mode="json")
@@ -300,7 +318,8 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "checkpointing_steps": 20,
         "sample_steps": 15,
     },
-    "generation": {"images_per_class": 32, "num_inference_steps": 15, "batch_size": 16},
+    # images_per_class: the study's 1200, scaled to the demo's real train (generation.study_train_size)
+    "generation": {"num_inference_steps": 15, "batch_size": 16},
     "evaluation": {"batch_size": 32, "kid_subset_size": 16, "feature_resolution": 64, "feature_epochs": 5},
     "classifier": {
         # 32 px is DenseNet-121's smallest input (1 x 1 after its last pooling) and what lets all
@@ -312,15 +331,7 @@ DEMO_OVERRIDES: dict[str, Any] = {
         "pretrained": "none",
         "seeds": (0,),
         "bootstrap_samples": 500,
-        "experiments": {
-            "baseline": (1.0, 0),
-            "synth-25": (1.0, 16),
-            "synth-50": (1.0, 32),
-            "synth-100": (1.0, 64),
-            "limited-10": (0.1, 64),
-            "limited-25": (0.25, 64),
-            "synth-only": (0.0, 64),
-        },
+        # experiments: the study's counts, scaled to the demo's real train by generation.study_train_size
     },
 }
 

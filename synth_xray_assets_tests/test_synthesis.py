@@ -11,6 +11,7 @@ from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.base_model import load_pipeline
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.synthesis import assets as synthesis_assets
 from synth_xray_assets.synthesis.generate import generate_set
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -139,3 +140,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert not result.success
     errors = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
     assert errors and "no DreamBooth checkpoint for 'pneumonia'" in errors[0]
+
+
+def test_synthetic_counts_follow_the_real_training_set(tmp_path):
+    """The study's counts (1200 per class; Synth-25/50/100 = 600/1200/2400 beside 5,216 real) scale
+    with the dataset's real training split, rounded up; study_train_size None keeps them as written."""
+    full = Settings.for_profile("full", tmp_path)
+    assert [full.synthetic_count(n, 5216) for n in (600, 1200, 2400)] == [600, 1200, 2400]
+    demo = Settings.for_profile("demo", tmp_path)
+    counts = {e: demo.synthetic_count(n, 248) for e, (_, n) in demo.classifier.experiments.items()}
+    assert counts["synth-25"] == 29 and counts["synth-50"] == 58 and counts["synth-100"] == 115
+    per_class = demo.synthetic_count(demo.generation.images_per_class, 248)
+    assert per_class == 58 and 2 * per_class >= max(counts.values())  # enough for every experiment
+    mirror = 4694  # the real 224-px mirror's training images
+    assert demo.synthetic_count(2400, mirror) == 2160
+    absolute = Settings.for_profile("demo", tmp_path, {"generation": {"study_train_size": None}})
+    assert absolute.synthetic_count(2400, 248) == 2400

@@ -13,7 +13,12 @@ from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
 from synth_xray_assets.synthesis.generate import generate_set
-from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
+from synth_xray_assets.synthesis.store import (
+    SyntheticImages,
+    images_per_class,
+    manifest_version,
+    synthetic_dir,
+)
 
 OWNERS = ["team:synth-xray"]
 
@@ -59,10 +64,11 @@ def synthetic_images(
     base = models.base_model_path(s.data_dir)
     prompt = s.dreambooth.instance_prompts[key]
     out = synthetic_dir(s.data_dir, key)
+    count = images_per_class(s)
     report = generate_set(
         lambda: load_trained_pipeline(ckpt, base, device),
         out,
-        g.images_per_class,
+        count,
         prompt,
         num_inference_steps=g.num_inference_steps,
         guidance_scale=g.guidance_scale,
@@ -80,7 +86,7 @@ def synthetic_images(
             "kept_from_earlier_runs": report.reused,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{g.seed_offset}..{g.seed_offset + g.images_per_class - 1}",
+            "seeds": f"{g.seed_offset}..{g.seed_offset + count - 1}",
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
@@ -106,7 +112,10 @@ def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
     asset=synthetic_images,
     partitions_def=class_partitions,
     blocking=True,
-    description="The image count equals the setting; no blank or NaN images; sizes match the resolution.",
+    description=(
+        "The image count equals the setting (scaled to the real training split); no blank or NaN "
+        "images; sizes match the resolution."
+    ),
 )
 def no_blank_samples(
     context: dg.AssetCheckExecutionContext, settings: SettingsResource
@@ -121,14 +130,15 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
     """Count, size and blankness of a synthetic set (PNGs hold no NaN: a NaN image decodes blank)."""
     arr = images.images()
     res = s.dreambooth.resolution
-    count_ok = len(arr) == s.generation.images_per_class
+    expected = images_per_class(s)
+    count_ok = len(arr) == expected
     size_ok = arr.ndim == 3 and arr.shape[1:] == (res, res)
     stds = arr.reshape(len(arr), -1).std(axis=1) if len(arr) else np.zeros(0)
     blank = [int(i) for i in np.flatnonzero(stds < 1.0)]  # under one grey level of spread
     return {
         "ok": count_ok and size_ok and not blank,
         "num_images": len(arr),
-        "expected": s.generation.images_per_class,
+        "expected": expected,
         "shape": list(arr.shape),
         "blank_indices": blank[:20],
     }

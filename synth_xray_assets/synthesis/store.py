@@ -17,6 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import combined_hash
 
 MANIFEST = "manifest.parquet"
@@ -25,6 +27,13 @@ MANIFEST_COLUMNS = ["index", "file", "class_key", "label", "seed", "prompt", "ch
 
 def synthetic_dir(data_dir: str | Path, class_key: str) -> Path:
     return Path(data_dir) / "synthetic" / class_key
+
+
+def images_per_class(s: Settings) -> int:
+    """How many synthetic images each class gets: ``generation.images_per_class`` scaled to the real
+    training split of the standardized dataset (``Settings.synthetic_count``)."""
+    n_train = len(StandardizedDataset.open(s.data_dir / "dataset").rows("train"))
+    return s.synthetic_count(s.generation.images_per_class, n_train)
 
 
 def manifest_version(manifest: pd.DataFrame) -> str:
