@@ -32,7 +32,7 @@ OVERRIDES = {
         "max_side": 80,
     },
     "dataset": {"resolution": 32, "workers": 1},
-    "generation": {"images_per_class": N_SYNTHETIC},
+    "generation": {"images_per_class": N_SYNTHETIC, "study_train_size": None},
     "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none"},
     "evaluation": {
         "feature_resolution": 32,

@@ -141,6 +141,7 @@ def load_experiment_data(
         return x, rows
 
     train_all, train_rows = real("train")
+    n_synthetic = s.synthetic_count(n_synthetic, len(train_rows))  # the study's count, to this dataset
     test_x, test_rows = real("test")
     labels = train_rows.label.to_numpy(np.int64)
     pool, val_idx = stratified_split(labels, c.val_fraction, c.split_seed)

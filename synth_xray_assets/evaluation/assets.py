@@ -35,7 +35,7 @@ from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import png_markdown, write_json_atomic, write_parquet_atomic
-from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
+from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
 SPACES = ("cxr", "inception")
@@ -278,7 +278,7 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
     bad = sorted(k for k, v in values.items() if not math.isfinite(v))
     # the number of images behind each space's score of the synthetic set
     counts = {space: r["scores"]["synthetic"]["n_images"] for space, r in available.items()}
-    expected = s.generation.images_per_class
+    expected = images_per_class(s)
     cxr = available.get("cxr", {}).get("scores", {})
     fine_tuned = cxr.get("synthetic_matched", cxr.get("synthetic", {})).get("fid")
     base = cxr.get("base_model", {}).get("fid")
