@@ -220,6 +220,14 @@ class AutomationSettings(_Section):
         return self.groups[: self.groups.index(self.eager_through) + 1]
 
 
+class OperationsSettings(_Section):
+    """Crash safety (issue 13): how long a second writer of one asset partition waits."""
+
+    # A second run of the same asset partition waits this long for the first one's lock, then
+    # fails naming it (the kernel frees the lock of a killed run).
+    lock_wait_s: float = 120.0
+
+
 # The study's published classifier results (fractions; ../shared/STUDY.md). "accuracy", "f1",
 # "auc": the reported figures, best epoch selected on the test set; "last_*": the same run's
 # last epoch. Synth-100 used 2400 synthetic images in the article (2160 in the notebook).
@@ -247,6 +255,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    operations: OperationsSettings = Field(default_factory=OperationsSettings)
 
     @classmethod
     def for_profile(

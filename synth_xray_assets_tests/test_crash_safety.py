@@ -22,6 +22,7 @@ from synth_xray_assets.operations.launcher import (
     process_alive,
     worker_health,
 )
+from synth_xray_assets.operations.locks import OutputBusyError, lock_path, output_lock
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = {"module": "synth_xray_assets.operations.launcher", "class": "LocalRunLauncher"}
@@ -192,3 +193,102 @@ def test_leftovers_of_a_killed_writer_are_cleaned_and_a_half_replaced_folder_rec
         (tmp / "c.png").write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # the dead writer's temp is gone
     assert [p.name for p in target.iterdir()] == ["c.png"]
+
+
+# --------------------------------------------------------------------------- one writer per output
+
+
+def test_a_second_writer_waits_then_fails_naming_the_holder_and_a_killed_holder_frees_the_lock(tmp_path):
+    path = lock_path(tmp_path, "dreambooth_checkpoint", "normal")
+    code = (
+        "import sys, time\nfrom synth_xray_assets.operations.locks import output_lock\n"
+        f"with output_lock({str(path)!r}, 5, {{'run_id': 'run-A'}}):\n"
+        "    print('held', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(OutputBusyError) as caught:
+            with output_lock(path, 1.0, {"run_id": "run-B"}):
+                pass
+        assert time.monotonic() - start >= 1.0
+        message = str(caught.value)
+        print(message)
+        assert "run run-A" in message and f"pid {holder.pid}" in message and "lock_wait_s" in message
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        with output_lock(path, 5.0, {"run_id": "run-B"}) as waited:  # the kernel released it
+            assert waited < 1.0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+RACE = """
+import os, sys, time
+from pathlib import Path
+import dagster as dg
+sys.path.insert(0, {tests!r})
+from conftest import tiny_overrides_json
+from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.resources import SettingsResource
+
+settings = SettingsResource(data_dir={data!r}, overrides_json=tiny_overrides_json())
+job = build_defs(settings).resolve_implicit_global_asset_job_def().get_subset(
+    asset_selection={{dg.AssetKey("chest_xray_dataset")}}
+)
+go = Path({go!r})
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.02)
+with dg.DagsterInstance.get() as instance:
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+print(result.run_id, result.success, flush=True)
+"""
+
+
+def test_two_runs_of_the_same_partition_write_one_at_a_time(tmp_path):
+    home, data, go = tmp_path / "home", tmp_path / "data", tmp_path / "go"
+    home.mkdir()
+    dg.DagsterInstance.from_config(str(home)).dispose()  # the storage exists before both runs open it
+    script = RACE.format(tests=str(REPO / "synth_xray_assets_tests"), data=str(data), go=str(go))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DAGSTER_HOME": str(home)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        go.touch()  # both start at once
+        done = [p.communicate(timeout=300) for p in procs]
+        outs = [out.split() for out, _ in done]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert all(o and o[-1] == "True" for o in outs), [err[-3000:] for _, err in done]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        spans = []
+        for run_id in (o[-2] for o in outs):
+            logs = instance.all_logs(run_id)
+            holding = [e for e in logs if e.user_message.startswith("one writer: holding")]
+            print(run_id[:8], holding[0].user_message if holding else "never held")
+            held = [e.timestamp for e in holding]
+            released = [e.timestamp for e in logs if e.user_message.startswith("one writer: releasing")]
+            assert len(held) == len(released) == 1, run_id
+            spans.append((held[0], released[0]))
+    spans.sort()
+    rel = [(round(a - spans[0][0], 2), round(b - spans[0][0], 2)) for a, b in spans]
+    print(f"writer spans (s from the first): {rel}")
+    assert spans[0][1] <= spans[1][0], spans  # the second held the lock only after the first let go

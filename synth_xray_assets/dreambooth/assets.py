@@ -21,6 +21,7 @@ from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
@@ -49,6 +50,7 @@ _TINY_BASE = SettingsResource.from_env().get().base_model.tiny
         "briefly pre-trained on the demo images. Standard diffusers layout."
     ),
 )
+@one_writer
 def base_model(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -126,6 +128,7 @@ def base_model(
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )
+@one_writer
 def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -185,6 +188,7 @@ def _dtype(device: str):
         "dreambooth.checkpointing_steps, and a re-run resumes from the latest one."
     ),
 )
+@one_writer
 def dreambooth_checkpoint(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -8,6 +8,7 @@ from PIL import Image
 from synth_xray_assets.automation import automation_for
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.reports.report import build_report, main_table_md
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
@@ -63,6 +64,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
         "exist and lists the missing ones. data/reports/report.md, results.csv and PNGs."
     ),
 )
+@one_writer
 def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) -> dg.MaterializeResult:
     s = settings.get()
     runs, missing, excluded = collect_runs(s)

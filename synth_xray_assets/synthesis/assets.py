@@ -8,6 +8,7 @@ from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.dreambooth.training import load_trained_pipeline
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
@@ -46,6 +47,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
         "missing images."
     ),
 )
+@one_writer
 def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
