@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from synth_xray_assets.operations.faults import fault_point
+
 # Temporaries are named for their writer (host and pid), so that only dead writers' are removed.
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
 
@@ -55,6 +57,7 @@ def atomic_path(path: str | Path, expected_bytes: int | None = None) -> Iterator
     target = tmp / path.name
     try:
         yield target
+        fault_point("write", str(path))
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

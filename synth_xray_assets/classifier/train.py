@@ -19,6 +19,7 @@ from torch import nn
 from synth_xray_assets.classifier.data import make_train_loader, normalize_batch, prepare_images
 from synth_xray_assets.classifier.model import build_densenet121, classifier_metadata, save_classifier
 from synth_xray_assets.classifier.stats import binary_metrics, roc_auc  # noqa: F401 (re-exported)
+from synth_xray_assets.operations.faults import fault_point
 from synth_xray_assets.settings import ClassifierSettings
 from synth_xray_assets.storage import atomic_path
 
@@ -268,6 +269,7 @@ def train_classifier(
             else:
                 key = (record["val_accuracy"], val_loss)
             history.append(record)
+            fault_point("classifier.epoch", str(epoch + 1))
             if _better(key, best_key):
                 best_key, best_epoch = key, epoch + 1
                 save_classifier(model, best_path, {**meta, "epoch": str(epoch + 1)})

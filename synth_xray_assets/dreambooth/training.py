@@ -33,6 +33,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 
 from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.operations.faults import fault_point
 from synth_xray_assets.settings import DreamBoothSettings
 from synth_xray_assets.storage import atomic_path, sha256_bytes, write_json_atomic
 
@@ -428,6 +429,7 @@ def _train(
         optimizer.zero_grad(set_to_none=True)
 
         global_step += 1
+        fault_point("dreambooth.step", str(global_step))
         steps_run.append(global_step)
         history["losses"].append(step_loss)
         history["instance_losses"].append(step_instance)
