@@ -79,6 +79,24 @@ def test_a_zombie_counts_as_dead_and_a_reused_pid_is_not_the_worker():
     assert alive is False and "started after" in why
 
 
+def test_an_in_process_run_killed_on_this_machine_is_reported_failed():
+    """``make demo`` runs jobs in its own process (execute_in_process): no launcher, no tag."""
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    try:
+        with dg.instance_for_test() as inst:  # SQLite: one machine
+            run = create_run_for_test(inst, job_name="per_class_job")
+            data = EngineEventData.in_process(worker.pid, ["dreambooth_checkpoint"])
+            inst.report_engine_event(f"Executing steps in process (pid: {worker.pid})", run, data)
+            assert worker_health(inst, run).status == WorkerStatus.RUNNING
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=10)
+            assert worker_health(inst, run).status == WorkerStatus.FAILED
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 def test_runs_of_another_host_or_without_a_pid_are_never_failed():
     with dg.instance_for_test() as inst:
         elsewhere = _started_run(inst, 2**22 + 12345, host="another-machine")  # no such pid here

@@ -4,11 +4,15 @@ Dagster's ``DefaultRunLauncher`` starts each run worker as a process of the code
 cannot tell whether it is still alive, so a run worker killed by ``kill -9`` or the kernel's
 out-of-memory killer leaves its run ``STARTED`` forever, holding its pool slots. This launcher
 launches runs exactly as the default one does and adds ``check_run_worker_health``: the run
-worker reports its pid in the engine event "Started process for run (pid: N)"; the worker is
-alive while a process with that pid exists, is not a zombie, and was started before that event
-(a newer process with the same pid is another program). Runs launched from another host, or
-through a code server on another host, are never judged from here. Age is never a criterion,
-so a healthy run of many hours is left alone.
+worker reports its pid in the engine event "Started process for run (pid: N)" (runs executed in
+a process of their own, such as ``make demo``'s ``execute_in_process``, in "Executing steps in
+process (pid: N)"); the worker is alive while a process with that pid exists, is not a zombie,
+and was started before that event (a newer process with the same pid is another program).
+Only runs surely on this host are judged: launched here through a local code server, or, for
+runs not launched by this launcher, recorded in a SQLite instance (local to one machine by
+construction). Age is never a criterion, so a healthy run of many hours is left alone. (The
+code server also fails runs whose worker it started and saw die; this covers what it cannot:
+a restarted code server, in-process runs, a killed ``dagster dev``.)
 
 Configured in ``dagster.yaml``::
 
@@ -30,10 +34,16 @@ from dataclasses import dataclass
 import psutil
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLauncher
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
 HOST_TAG = "synth_xray/launched_on"
-STARTED_MESSAGE = "Started process for run (pid: "
+# Engine events in which the process executing a run reports its pid (with "pid" metadata).
+WORKER_MESSAGES = (
+    "Started process for run (pid: ",
+    "Executing steps in process (pid: ",
+    "Executing steps using multiprocess executor: parent process (pid: ",
+)
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 # A pid's process must have been created before the worker reported it; this allows for the
 # clock granularity of the process start time (jiffies) and of the event timestamp.
@@ -49,10 +59,10 @@ class WorkerRecord:
 
 
 def run_worker_record(instance: DagsterInstance, run_id: str) -> WorkerRecord | None:
-    """The latest "Started process for run (pid: N)" engine event of ``run_id``, if any."""
+    """The latest engine event of ``run_id`` in which its worker process reported its pid."""
     events = instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
     for entry in reversed(events):
-        if not entry.message.startswith(STARTED_MESSAGE):
+        if not entry.message.startswith(WORKER_MESSAGES):
             continue
         data = entry.dagster_event.engine_event_data if entry.dagster_event else None
         pid = data.metadata.get("pid") if data else None
@@ -77,9 +87,12 @@ def process_alive(pid: int, started_before: float) -> tuple[bool, str]:
     return True, f"pid {pid} is alive"
 
 
-def checkable_here(run: DagsterRun) -> bool:
-    """True when the run's worker runs on this host: launched here, through a local code server."""
-    if run.tags.get(HOST_TAG) != socket.gethostname():
+def checkable_here(instance: DagsterInstance, run: DagsterRun) -> bool:
+    """True when the run's worker surely runs on this host: launched here through a local code
+    server, or not launched by this launcher but recorded in a SQLite (one-machine) instance."""
+    if HOST_TAG not in run.tags:
+        return isinstance(instance.run_storage, SqliteRunStorage)
+    if run.tags[HOST_TAG] != socket.gethostname():
         return False
     grpc_host = json.loads(run.tags.get(GRPC_INFO_TAG, "{}")).get("host", "")
     return grpc_host in LOCAL_HOSTS | {socket.gethostname()}
@@ -87,7 +100,7 @@ def checkable_here(run: DagsterRun) -> bool:
 
 def worker_health(instance: DagsterInstance, run: DagsterRun) -> CheckRunHealthResult:
     """RUNNING unless the run's worker is surely gone (then FAILED, with the reason)."""
-    if not checkable_here(run):
+    if not checkable_here(instance, run):
         return CheckRunHealthResult(WorkerStatus.RUNNING, "run worker on another host; not checked")
     record = run_worker_record(instance, run.run_id)
     if record is None:

@@ -96,7 +96,9 @@ def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:
         s = kwargs["settings"].get()
         partition = context.partition_key if context.has_partition_key else None
         path = lock_path(s.data_dir, context.asset_key.to_user_string(), partition)
-        return _logged(context, path, output_lock(path, s.operations.lock_wait_s, {"run_id": context.run_id}))
+        return _logged(
+            context, path, output_lock(path, s.operations.lock_wait_s, {"run_id": context.run.run_id})
+        )
 
     if inspect.isgeneratorfunction(fn):
 
