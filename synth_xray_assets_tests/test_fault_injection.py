@@ -196,6 +196,17 @@ mutation Launch($params: ExecutionParams!) {
 """
 
 
+def partition_tags(partition: str | None) -> dict[str, str]:
+    """The tags the UI puts on a run of one partition (per dimension for experiment x seed)."""
+    if not partition:
+        return {}
+    tags = {"dagster/partition": partition}
+    if "|" in partition:
+        experiment, seed = partition.split("|")
+        tags.update({"dagster/partition/experiment": experiment, "dagster/partition/seed": seed})
+    return tags
+
+
 def launch(dev: DagsterDev, stage: Stage) -> str:
     params = {
         "selector": {
@@ -206,7 +217,7 @@ def launch(dev: DagsterDev, stage: Stage) -> str:
         },
         "runConfigData": IN_PROCESS,
         "executionMetadata": {
-            "tags": [{"key": "dagster/partition", "value": stage.partition}] if stage.partition else []
+            "tags": [{"key": k, "value": v} for k, v in partition_tags(stage.partition).items()]
         },
     }
     answer = dev.graphql(LAUNCH, {"params": params})
@@ -287,7 +298,7 @@ def kill_at(instance: dg.DagsterInstance, fired: Path, index: int, entry: dict, 
     # Whoever saw it first: run monitoring (our launcher's health check), or the code server that
     # started the worker and saw its child die. Either way no person was needed.
     by_monitoring = any("is gone" in m and str(worker.pid) in m for m in reasons)
-    by_code_server = any(e.message.startswith(f"Run execution process for {run.run_id}") for e in logs)
+    by_code_server = any(f"Run execution process for {run.run_id}" in e.message for e in logs)
     assert by_monitoring or by_code_server, reasons
     wait_for("its pool slots to be freed", lambda: not claimed_by(instance, run.run_id), timeout=60)
     freed = time.time() - t0
@@ -325,7 +336,9 @@ def run_stage(
         if e.dagster_event and e.dagster_event.event_type_value == "ASSET_CHECK_EVALUATION"
     }
     retry = done.tags.get("dagster/retry_number", 0)
-    print(f"  recovered by run {done.run_id[:8]} (retry {retry}); checks {checks}")
+    runs = chain_runs(instance, root)
+    print(f"  recovered by run {done.run_id[:8]} (retry {retry}, {len(runs)} runs); checks {checks}")
+    assert len(runs) == len(stage.kills) + 1, [(r.run_id, r.status) for r in runs]  # one retry per kill
     return {
         "kills": kills,
         "retries": int(done.tags.get("dagster/retry_number", 0)),

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import psutil
 from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLauncher
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.tags import GRPC_INFO_TAG
 
@@ -129,4 +130,6 @@ class LocalRunLauncher(DefaultRunLauncher):
 
     def check_run_worker_health(self, run: DagsterRun) -> CheckRunHealthResult:
         fresh = self._instance.get_run_by_id(run.run_id) or run  # tags added after the run was read
+        if fresh.status != DagsterRunStatus.STARTED:  # ended meanwhile (its code server saw it die)
+            return CheckRunHealthResult(WorkerStatus.RUNNING, f"run is {fresh.status.value} now")
         return worker_health(self._instance, fresh)
