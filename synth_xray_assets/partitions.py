@@ -1,21 +1,21 @@
-"""The partitions shared across domains: one per class, and experiment x seed."""
+"""The partitions shared across domains: one per class, and experiment x seed (from settings)."""
 
 import dagster as dg
 
-from synth_xray_assets.resources import SettingsResource
-from synth_xray_assets.settings import CLASS_KEYS
+from synth_xray_assets.settings import CLASS_KEYS, ClassifierSettings
 
 # normal / pneumonia: the per-class assets (checkpoint, synthetic images, FID).
 class_partitions = dg.StaticPartitionsDefinition(list(CLASS_KEYS))
 
-_classifier = SettingsResource.from_env().get().classifier
-# The classifier grid: the seven experiments x the profile's seeds.
-experiment_partitions = dg.MultiPartitionsDefinition(
-    {
-        "experiment": dg.StaticPartitionsDefinition(list(_classifier.experiments)),
-        "seed": dg.StaticPartitionsDefinition([str(s) for s in _classifier.seeds]),
-    }
-)
+
+def experiment_partitions(classifier: ClassifierSettings) -> dg.MultiPartitionsDefinition:
+    """The classifier grid: the settings' experiments x seeds."""
+    return dg.MultiPartitionsDefinition(
+        {
+            "experiment": dg.StaticPartitionsDefinition(list(classifier.experiments)),
+            "seed": dg.StaticPartitionsDefinition([str(s) for s in classifier.seeds]),
+        }
+    )
 
 
 def class_label(class_key: str) -> int:

@@ -354,6 +354,17 @@ def settings_json() -> str:
     return json.dumps(OVERRIDES)
 
 
+def settings_env() -> dict[str, str]:
+    """The same settings as ``SYNTH_XRAY_<SECTION>__<FIELD>`` variables, for the Dagster processes."""
+    return {
+        f"SYNTH_XRAY_{section.upper()}__{name.upper()}": value
+        if isinstance(value, str)
+        else json.dumps(value)
+        for section, fields in OVERRIDES.items()
+        for name, value in fields.items()
+    }
+
+
 def run_uninterrupted(data: Path, stages: list[Stage]) -> None:
     """The same stages in-process, never killed: what the killed runs must end up equal to."""
     from synth_xray_assets.definitions import build_defs
@@ -373,33 +384,37 @@ def compare(ref: Path, got: Path) -> dict[str, str]:
     """Each stage's output against the uninterrupted run's; returns what was found, per stage."""
     from safetensors.torch import load_file
 
-    from synth_xray_assets.classifier.experiment import load_run, run_dir
+    from synth_xray_assets.classifier.experiment import load_run
     from synth_xray_assets.dataset.store import StandardizedDataset
-    from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
+    from synth_xray_assets.diffusion.image_sets import SyntheticImages
+    from synth_xray_assets.layout import Layout
 
     found = {}
-    a, b = StandardizedDataset.open(ref / "dataset"), StandardizedDataset.open(got / "dataset")
+    a, b = (StandardizedDataset.open(Layout(d).dataset) for d in (ref, got))
     assert a.version == b.version
     assert all(np.array_equal(a.images(split), b.images(split)) for split in ("train", "validation", "test"))
     found["dataset"] = f"version {a.version} equal, pixels equal"
 
-    unet = "models/dreambooth/normal/unet/diffusion_pytorch_model.safetensors"
-    wa, wb = load_file(str(ref / unet)), load_file(str(got / unet))
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    wa, wb = (load_file(str(Layout(d).dreambooth_checkpoint("normal") / unet)) for d in (ref, got))
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     scale = max(float(wa[k].abs().max()) for k in wa)
-    info = [json.loads((d / "models/dreambooth/normal/dreambooth.json").read_text()) for d in (ref, got)]
+    info = [
+        json.loads((Layout(d).dreambooth_checkpoint("normal") / "dreambooth.json").read_text())
+        for d in (ref, got)
+    ]
     assert info[0]["global_step"] == info[1]["global_step"]  # (fingerprints name their own data folder)
     assert diff <= 1e-4 * scale, (diff, scale)  # resumed from a checkpoint: same steps, same data
     found["dreambooth"] = f"{info[1]['global_step']} steps; UNet max |diff| {diff:.2e} (max |w| {scale:.2f})"
 
-    ia = SyntheticImages.open(synthetic_dir(ref, "normal")).images()
-    ib = SyntheticImages.open(synthetic_dir(got, "normal")).images()
+    ia = SyntheticImages.open(Layout(ref).synthetic("normal")).images()
+    ib = SyntheticImages.open(Layout(got).synthetic("normal")).images()
     assert ia.shape == ib.shape
     pixel = float(np.abs(ia.astype(int) - ib.astype(int)).mean())
     assert pixel < 1.0, pixel  # same seeds through (near-)equal weights
     found["generation"] = f"{len(ib)} images, mean |pixel diff| {pixel:.3f} gray levels"
 
-    ra, rb = load_run(run_dir(ref, "baseline", 0)), load_run(run_dir(got, "baseline", 0))
+    ra, rb = (load_run(Layout(d).classifier_run("baseline", 0)) for d in (ref, got))
     la = [h["train_loss"] for h in ra["history"]]
     lb = [h["train_loss"] for h in rb["history"]]
     assert np.allclose(la, lb, atol=1e-4), (la, lb)
@@ -409,7 +424,7 @@ def compare(ref: Path, got: Path) -> dict[str, str]:
         "test accuracy equal"
     )
 
-    ta, tb = pd.read_csv(ref / "reports/results.csv"), pd.read_csv(got / "reports/results.csv")
+    ta, tb = (pd.read_csv(Layout(d).reports / "results.csv") for d in (ref, got))
     numeric = ta.select_dtypes("number").columns
     assert list(ta.columns) == list(tb.columns) and len(ta) == len(tb)
     assert np.allclose(ta[numeric].to_numpy(float), tb[numeric].to_numpy(float), atol=1e-6, equal_nan=True)
@@ -441,7 +456,7 @@ def test_killed_run_workers_are_failed_freed_retried_and_finish_as_if_never_kill
         "PYTHONPATH": str(REPO),
         "SYNTH_XRAY_PROFILE": "demo",
         "SYNTH_XRAY_DATA": str(data),
-        "SYNTH_XRAY_OVERRIDES": settings_json(),
+        **settings_env(),
         PLAN_ENV: str(plan_file),
     }
     dev = DagsterDev(home, env, tmp_path / "dagster-dev.log")
@@ -474,10 +489,7 @@ def test_killed_run_workers_are_failed_freed_retried_and_finish_as_if_never_kill
 DEMO_LIKE = """
 import sys
 import dagster as dg
-from synth_xray_assets.definitions import build_defs
-from synth_xray_assets.resources import SettingsResource
-
-defs = build_defs(SettingsResource.from_env())
+from synth_xray_assets.definitions import defs  # the settings of the environment, as dagster loads them
 with dg.DagsterInstance.get() as instance:  # as demo.py: in-process runs on the persistent instance
     for assets, partition in [(sys.argv[1].split(","), sys.argv[2] or None)]:
         job = defs.resolve_implicit_global_asset_job_def().get_subset(
@@ -513,7 +525,7 @@ def test_a_killed_in_process_run_is_failed_by_the_daemon_and_frees_the_gpu_pool(
         "DAGSTER_HOME": str(home),
         "SYNTH_XRAY_PROFILE": "demo",
         "SYNTH_XRAY_DATA": str(tmp_path / "data"),
-        "SYNTH_XRAY_OVERRIDES": settings_json(),
+        **settings_env(),
     }
 
     def demo(assets: str, partition: str = "", **extra) -> subprocess.Popen:

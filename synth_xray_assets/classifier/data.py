@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from synth_xray_assets.dataset.splits import class_count, stratified_split  # noqa: F401 (stratified_split re-exported)
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
 from synth_xray_assets.storage import save_numpy_atomic
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -33,32 +35,6 @@ REAL, SYNTHETIC = "real", "synthetic"
 
 
 # ---------------------------------------------------------------- composition
-
-
-def class_count(n: int, fraction: float) -> int:
-    """``fraction`` of ``n``, rounded half up (10% of 3875 is 388, as the study's 522 needs)."""
-    return min(n, int(math.floor(fraction * n + 0.5)))
-
-
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into sorted ``(keep_idx, val_idx)`` with ``fraction`` of each class in ``val_idx``.
-
-    Each class with at least two images gives at least one to validation when ``fraction > 0``.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    val = [np.zeros(0, np.int64)]
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        n_val = class_count(len(idx), fraction)
-        if fraction > 0 and n_val == 0 and len(idx) >= 2:
-            n_val = 1
-        val.append(rng.choice(idx, size=n_val, replace=False))
-    val_idx = np.sort(np.concatenate(val)).astype(np.int64)
-    keep_idx = np.setdiff1d(np.arange(len(labels)), val_idx).astype(np.int64)
-    return keep_idx, val_idx
 
 
 def compose_experiment(
@@ -134,7 +110,7 @@ class ExperimentData:
 
 def classifier_cache_dir(data_dir: str | Path) -> Path:
     """Where images prepared at the classifier's size are cached (file names carry data versions)."""
-    return Path(data_dir) / "classifier" / "cache"
+    return Layout(Path(data_dir)).classifier_cache
 
 
 def load_experiment_data(
@@ -153,7 +129,7 @@ def load_experiment_data(
     real_fraction, n_synthetic = c.experiments[experiment]
     if c.val_fraction <= 0:
         raise ValueError("classifier.val_fraction must be > 0: the model is selected on that split")
-    ds = StandardizedDataset.open(s.data_dir / "dataset")
+    ds = StandardizedDataset.open(s.layout.dataset)
     cache = classifier_cache_dir(s.data_dir)
     size = f"{c.resize}-{c.resolution}"
 

@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synth_xray_assets.classifier.curves import run_curves
 from synth_xray_assets.classifier.data import ExperimentData, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
 from synth_xray_assets.classifier.train import RunResult, train_classifier
-from synth_xray_assets.reports.plots import run_curves
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import write_json_atomic, write_parquet_atomic
 
@@ -36,7 +37,7 @@ _PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last")
 
 
 def run_dir(data_dir: str | Path, experiment: str, seed: int | str) -> Path:
-    return Path(data_dir) / "classifier" / experiment / f"seed-{seed}"
+    return Layout(Path(data_dir)).classifier_run(experiment, seed)
 
 
 def run_experiment(

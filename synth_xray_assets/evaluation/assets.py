@@ -13,8 +13,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.automation import automation_for
-from synth_xray_assets.classifier.data import stratified_split
+from synth_xray_assets.dataset.splits import stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import prior_dir, prior_images
 from synth_xray_assets.evaluation.extractor import (
@@ -31,11 +30,12 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
+from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import markdown_table, png_markdown, write_json_atomic, write_parquet_atomic
+from synth_xray_assets.storage import png_markdown, write_json_atomic, write_parquet_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -47,7 +47,7 @@ METRICS = ("fid", "kid_mean", "precision", "recall")
 
 
 def _dataset(s: Settings) -> StandardizedDataset:
-    return StandardizedDataset.open(s.data_dir / "dataset")
+    return StandardizedDataset.open(s.layout.dataset)
 
 
 def _reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.ndarray, pd.DataFrame, str]:
@@ -97,7 +97,6 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
 @dg.asset(
     deps=["chest_xray_dataset"],
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -152,7 +151,7 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
-            "history": dg.MetadataValue.md(markdown_table(curve.round(4)) if len(curve) else "-"),
+            "history": metadata_table(curve.round(4)),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),
     )
@@ -183,16 +182,16 @@ FID_CHECKS = [
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "prior_class_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
     code_version="fid-scores-v1",
     check_specs=FID_CHECKS,
     description=(
-        "FID, KID and precision/recall (Kynkaanniemi, k=3) of the class's synthetic images against ALL "
-        "real standardized training images of the class, with torch-fidelity, in two feature spaces: "
-        "Inception (inception-v3-compat, as the study's FID 61.88 / 64.08; recorded unavailable, with "
+        "FID, KID and precision/recall (Kynkaanniemi, k = evaluation.prc_neighborhood) of the class's "
+        "synthetic images against ALL real standardized training images of the class, with "
+        "torch-fidelity, in two feature spaces: Inception (inception-v3-compat, as the study's FID, "
+        "evaluation.published_fid; recorded unavailable, with "
         "the reason, where its weights cannot be had) and the chest-X-ray space of "
         "cxr_feature_extractor. The untrained base model's images (prior_class_images) are scored the "
         "same way. Reference features are cached per dataset version and feature space."
@@ -220,7 +219,7 @@ def fid_scores(
             real,
             space,
             reference_cache_key=cache_key,
-            cache_dir=s.data_dir / "evaluation" / "reference_features",
+            cache_dir=s.layout.reference_features,
             settings=s.evaluation,
             device=device,
         )
@@ -236,7 +235,7 @@ def fid_scores(
         "published_fid_inception": s.evaluation.published_fid.get(key),
         "spaces": results,
     }
-    path = s.data_dir / "evaluation" / "fid" / f"{key}.json"
+    path = s.layout.fid_scores(key)
     write_json_atomic(path, record)
 
     metadata: dict = {
@@ -250,7 +249,7 @@ def fid_scores(
         "published_fid_inception": dg.MetadataValue.float(
             float(s.evaluation.published_fid.get(key, math.nan))
         ),
-        "scores": dg.MetadataValue.md(_scores_md(results)),
+        "scores": metadata_table(_scores_frame(results)),
         "path": dg.MetadataValue.path(str(path)),
     }
     for space, result in results.items():
@@ -311,19 +310,19 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
     ]
 
 
-def _scores_md(results: dict) -> str:
-    lines = [
-        "| space | images | n | FID | KID | precision | recall |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _scores_frame(results: dict) -> pd.DataFrame:
+    """One row per feature space and image set: n, FID, KID, precision, recall."""
+    rows = []
     for space, r in results.items():
         if not r["available"]:
-            lines.append(f"| {space} | unavailable: {r['reason'].replace('|', '/')} | | | | | |")
+            rows.append({"space": space, "images": f"unavailable: {r['reason']}", "n": None})
             continue
         for set_name, sc in r["scores"].items():
-            cells = [_fmt(sc[m]) for m in METRICS]
-            lines.append(f"| {space} | {set_name} | {sc['n_images']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(
+                {"space": space, "images": set_name, "n": sc["n_images"], **{m: sc[m] for m in METRICS}}
+            )
+    frame = pd.DataFrame(rows, columns=["space", "images", "n", *METRICS])
+    return frame.astype({"n": "Int64", **{m: float for m in METRICS}}).rename(columns={"kid_mean": "kid"})
 
 
 # --------------------------------------------------------------------------- memorization
@@ -333,7 +332,6 @@ def _scores_md(results: dict) -> str:
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -368,7 +366,7 @@ def memorization(
         real,
         space,
         reference_cache_key=cache_key,
-        cache_dir=s.data_dir / "evaluation" / "reference_features",
+        cache_dir=s.layout.reference_features,
         batch_size=e.batch_size,
         device=compute.resolve_device(),
     )
@@ -380,7 +378,7 @@ def memorization(
         nearest_real_source_id=rows["source_id"].to_numpy()[table["nearest_real_index"]],
         nearest_real_source_id_pixel=rows["source_id"].to_numpy()[table["nearest_real_index_pixel"]],
     )
-    path = s.data_dir / "evaluation" / "memorization" / f"{key}.parquet"
+    path = s.layout.memorization(key)
     write_parquet_atomic(saved, path)
     copies = saved[saved["near_copy"]]
     n = e.memorization_pairs_shown
@@ -414,20 +412,16 @@ def memorization(
                     "n_near_copies": len(copies),
                     "cosine_threshold": e.memorization_cosine_threshold,
                     "pixel_threshold": e.memorization_pixel_threshold,
-                    "near_copies": dg.MetadataValue.md(
-                        markdown_table(
-                            copies.head(20)[
-                                [
-                                    "synthetic_file",
-                                    "nearest_real_source_id",
-                                    "cosine_distance",
-                                    "nearest_real_source_id_pixel",
-                                    "pixel_correlation",
-                                ]
+                    "near_copies": metadata_table(
+                        copies.head(20)[
+                            [
+                                "synthetic_file",
+                                "nearest_real_source_id",
+                                "cosine_distance",
+                                "nearest_real_source_id_pixel",
+                                "pixel_correlation",
                             ]
-                        )
-                        if len(copies)
-                        else "none"
+                        ]
                     ),
                 },
             )
@@ -438,12 +432,10 @@ def memorization(
 # --------------------------------------------------------------------------- helpers
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
 def _finite_or_nan(value) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.nan
 
 
-defs = dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The evaluation domain's definitions (none depends on settings)."""
+    return dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])

@@ -2,8 +2,8 @@
 
 Two runs of the same asset partition (a double click on Materialize, a retry racing a manual
 run, more GPU slots than one) would otherwise write the same folder at once. The asset's body
-runs holding an exclusive lock on ``{data}/locks/{asset}[@{partition}].lock``; a second writer
-waits up to ``operations.lock_wait_s`` and then fails naming the holder. The kernel releases
+runs holding an exclusive lock on ``locks/{asset}[@{partition}].lock`` (``Layout.output_lock``);
+a second writer waits up to ``operations.lock_wait_s`` and then fails naming the holder. The kernel releases
 the lock when its process dies, so a killed run never leaves a stale lock behind.
 """
 
@@ -15,12 +15,13 @@ import functools
 import inspect
 import json
 import os
-import re
 import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from synth_xray_assets.layout import Layout
 
 POLL_S = 0.2
 
@@ -31,8 +32,7 @@ class OutputBusyError(RuntimeError):
 
 def lock_path(data_dir: str | Path, asset: str, partition: str | None = None) -> Path:
     """The lock file of one asset partition under the data folder."""
-    name = asset + (f"@{partition}" if partition else "")
-    return Path(data_dir) / "locks" / (re.sub(r"[^A-Za-z0-9_.@-]", "_", name) + ".lock")
+    return Layout(Path(data_dir)).output_lock(asset, partition)
 
 
 @contextlib.contextmanager
@@ -95,7 +95,7 @@ def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:
     def lock(context, kwargs: dict[str, Any]) -> contextlib.AbstractContextManager[float]:
         s = kwargs["settings"].get()
         partition = context.partition_key if context.has_partition_key else None
-        path = lock_path(s.data_dir, context.asset_key.to_user_string(), partition)
+        path = s.layout.output_lock(context.asset_key.to_user_string(), partition)
         return _logged(
             context, path, output_lock(path, s.operations.lock_wait_s, {"run_id": context.run.run_id})
         )

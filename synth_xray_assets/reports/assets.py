@@ -6,7 +6,6 @@ import json
 import dagster as dg
 from PIL import Image
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.operations.locks import one_writer
@@ -28,7 +27,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
     """
     c = s.classifier
     try:
-        current_version = StandardizedDataset.open(s.data_dir / "dataset").version
+        current_version = StandardizedDataset.open(s.layout.dataset).version
     except FileNotFoundError:
         current_version = None
     runs, missing, excluded = [], [], []
@@ -52,8 +51,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
 
 @dg.asset(
     deps=[dg.AssetDep("classifier_experiment", partition_mapping=dg.AllPartitionMapping())],
-    group_name="report",
-    automation_condition=automation_for("report"),
+    group_name="reports",
     kinds={"pandas", "matplotlib"},
     owners=OWNERS,
     code_version=REPORT_VERSION,
@@ -76,11 +74,11 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
         context.log.warning(f"{len(missing)} of {expected} runs missing: {', '.join(missing)}")
     if not runs:
         raise dg.Failure(
-            description=f"no finished classifier runs under {s.data_dir / 'classifier'}: "
+            description=f"no finished classifier runs under {s.layout.classifier_runs}: "
             "materialize classifier_experiment first",
             metadata={"missing": ", ".join(missing)},
         )
-    out = s.data_dir / "reports"
+    out = s.layout.reports
     # The whole folder at once: a kill leaves the previous report whole, never new text, old plots.
     with atomic_path(out) as tmp:
         report = build_report(
@@ -133,7 +131,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
 )
 def every_run_reported(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    listed = json.loads((s.data_dir / "reports" / RUNS_FILE).read_text())
+    listed = json.loads((s.layout.reports / RUNS_FILE).read_text())
     not_in = listed["missing"] + [e["run"] for e in listed["excluded"]]
     return dg.AssetCheckResult(
         passed=not not_in,
@@ -142,4 +140,6 @@ def every_run_reported(settings: SettingsResource) -> dg.AssetCheckResult:
     )
 
 
-defs = dg.Definitions(assets=[study_report], asset_checks=[every_run_reported])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The reports domain's definitions (none depends on settings)."""
+    return dg.Definitions(assets=[study_report], asset_checks=[every_run_reported])
