@@ -13,6 +13,7 @@ import psutil
 import pytest
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import WorkerStatus
+from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._core.test_utils import create_run_for_test
 
 from synth_xray_assets import storage
@@ -34,6 +35,7 @@ def _started_run(instance: dg.DagsterInstance, pid: int, host: str | None = None
     run = create_run_for_test(
         instance,
         job_name="any_job",
+        status=DagsterRunStatus.STARTED,
         tags={HOST_TAG: host or socket.gethostname(), "dagster/grpc_info": '{"host": "localhost"}'},
     )
     instance.report_engine_event(
