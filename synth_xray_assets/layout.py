@@ -21,10 +21,12 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     classifier/cache/                      the classifier's resized image arrays
     classifier/{experiment}/seed-{seed}/   one classifier run
     reports/                               report.md, results.csv, figures, runs.json
+    locks/{asset}[@{partition}].lock       one writer per asset partition (operations/locks.py)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,3 +110,9 @@ class Layout:
     @property
     def reports(self) -> Path:
         return self.root / "reports"
+
+    # ------------------------------------------------------------------ operations
+    def output_lock(self, asset: str, partition: str | None = None) -> Path:
+        """The lock file of one asset partition's writer (file-name-safe)."""
+        name = asset + (f"@{partition}" if partition else "")
+        return self.root / "locks" / (re.sub(r"[^A-Za-z0-9_.@-]", "_", name) + ".lock")

@@ -287,6 +287,12 @@ class DeploymentSettings(_Section):
     executor: Literal["multiprocess", "k8s", "celery"] = "multiprocess"
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     celery: CelerySettings = Field(default_factory=CelerySettings)
+class OperationsSettings(_Section):
+    """Crash safety (issue 13): how long a second writer of one asset partition waits."""
+
+    # A second run of the same asset partition waits this long for the first one's lock, then
+    # fails naming it (the kernel frees the lock of a killed run).
+    lock_wait_s: float = 120.0
 
 
 # The study's published classifier results (fractions; ../shared/STUDY.md). "accuracy", "f1",
@@ -317,6 +323,7 @@ class Settings(_Section):
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
+    operations: OperationsSettings = Field(default_factory=OperationsSettings)
 
     @classmethod
     def for_profile(

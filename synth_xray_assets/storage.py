@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -22,19 +26,38 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from synth_xray_assets.operations.faults import fault_point
+
+# Temporaries are named for their writer (host and pid), so that only dead writers' are removed.
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())
+
+
+FULL_DISK_BYTES = 1 << 20  # less free than this after a failed write: the disk was full
+
+
+class DiskFullError(OSError):
+    """A write ran out of disk space; the earlier version of the output was left as it was."""
+
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, expected_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
 
-    Works for files and folders; an existing folder at ``path`` is replaced.
+    Works for files and folders; an existing folder at ``path`` is replaced. Until the rename,
+    ``path`` keeps its earlier version: a kill or a failed write (a full disk raises
+    ``DiskFullError`` saying how much space was needed and where) leaves it untouched.
+    Temporaries of killed writers are removed by the next write of the same path.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    _recover_replaced_folder(path)
+    _remove_dead_temporaries(path)
+    owner = f"{_HOST}-{os.getpid()}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{owner}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
+        fault_point("write", str(path))
         if path.is_dir() and not path.is_symlink():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -43,13 +66,85 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(target, path)
+    except Exception as exc:
+        if isinstance(exc, DiskFullError) or not _is_full_disk(exc, path.parent):
+            raise
+        raise _disk_full(path, tmp, expected_bytes) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _is_full_disk(exc: BaseException, folder: Path) -> bool:
+    """ENOSPC, a library's "No space left on device", or any failure with the disk full (torch's
+    writer reports a full disk as "unexpected pos")."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return True
+    if "no space left on device" in f"{exc} {exc.__cause__}".lower():
+        return True
+    return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+
+
+def _disk_full(path: Path, tmp: Path, expected_bytes: int | None) -> DiskFullError:
+    written = _tree_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(path.parent).free
+    needed = (
+        f"{_mib(expected_bytes)} needed"
+        if expected_bytes is not None
+        else f"more than the {_mib(written)} written before the disk filled"
+    )
+    return DiskFullError(
+        errno.ENOSPC,
+        f"no space left on device writing {path}: {needed}, {_mib(free)} free in {path.parent} "
+        f"(after removing the partial write). The earlier version of {path.name}, if any, is intact; "
+        "free space there (or point the data folder elsewhere) and run again",
+        str(path),
+    )
+
+
+def _tree_bytes(root: Path) -> int:
+    if root.is_file():
+        return root.stat().st_size
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB ({n} bytes)"
+
+
+def _recover_replaced_folder(path: Path) -> None:
+    """A kill between moving the old folder aside and renaming the new one in left only ``.old``."""
+    old = path.with_name(f".{path.name}.old")
+    if old.is_dir() and not path.exists():
+        old.rename(path)
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Remove ``.{name}.{host}-{pid}.*.tmp`` beside ``path`` left by this host's dead writers."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}-(\d+)\.[a-z0-9_]{{8}}\.tmp")
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        match = pattern.fullmatch(tmp.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to ``path`` atomically (flushed to disk before the rename)."""
+    with atomic_path(path, expected_bytes=len(data)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     return Path(path)
 
 

@@ -7,6 +7,7 @@ from PIL import Image
 
 from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
 from synth_xray_assets.classifier.stats import METRICS
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import experiment_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -51,6 +52,7 @@ FINITE_CHECK = "metrics_are_finite"
         "test probabilities and curves under data/classifier/{experiment}/seed-{seed}/."
     ),
 )
+@one_writer
 def classifier_experiment(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

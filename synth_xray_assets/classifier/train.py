@@ -44,6 +44,7 @@ from synth_xray_assets.classifier.step import (
     use_channels_last,
 )
 from synth_xray_assets.hardware import loader_workers, require_free_space
+from synth_xray_assets.operations.faults import fault_point
 from synth_xray_assets.settings import ClassifierSettings
 
 SELECTION_LABELS = {
@@ -289,6 +290,7 @@ def _train_epochs(
         parts.scheduler.step()
         key = _evaluate_epoch(parts.model, data, settings, parts.device, record)
         progress.history.append(record)
+        fault_point("classifier.epoch", str(epoch + 1))
         progress.epoch = epoch + 1
         if _better(key, progress.best_key):
             progress.best_key, progress.best_epoch = key, epoch + 1

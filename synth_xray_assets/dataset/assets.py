@@ -19,6 +19,7 @@ from synth_xray_assets.dataset.store import (
     train_test_duplicates,
 )
 from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import image_grid, png_markdown
@@ -63,6 +64,7 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
         "data/dataset/ with a manifest; the data version is a content hash."
     ),
 )
+@one_writer
 def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsResource) -> dg.MaterializeResult:
     s = settings.get()
     resolved = resolve_source(s)

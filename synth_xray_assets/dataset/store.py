@@ -157,6 +157,10 @@ def build_standardized_dataset(
     skipped_df = pd.DataFrame(skipped, columns=["split", "source_id", "reason"])
     version = data_version(manifest, settings)
     shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
+    if _complete_with_version(out_dir, version, arrays):
+        # The same content is already there, complete: rewriting it would only make the folder read
+        # as incomplete meanwhile to other runs' readers (a double click, a retry beside a run).
+        return BuildReport(version, manifest, skipped_df, reused=reused, decoded=decoded)
     # Until the new version.json is written last, the folder reads as incomplete, never as the old
     # version with new arrays.
     (out_dir / "version.json").unlink(missing_ok=True)
@@ -215,6 +219,17 @@ def train_test_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=columns)
     shared = split_files.dropna(subset=["train", "test"]).reset_index()
     return shared[columns].sort_values("sha256").reset_index(drop=True)
+
+
+def _complete_with_version(out_dir: Path, version: str, splits: Iterable[str]) -> bool:
+    """Whether ``out_dir`` already holds this exact version, every file of it written."""
+    try:
+        recorded = json.loads((out_dir / "version.json").read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return False
+    files = [out_dir / "manifest.parquet", out_dir / "skipped.csv"]
+    files += [out_dir / "arrays" / f"{split}.npy" for split in splits]
+    return recorded == version and all(f.is_file() for f in files)
 
 
 def _save_png_with_origin(result: StandardizeResult, path: Path) -> None:

@@ -28,6 +28,7 @@ from synth_xray_assets.dreambooth.training import (
     train_dreambooth,
 )
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -51,6 +52,7 @@ RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training 
         "briefly pre-trained on the demo images. Standard diffusers layout."
     ),
 )
+@one_writer
 def base_model(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -127,6 +129,7 @@ def base_model(
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )
+@one_writer
 def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -188,6 +191,7 @@ def _dtype(device: str):
         "dreambooth.checkpointing_steps, and a re-run resumes from the latest one."
     ),
 )
+@one_writer
 def dreambooth_checkpoint(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

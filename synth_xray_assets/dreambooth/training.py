@@ -52,6 +52,7 @@ from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
 )
 from synth_xray_assets.dreambooth.presets import BITSANDBYTES_HINT, require_bitsandbytes
 from synth_xray_assets.hardware import GIB, require_free_space
+from synth_xray_assets.operations.faults import fault_point
 from synth_xray_assets.settings import DreamBoothSettings
 
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -455,6 +456,7 @@ def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
     while global_step < optim.total_steps:
         metrics = _train_step(models, data, optim, settings, global_step)
         global_step += 1
+        fault_point("dreambooth.step", str(global_step))
         steps_run.append(global_step)
         for key, name in (
             ("losses", "loss"),

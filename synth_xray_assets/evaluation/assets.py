@@ -31,6 +31,7 @@ from synth_xray_assets.evaluation.memorization import (
     real_baseline,
 )
 from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -108,6 +109,7 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
         "under data/evaluation/cxr_feature_extractor/; works offline."
     ),
 )
+@one_writer
 def cxr_feature_extractor(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -197,6 +199,7 @@ FID_CHECKS = [
         "same way. Reference features are cached per dataset version and feature space."
     ),
 )
+@one_writer
 def fid_scores(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -350,6 +353,7 @@ def _scores_frame(results: dict) -> pd.DataFrame:
         "baseline. Table under data/evaluation/memorization/."
     ),
 )
+@one_writer
 def memorization(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -1,5 +1,6 @@
 """Dagster wiring of the study report: ``study_report`` and its check."""
 
+import dataclasses
 import json
 
 import dagster as dg
@@ -7,10 +8,11 @@ from PIL import Image
 
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.reports.report import build_report, main_table_md
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
-from synth_xray_assets.storage import png_markdown, write_json_atomic
+from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atomic
 
 OWNERS = ["team:synth-xray"]
 REPORT_VERSION = "report-v1"
@@ -61,6 +63,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
         "exist and lists the missing ones. data/reports/report.md, results.csv and PNGs."
     ),
 )
+@one_writer
 def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) -> dg.MaterializeResult:
     s = settings.get()
     runs, missing, excluded = collect_runs(s)
@@ -76,22 +79,30 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             metadata={"missing": ", ".join(missing)},
         )
     out = s.layout.reports
-    report = build_report(
-        runs,
-        PUBLISHED_RESULTS,
-        out,
-        n_boot=s.classifier.bootstrap_samples,
-        expected=expected,
-        missing=missing,
-        excluded=excluded,
-    )
-    write_json_atomic(
-        out / RUNS_FILE,
-        {
-            "reported": [f"{r['experiment']}/seed-{r['seed']}" for r in runs],
-            "missing": missing,
-            "excluded": [{"run": n, "reason": w} for n, w in excluded],
-        },
+    # The whole folder at once: a kill leaves the previous report whole, never new text, old plots.
+    with atomic_path(out) as tmp:
+        report = build_report(
+            runs,
+            PUBLISHED_RESULTS,
+            tmp,
+            n_boot=s.classifier.bootstrap_samples,
+            expected=expected,
+            missing=missing,
+            excluded=excluded,
+        )
+        write_json_atomic(
+            tmp / RUNS_FILE,
+            {
+                "reported": [f"{r['experiment']}/seed-{r['seed']}" for r in runs],
+                "missing": missing,
+                "excluded": [{"run": n, "reason": w} for n, w in excluded],
+            },
+        )
+    report = dataclasses.replace(
+        report,
+        report_path=out / report.report_path.name,
+        table_path=out / report.table_path.name,
+        figure_paths={name: out / path.name for name, path in report.figure_paths.items()},
     )
     figures = {}
     for name, path in report.figure_paths.items():

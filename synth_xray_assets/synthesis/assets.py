@@ -10,6 +10,7 @@ from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -53,6 +54,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
         "missing images."
     ),
 )
+@one_writer
 def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
