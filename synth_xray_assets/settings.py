@@ -287,6 +287,8 @@ class DeploymentSettings(_Section):
     executor: Literal["multiprocess", "k8s", "celery"] = "multiprocess"
     kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
     celery: CelerySettings = Field(default_factory=CelerySettings)
+
+
 class OperationsSettings(_Section):
     """Crash safety (issue 13): how long a second writer of one asset partition waits."""
 
