@@ -93,3 +93,22 @@ def test_for_profile_reads_no_environment(monkeypatch, tmp_path, hostile_env):
     assert s.profile == "demo" and s.classifier.seeds == (0,) and s.automation.eager_through == "evaluation"
     with pytest.raises(ValueError, match="unknown profile"):
         Settings.for_profile("huge", tmp_path)
+
+
+def _upstream_nodes(job: dg.JobDefinition, node: str) -> set[str]:
+    ups = job.graph.dependency_structure.input_to_upstream_outputs_for_node(node)
+    return {o.node_name for outputs in ups.values() for o in outputs}
+
+
+@pytest.mark.parametrize("profile", ["demo", "full"])
+def test_jobs_order_base_model_after_the_dataset_only_when_it_trains_on_it(tmp_path, profile):
+    """The demo's tiny base model reads the standardized dataset: prepare_job must run it after the
+    dataset (an op input, not only an edge in the asset graph); SD 2.1 does not depend on it."""
+    defs = build_defs(Settings.for_profile(profile, tmp_path))
+    upstream = _upstream_nodes(defs.resolve_job_def("prepare_job"), "base_model")
+    graph_parents = defs.resolve_asset_graph().get(dg.AssetKey("base_model")).parent_keys
+    if profile == "demo":
+        assert "chest_xray_dataset" in upstream
+        assert dg.AssetKey("chest_xray_dataset") in graph_parents
+    else:
+        assert upstream == set() and graph_parents == set()

@@ -38,7 +38,8 @@ OWNERS = ["team:synth-xray"]
 RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint
 
 
-@dg.asset(
+# base_model's decorator arguments; its dependency on the dataset is chosen by build_defs.
+_BASE_MODEL_ASSET = dict(
     group_name="dreambooth",
     kinds={"pytorch", "huggingface", "diffusers"},
     owners=OWNERS,
@@ -52,8 +53,10 @@ RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training 
         "briefly pre-trained on the demo images. Standard diffusers layout."
     ),
 )
+
+
 @one_writer
-def base_model(
+def _base_model_body(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
@@ -112,6 +115,16 @@ def base_model(
         },
         data_version=dg.DataVersion(version),
     )
+
+
+def base_model_asset(depends_on_dataset: bool) -> dg.AssetsDefinition:
+    """``base_model``; the demo's tiny model is pre-trained on the dataset's images, so it depends on
+    the dataset (an op input, so jobs order the two); SD 2.1 comes from the Hub and does not."""
+    deps = [chest_xray_dataset] if depends_on_dataset else []
+    return dg.asset(name="base_model", deps=deps, **_BASE_MODEL_ASSET)(_base_model_body)
+
+
+base_model = base_model_asset(depends_on_dataset=False)
 
 
 @dg.asset(
@@ -325,11 +338,7 @@ def check_checkpoint(s, key: str, device: str) -> dict:
 def build_defs(s: Settings) -> dg.Definitions:
     """The DreamBooth domain's definitions. The demo's tiny base model is pre-trained on the
     dataset's images (so it depends on it); SD 2.1 comes from the Hub."""
-    base = base_model
-    if s.base_model.tiny:
-        base = base_model.map_asset_specs(
-            lambda spec: spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(chest_xray_dataset)])
-        )
+    base = base_model_asset(depends_on_dataset=s.base_model.tiny)
     return dg.Definitions(
         assets=[base, prior_class_images, dreambooth_checkpoint], asset_checks=[checkpoint_loads]
     )
