@@ -457,7 +457,13 @@ def load_settings() -> Settings:
     """The settings the environment asks for (see the module docstring); the one reader of it."""
     choice = _Choice()
     base = PROFILE_CLASSES[choice.profile]
-    config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True)
+    config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="ignore",
+        frozen=True,
+        env_parse_none_str="null",  # settings_environment writes None as JSON null
+    )
     environment_class = type(
         f"{base.__name__}FromEnvironment", (BaseSettings, base), {"model_config": config}
     )

@@ -180,6 +180,8 @@ def test_settings_environment_gives_back_the_settings(tmp_path, monkeypatch):
         tiny_settings(tmp_path / "data", **changed),
         Settings.for_profile("full", tmp_path / "full", {"classifier": {"seeds": (3, 4)}}),
         Settings.for_profile("demo"),
+        # a setting changed to None travels as JSON null and comes back as None
+        Settings.for_profile("demo", tmp_path / "none", {"generation": {"study_train_size": None}}),
     ):
         env = settings_environment(s)
         assert all(name.startswith("SYNTH_XRAY_") for name in env)
