@@ -123,6 +123,11 @@ class DreamBoothSettings(_Section):
     keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
     sample_images: int = 8  # for the UI grid
     sample_steps: int = 25
+    # Which generators exist (issue 10). "study": one per class, fine-tuned on real train minus the
+    # classifiers' validation split. "matched": also one per class and limited real fraction of
+    # classifier.experiments (0 < fraction < 1), fine-tuned on exactly that fixed real subset, whose
+    # images feed that fraction's experiments (partition keys "normal-r10", "pneumonia-r25", ...).
+    generators: Literal["study", "matched"] = "study"
 
 
 class GenerationSettings(_Section):
@@ -132,7 +137,8 @@ class GenerationSettings(_Section):
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     batch_size: int = 8
-    seed_offset: int = 0  # image i uses seed seed_offset + i
+    seed_offset: int = 0  # image i of set "name" uses seed seed_offset + crc32(name) * seed_stream_stride + i
+    seed_stream_stride: int = 2**20  # each set (normal, pneumonia, prior, ...) its own seed stream
 
 
 class EvaluationSettings(_Section):
@@ -164,6 +170,13 @@ class EvaluationSettings(_Section):
     # (nearest neighbours, 64 px) is 0.90-0.96, and raw cosine of ReLU features within ~0.002.
     memorization_centered: bool = True
     memorization_pairs_shown: int = 8  # closest pairs in the side-by-side picture
+    # Issue 10: FID also against held-out real images (the classifiers' validation split, never seen
+    # by a generator), with the real-vs-real floor: two disjoint real sets of the reference's size.
+    floor_seed: int = 7
+    # Class fidelity: share of a class's synthetic images the real-trained feature extractor assigns
+    # to that class; the check warns below this share.
+    class_fidelity_threshold: float = 0.8
+    class_fidelity_bootstrap: int = 2000
 
 
 class ClassifierSettings(_Section):
@@ -199,6 +212,19 @@ class ClassifierSettings(_Section):
         "limited-25": (0.25, 2400),
         "synth-only": (0.0, 2400),
     }
+    # Issue 10: real-only balance controls: control -> the mix whose class shares it copies, on the
+    # baseline's real images, by oversampling (seeded duplicates of the under-represented class).
+    balance_controls: dict[str, str] = {
+        "balance-synth-25": "synth-25",
+        "balance-synth-50": "synth-50",
+        "balance-synth-100": "synth-100",
+    }
+    hierarchical_bootstrap: bool = True  # resample seeds, then test images (one seed: images only)
+    ci_level: float = 0.95
+
+    def all_experiments(self) -> list[str]:
+        """The study's experiments, then the balance controls (the classifier partitions)."""
+        return list(self.experiments) + [c for c in self.balance_controls if c not in self.experiments]
 
 
 class AutomationSettings(_Section):
@@ -336,4 +362,4 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 # Dict-valued settings that an override replaces whole rather than merges into.
-_REPLACED_WHOLE = {"split_counts", "experiments", "instance_prompts"}
+_REPLACED_WHOLE = {"split_counts", "experiments", "instance_prompts", "balance_controls"}

@@ -16,12 +16,10 @@ from synth_xray_assets.classifier import assets as classifier_assets
 from synth_xray_assets.classifier.data import (
     EpochBatchSampler,
     augment_batch,
-    class_count,
     compose_experiment,
     load_experiment_data,
     normalize_batch,
     prepare_images,
-    stratified_split,
 )
 from synth_xray_assets.classifier.experiment import RUN_FILE, load_run, run_dir
 from synth_xray_assets.classifier.model import build_densenet121, load_classifier
@@ -35,6 +33,7 @@ from synth_xray_assets.classifier.stats import (
 )
 from synth_xray_assets.classifier.train import STATE_FILE, predict_proba, train_classifier
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.dataset.splits import class_count, stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import ClassifierSettings, Settings
@@ -207,6 +206,40 @@ def test_every_experiment_composition_from_the_stores(tiny):
     assert len(set(vals)) == 1  # one validation split for every experiment and seed
     # the prepared arrays are cached per dataset version
     assert any((tiny.data_dir / "classifier" / "cache").glob(f"real-{ds.version}-36-32/train.npy"))
+
+
+def test_balance_control_has_the_mix_class_shares_from_real_images_only(tiny):
+    quiet = lambda m: None  # noqa: E731
+    base = load_experiment_data(tiny, "baseline", 0, log=quiet)
+    for mix_name in ("synth-50", "synth-100"):
+        mix = load_experiment_data(tiny, mix_name, 0, log=quiet)
+        ctl = load_experiment_data(tiny, f"balance-{mix_name}", 0, log=quiet)
+        m, c = mix.counts(), ctl.counts()
+        mix_share = (m["train_real_normal"] + m["train_synthetic_normal"]) / len(mix.train_y)
+        assert abs(ctl.normal_share() - mix_share) <= 1 / len(ctl.train_y), mix_name
+        assert ctl.normal_share() > base.normal_share()  # the mixes add NORMAL share; so does the control
+        assert c["train_synthetic_normal"] == c["train_synthetic_pneumonia"] == 0  # real images only
+        assert c["train_real_copy_normal"] > 0 and c["train_real_copy_pneumonia"] == 0
+        comp, base_comp = ctl.composition, base.composition
+        originals = comp[(comp.role == "train") & (comp.source == "real")]
+        assert set(originals.image_id) == set(
+            base_comp[(base_comp.role == "train") & (base_comp.source == "real")].image_id
+        )
+        copies = comp[comp.source == "real_copy"]
+        assert set(copies.image_id) <= set(originals[originals.label == 0].image_id)
+        assert ctl.target_normal_share == pytest.approx(mix_share)
+
+
+def test_study_protocol_trains_on_all_real_train_without_validation(tiny):
+    study = tiny.model_copy(update={"classifier": tiny.classifier.model_copy(update={"selection": "test"})})
+    d = load_experiment_data(study, "baseline", 0, log=lambda m: None)
+    c = d.counts()
+    ds = StandardizedDataset.open(tiny.data_dir / "dataset")
+    assert (c["train_real_normal"], c["train_real_pneumonia"]) == (20, 40)  # every real training image
+    assert c["val_real_normal"] == c["val_real_pneumonia"] == 0
+    assert d.split.unit == "none" and "no validation split" in d.split.describe()
+    assert set(d.composition[d.composition.role == "train"].image_id) == set(ds.rows("train").sha256)
+    assert np.array_equal(d.val_y, d.test_y)  # the test set stands in for validation, as in the study
 
 
 def test_synthetic_images_are_resized_like_real_ones():

@@ -12,6 +12,7 @@ import numpy as np
 
 from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.assets import chest_xray_dataset
+from synth_xray_assets.dataset.splits import generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth import store
 from synth_xray_assets.dreambooth.base_model import fetch_base_model, load_pipeline
@@ -21,7 +22,7 @@ from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
-from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
 from synth_xray_assets.synthesis.generate import generate_set, sample_images, use_dpm_solver
@@ -193,16 +194,20 @@ def dreambooth_checkpoint(
     key = context.partition_key
     label = class_label(key)
     dataset = StandardizedDataset.open(s.data_dir / "dataset")
-    instance_images = dataset.images("train", label)
+    # Real train less the classifiers' validation split (or, matched, the limited subset).
+    positions, split = generator_positions(s, dataset.rows("train"), key)
+    instance_images = dataset.images("train")[positions]
     if len(instance_images) == 0:
-        raise ValueError(f"no {s.dataset.class_names[label]} training images in {dataset.root}")
+        raise ValueError(
+            f"no {s.dataset.class_names[label]} training images for generator {key!r} in {dataset.root}"
+        )
     class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
     base_path = store.base_model_path(s.data_dir)
     device = compute.resolve_device()
     settings_used = db.model_copy(
         update={"mixed_precision": compute.precision_for(device, db.mixed_precision)}
     )
-    prompt = db.instance_prompts[key]
+    prompt = db.instance_prompts[class_key_of(key)]
     out = store.checkpoint_dir(s.data_dir, key)
     context.log.info(
         f"{key}: {len(instance_images)} instance images, {num_train_steps(len(instance_images), db)} steps, "
@@ -239,6 +244,16 @@ def dreambooth_checkpoint(
             "method": db.method,
             "instance_prompt": prompt,
             "num_instance_images": len(instance_images),
+            "instance_images": (
+                f"{len(instance_images)} real {s.dataset.class_names[label]} training images: "
+                + (
+                    "real train less the classifiers' validation split"
+                    if key == class_key_of(key)
+                    else f"the fixed real subset of generator {key} (matched generators)"
+                )
+                + f"; validation split {split.describe()}"
+            ),
+            "generators": s.dreambooth.generators,
             "num_class_images": 0 if class_images is None else len(class_images),
             "steps": result.global_step,
             "epochs": result.epochs,
@@ -290,7 +305,7 @@ def check_checkpoint(s, key: str, device: str) -> dict:
 
         with torch.no_grad():
             img = pipe(
-                s.dreambooth.instance_prompts[key],
+                s.dreambooth.instance_prompts[class_key_of(key)],
                 num_inference_steps=s.dreambooth.sample_steps,
                 guidance_scale=s.generation.guidance_scale,
                 height=s.dreambooth.resolution,

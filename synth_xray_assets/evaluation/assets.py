@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from synth_xray_assets.automation import automation_for
-from synth_xray_assets.classifier.data import stratified_split
+from synth_xray_assets.dataset.splits import validation_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import prior_dir, prior_images
 from synth_xray_assets.evaluation.extractor import (
@@ -118,7 +118,8 @@ def cxr_feature_extractor(
     # The epoch is chosen on the classifier experiments' validation split, carved from real train
     # (the dataset's own validation split is 16 images in the Hub dataset).
     images, labels = ds.images("train"), ds.labels("train")
-    keep, val = stratified_split(labels, s.classifier.val_fraction, s.classifier.split_seed)
+    split = validation_split(ds.rows("train"), s.classifier.val_fraction, s.classifier.split_seed)
+    keep, val = split.keep, split.val
     info = train_cxr_feature_extractor(
         (images[keep], labels[keep]),
         (images[val], labels[val]),
@@ -141,6 +142,7 @@ def cxr_feature_extractor(
                 f"dataset version {ds.version}"
             ),
             "dataset_version": ds.version,
+            "validation_split": split.describe(),
             "validation_accuracy": dg.MetadataValue.float(float(info["validation_accuracy"])),
             "test_accuracy": dg.MetadataValue.float(float(info["test_accuracy"])),
             "test_auc": dg.MetadataValue.float(_finite_or_nan(info["test_auc"])),

@@ -8,7 +8,7 @@ from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.dreambooth.training import load_trained_pipeline
-from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
 from synth_xray_assets.synthesis.generate import generate_set
@@ -56,7 +56,7 @@ def synthetic_images(
     version = _checkpoint_version(s.data_dir, key)
     device = compute.resolve_device()
     base = models.base_model_path(s.data_dir)
-    prompt = s.dreambooth.instance_prompts[key]
+    prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
     report = generate_set(
         lambda: load_trained_pipeline(ckpt, base, device),
