@@ -176,7 +176,7 @@ class EvaluationSettings(_Section):
     # Class fidelity: share of a class's synthetic images the real-trained feature extractor assigns
     # to that class; the check warns below this share.
     class_fidelity_threshold: float = 0.8
-    class_fidelity_bootstrap: int = 2000
+    class_fidelity_level: float = 0.95  # Wilson score interval of the share
 
 
 class ClassifierSettings(_Section):

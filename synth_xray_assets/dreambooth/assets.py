@@ -25,7 +25,12 @@ from synth_xray_assets.dreambooth.training import (
 from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
-from synth_xray_assets.synthesis.generate import generate_set, sample_images, use_dpm_solver
+from synth_xray_assets.synthesis.generate import (
+    generate_set,
+    sample_images,
+    seed_stream_offset,
+    use_dpm_solver,
+)
 from synth_xray_assets.synthesis.store import manifest_version
 
 OWNERS = ["team:synth-xray"]
@@ -144,6 +149,7 @@ def prior_class_images(
         guidance_scale=db.class_image_guidance,
         resolution=db.resolution,
         batch_size=db.class_image_batch_size,
+        seed_offset=seed_stream_offset(s.generation, "prior"),
         extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
     )

@@ -11,7 +11,7 @@ from synth_xray_assets.dreambooth.training import load_trained_pipeline
 from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import image_grid, png_markdown
-from synth_xray_assets.synthesis.generate import generate_set
+from synth_xray_assets.synthesis.generate import generate_set, seed_stream_offset
 from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -58,6 +58,7 @@ def synthetic_images(
     base = models.base_model_path(s.data_dir)
     prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
+    first_seed = seed_stream_offset(g, key)  # this set's own seed stream
     report = generate_set(
         lambda: load_trained_pipeline(ckpt, base, device),
         out,
@@ -67,7 +68,7 @@ def synthetic_images(
         guidance_scale=g.guidance_scale,
         resolution=s.dreambooth.resolution,
         batch_size=g.batch_size,
-        seed_offset=g.seed_offset,
+        seed_offset=first_seed,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
@@ -79,7 +80,7 @@ def synthetic_images(
             "kept_from_earlier_runs": report.reused,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{g.seed_offset}..{g.seed_offset + g.images_per_class - 1}",
+            "seeds": f"{first_seed}..{first_seed + g.images_per_class - 1} (this set's own stream)",
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
