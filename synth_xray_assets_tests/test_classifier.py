@@ -463,6 +463,9 @@ def test_classifier_experiment_asset_end_to_end(tiny):
     assert md["training_curves"].value.startswith("![")
     assert "| NORMAL |" in md["confusion_matrix (rows true, columns predicted)"].value
     assert "| train, synthetic | 4 | 4 |" in md["composition"].value
+    assert md["validation_split"].value.startswith("per image (the file names carry no patient)")
+    assert md["generators"].value == "study: {'normal': 'normal', 'pneumonia': 'pneumonia'}"
+    assert md["balance_control"].value == "no" and md["normal_share"].value == pytest.approx(20 / 56)
     folder = run_dir(tiny.data_dir, "synth-50", 0)
     assert (
         Path(md["checkpoint"].value) == folder / "best.safetensors" and (folder / "last.safetensors").exists()
