@@ -33,7 +33,7 @@ from synth_xray_assets.classifier.stats import (
 )
 from synth_xray_assets.classifier.train import STATE_FILE, predict_proba, train_classifier
 from synth_xray_assets.dataset import assets as dataset_assets
-from synth_xray_assets.dataset.splits import class_count, stratified_split
+from synth_xray_assets.dataset.splits import class_count, generator_positions, stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import ClassifierSettings, Settings
@@ -80,9 +80,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def write_fake_synthetic(data_dir: Path, class_key: str, images: np.ndarray) -> Path:
+def write_fake_synthetic(data_dir: Path, class_key: str, images: np.ndarray, generator: str = "") -> Path:
     """PNGs + manifest.parquet in the ``SyntheticImages`` layout (what ``synthetic_images`` writes)."""
-    root = synthetic_dir(data_dir, class_key)
+    root = synthetic_dir(data_dir, generator or class_key)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, img in enumerate(images):
@@ -240,6 +240,42 @@ def test_study_protocol_trains_on_all_real_train_without_validation(tiny):
     assert d.split.unit == "none" and "no validation split" in d.split.describe()
     assert set(d.composition[d.composition.role == "train"].image_id) == set(ds.rows("train").sha256)
     assert np.array_equal(d.val_y, d.test_y)  # the test set stands in for validation, as in the study
+
+
+def test_matched_generators_fix_the_limited_subset_and_supply_its_synthetic_images(tiny):
+    matched = tiny.model_copy(
+        update={"dreambooth": tiny.dreambooth.model_copy(update={"generators": "matched"})}
+    )
+    rng = np.random.default_rng(5)
+    for key in ("normal", "pneumonia"):
+        fake = rng.integers(10, 250, (SYNTH_PER_CLASS, 64, 64), dtype=np.uint8)
+        write_fake_synthetic(tiny.data_dir, key, fake, generator=f"{key}-r10")
+    ds = StandardizedDataset.open(tiny.data_dir / "dataset")
+    rows = ds.rows("train")
+    subsets = []
+    for seed in (0, 1):
+        d = load_experiment_data(matched, "limited-10", seed, log=lambda m: None)
+        comp = d.composition
+        assert d.generators == {"normal": "normal-r10", "pneumonia": "pneumonia-r10"}
+        assert set(comp[comp.source == "synthetic"].image_id.str.split("/").str[1]) == {
+            "normal-r10",
+            "pneumonia-r10",
+        }
+        real = comp[(comp.role == "train") & (comp.source == "real")]
+        subsets.append(set(real.image_id))
+        # exactly the images the matched generators are fine-tuned on
+        for label, key in enumerate(("normal", "pneumonia")):
+            positions, _ = generator_positions(matched, rows, f"{key}-r10")
+            assert set(rows.sha256.to_numpy()[positions]) == set(real[real.label == label].image_id)
+    assert subsets[0] == subsets[1]  # fixed across seeds
+    # the study arrangement draws the subset anew for each seed, from the full generators
+    study = [load_experiment_data(tiny, "limited-25", seed, log=lambda m: None) for seed in (0, 1)]
+    assert study[0].generators == {"normal": "normal", "pneumonia": "pneumonia"}
+    sets = [
+        set(d.composition[(d.composition.role == "train") & (d.composition.source == "real")].image_id)
+        for d in study
+    ]
+    assert sets[0] != sets[1]
 
 
 def test_synthetic_images_are_resized_like_real_ones():
