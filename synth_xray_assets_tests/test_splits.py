@@ -160,3 +160,66 @@ def test_dreambooth_images_exclude_validation_and_matched_equal_the_limited_subs
             chosen = split.keep[real]
             assert np.array_equal(matched, chosen[labels[chosen] == label])
         assert 0 < len(matched) < len(full)
+
+
+def _kermany_image_folder(root: Path) -> Path:
+    """An image folder whose file names carry the patient, as Kermany's do (2 images per patient)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    names = {
+        "NORMAL": [f"IM-{p:04d}-{k:04d}.jpeg" for p in range(1, 7) for k in (1, 2)],
+        "PNEUMONIA": [f"person{p}_bacteria_{p * 3 + k}.jpeg" for p in range(1, 7) for k in (1, 2)],
+    }
+    for split, keep in (("train", None), ("validation", 2), ("test", 2)):
+        for cls, files in names.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for name in files[:keep]:
+                pixels = rng.integers(0, 255, (40, 48), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / (name if split == "train" else f"{split}-{name}"))
+    return root
+
+
+def test_dataset_asset_keeps_file_names_and_reports_the_patient_split(tmp_path):
+    import json
+
+    import dagster as dg
+
+    from synth_xray_assets.dataset.assets import chest_xray_dataset
+    from synth_xray_assets.dataset.store import StandardizedDataset
+    from synth_xray_assets.resources import SettingsResource
+
+    source = _kermany_image_folder(tmp_path / "source")
+    overrides = {
+        "dataset": {"source": str(source), "resolution": 32, "workers": 1},
+        "classifier": {"val_fraction": 0.25},
+    }
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [chest_xray_dataset],
+            instance=instance,
+            resources={
+                "settings": SettingsResource(
+                    data_dir=str(tmp_path / "data"), overrides_json=json.dumps(overrides)
+                )
+            },
+        )
+    assert result.success
+    rows = StandardizedDataset.open(tmp_path / "data" / "dataset").rows("train")
+    assert {patient_id(s.split(":", 1)[1]) for s in rows.source_id} >= {"IM-0001", "person6"}
+    md = result.asset_materializations_for_node("chest_xray_dataset")[0].metadata
+    # 25% of 12 images per class is 3; whole patients of 2 images give 2 per class (one patient each)
+    assert md["validation_split"].value.startswith(
+        "by patient: 10 patients / 20 images train, 2 patients / 4"
+    )
+
+
+@pytest.mark.skipif(not MIRROR.is_dir(), reason=f"real mirror absent: {MIRROR}")
+def test_the_mirror_parquet_keeps_file_names_through_the_source_loader(tmp_path):
+    from synth_xray_assets.dataset.sources import iter_records, load_source, resolve_source
+
+    s = Settings.for_profile("demo", tmp_path, {"dataset": {"source": str(MIRROR)}})
+    dsd = load_source(resolve_source(s), s)
+    first = [r.source_id for _, r in zip(range(3), iter_records(dsd, "train", s.dataset.class_names))]
+    assert all(patient_id(file_name) for file_name in (sid.split(":", 1)[1] for sid in first)), first

@@ -13,6 +13,7 @@ from synth_xray_assets.dataset.sources import (
     resolve_source,
     source_fingerprint,
 )
+from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.dataset.store import (
     STANDARDIZE_VERSION,
     StandardizedDataset,
@@ -97,6 +98,8 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "num_images": len(m),
             "counts_by_split_and_class": dg.MetadataValue.md(markdown_table(counts, index=True)),
             "train_class_balance": dg.MetadataValue.json(balance),
+            # the classifiers' validation split (by patient where the file names carry one)
+            "validation_split": shared_validation_split(s, ds.rows("train")).describe(),
             "original_width_range": f"{int(m.orig_width.min())}-{int(m.orig_width.max())}" if len(m) else "-",
             "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}"
             if len(m)
