@@ -13,7 +13,7 @@ from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.storage import png_markdown
 
 OWNERS = ["team:synth-xray"]
-CLASSIFIER_VERSION = "classifier-v1"  # bump when training, composition or scoring changes
+CLASSIFIER_VERSION = "classifier-v2"  # bump when training, composition or scoring changes
 LEAKAGE_CHECK = "no_test_leakage"
 FINITE_CHECK = "metrics_are_finite"
 

@@ -124,7 +124,7 @@ def base_model(
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
-    code_version="prior-images-v1",
+    code_version="prior-images-v2",
     retry_policy=RETRY,
     description=(
         "Prior-preservation class images: what the base model makes of the class prompt ('a chest "
@@ -182,7 +182,7 @@ def _dtype(device: str):
     kinds={"pytorch", "diffusers", "accelerate"},
     owners=OWNERS,
     pool="gpu",
-    code_version="dreambooth-v1",
+    code_version="dreambooth-v2",
     retry_policy=RETRY,
     description=(
         "DreamBooth fine-tuning of the base model on one class's real training images (full "

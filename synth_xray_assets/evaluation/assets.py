@@ -181,7 +181,7 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
-    code_version="cxr-extractor-v1",
+    code_version="cxr-extractor-v2",
     description=(
         "The chest-X-ray feature space: a DenseNet-121 trained with the study's classifier recipe on "
         "the real training split only (epoch chosen on the validation split, no synthetic image seen), "
@@ -268,15 +268,18 @@ FID_CHECKS = [
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
-    code_version="fid-scores-v1",
+    code_version="fid-scores-v2",
     check_specs=FID_CHECKS,
     description=(
-        "FID, KID and precision/recall (Kynkaanniemi, k=3) of the class's synthetic images against ALL "
-        "real standardized training images of the class, with torch-fidelity, in two feature spaces: "
-        "Inception (inception-v3-compat, as the study's FID 61.88 / 64.08; recorded unavailable, with "
-        "the reason, where its weights cannot be had) and the chest-X-ray space of "
-        "cxr_feature_extractor. The untrained base model's images (prior_class_images) are scored the "
-        "same way. Reference features are cached per dataset version and feature space."
+        "FID, KID and precision/recall (Kynkaanniemi, k=3) of the generator's synthetic images, with "
+        "torch-fidelity, against two references: the generator's own real training images (which "
+        "rewards memorization) and held-out real images of its class (the classifiers' validation "
+        "split, never seen by a generator), beside the real-vs-real floor (as many other real images "
+        "against the held-out reference). Two feature spaces: Inception (inception-v3-compat, as the "
+        "study's FID 61.88 / 64.08; recorded unavailable, with the reason, where its weights cannot be "
+        "had) and the chest-X-ray space of cxr_feature_extractor. The untrained base model's images of "
+        "the same prompt, made with the same sampler settings (generation.*), are scored the same way. "
+        "Reference features are cached per reference images and feature space."
     ),
 )
 def fid_scores(

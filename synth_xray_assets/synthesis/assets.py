@@ -37,7 +37,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
-    code_version="synthetic-images-v1",
+    code_version="synthetic-images-v2",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
         "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep, 50 steps, "
