@@ -25,6 +25,7 @@ import argparse
 import atexit
 import io
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +37,15 @@ from PIL import Image
 from torch_fidelity import calculate_metrics
 
 from synth_xray_assets.classifier.model import build_densenet121, save_classifier
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "synth_xray_assets_tests"))
+from fixtures import write_random_inception_weights  # noqa: E402 (test fixtures shared with the tests)
+
 from synth_xray_assets.evaluation.features import (
     CXR_EXTRACTOR,
     GrayImageDataset,
     extract_features,
     get_feature_space,
-    write_random_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import score_sets
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings

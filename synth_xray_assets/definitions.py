@@ -1,17 +1,22 @@
-"""The one Dagster entry point: every domain's definitions, plus resources, jobs and automation.
+"""The one Dagster entry point, and the one place that reads the environment.
 
-Profile: ``SYNTH_XRAY_PROFILE=demo`` (default) or ``full``; see ``settings.py``. ``build_defs``
-makes the same definitions with other resources (the tests use it with tiny settings).
+``build_defs(settings)`` makes everything from the settings object it is given: each domain's
+assets (partitions, dependencies), the automation conditions and sensor, the schedules, jobs
+and resources. ``defs`` is ``build_defs(load_settings())``: ``SYNTH_XRAY_PROFILE=demo``
+(default) or ``full``, ``SYNTH_XRAY_DATA``, ``SYNTH_XRAY_<SECTION>__<FIELD>`` (see
+``settings.py``), and the Hugging Face token from ``HF_TOKEN`` through ``dg.EnvVar``.
 """
 
 import dagster as dg
 
+from synth_xray_assets.automation import automation_sensor, with_automation
 from synth_xray_assets.classifier import assets as classifier
 from synth_xray_assets.dataset import assets as dataset
 from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.reports import assets as reports
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings, load_settings
 from synth_xray_assets.synthesis import assets as synthesis
 
 DOMAINS = [dataset, dreambooth, synthesis, evaluation, classifier, reports]
@@ -47,32 +52,28 @@ PIPELINE_STAGES = ["observe_source_job", "prepare_job", "per_class_job", "classi
 
 
 def build_defs(
-    settings: SettingsResource | None = None, compute: ComputeResource | None = None
+    settings: Settings | SettingsResource,
+    compute: ComputeResource | None = None,
+    hf_token: str | dg.EnvVar | None = None,
 ) -> dg.Definitions:
-    settings = settings or SettingsResource.from_env()
-    s = settings.get()
-    merged = dg.Definitions.merge(*(d.defs for d in DOMAINS))
-    running = s.automation.running_by_default
-    automation_sensor = dg.AutomationConditionSensorDefinition(
-        "synth_xray_automation",
-        target=dg.AssetSelection.all(),
-        default_status=dg.DefaultSensorStatus.RUNNING if running else dg.DefaultSensorStatus.STOPPED,
-        minimum_interval_seconds=s.automation.sensor_interval_s,
-        description=(
-            "Evaluates the assets' automation conditions: when the dataset source's observed version "
-            f"changes, re-materializes the groups {', '.join(s.automation.eager_groups()) or '(none)'} "
-            "(settings automation.eager_through); the rest runs on request."
-        ),
-    )
-    return dg.Definitions.merge(
-        merged,
-        dg.Definitions(
-            resources={"settings": settings, "compute": compute or ComputeResource()},
-            jobs=JOBS,
-            schedules=[dataset.observe_source_schedule(s.dataset.observe_cron, running)],
-            sensors=[automation_sensor],
-        ),
+    """Every definition, made from ``settings`` alone (reads no environment)."""
+    resource = settings if isinstance(settings, SettingsResource) else SettingsResource.of(settings, hf_token)
+    s = resource.get()
+    domains = dg.Definitions.merge(*(d.build_defs(s) for d in DOMAINS))
+    return dg.Definitions(
+        assets=with_automation(domains.assets or [], s.automation),
+        asset_checks=domains.asset_checks,
+        schedules=domains.schedules,
+        jobs=[*(domains.jobs or []), *JOBS],
+        sensors=[automation_sensor(s.automation)],
+        resources={"settings": resource, "compute": compute or ComputeResource()},
     )
 
 
-defs = build_defs()
+def _hf_token() -> dg.EnvVar | None:
+    """``HF_TOKEN`` as a ``dg.EnvVar`` (resolved at run time, never logged), if it is set."""
+    token = dg.EnvVar("HF_TOKEN")
+    return token if token.get_value() else None
+
+
+defs = build_defs(load_settings(), hf_token=_hf_token())

@@ -5,27 +5,32 @@ import os
 
 import dagster as dg
 
-from synth_xray_assets.settings import DATA_DIR_ENV, PROFILE_ENV, Settings
+from synth_xray_assets.settings import Settings
 
 
 class SettingsResource(dg.ConfigurableResource):
     """The study settings of one profile (``demo`` or ``full``), with optional JSON overrides.
 
-    The profile comes from ``$SYNTH_XRAY_PROFILE`` (demo by default); every number lives in
-    ``synth_xray_assets.settings``. Overrides are deep-merged, e.g.
-    ``{"dreambooth": {"method": "lora"}}``.
+    ``definitions.py`` makes it from the settings it loaded (``SettingsResource.of``); every
+    number lives in ``synth_xray_assets.settings``. ``overrides_json`` is per-section run
+    config (the UI launchpad can change it per run), e.g. ``{"dreambooth": {"method": "lora"}}``.
+    ``hf_token`` is set with ``dg.EnvVar("HF_TOKEN")`` and never logged.
     """
 
     profile: str = "demo"
     data_dir: str = ""
     overrides_json: str = "{}"
+    hf_token: str | None = None
 
     @classmethod
-    def from_env(cls) -> "SettingsResource":
+    def of(cls, settings: Settings, hf_token: str | dg.EnvVar | None = None) -> "SettingsResource":
+        """The resource that hands out ``settings`` (its non-default values travel as overrides)."""
+        changed = settings.model_dump(mode="json", exclude_defaults=True, exclude={"profile", "data_dir"})
         return cls(
-            profile=os.environ.get(PROFILE_ENV, "demo"),
-            data_dir=os.environ.get(DATA_DIR_ENV, ""),
-            overrides_json=os.environ.get("SYNTH_XRAY_OVERRIDES", "{}"),
+            profile=settings.profile,
+            data_dir=str(settings.data_dir),
+            overrides_json=json.dumps(changed),
+            hf_token=hf_token,
         )
 
     def get(self) -> Settings:
@@ -35,15 +40,13 @@ class SettingsResource(dg.ConfigurableResource):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Which device the numerical work runs on, at which precision, with which seed.
+    """Which device the numerical work runs on.
 
-    ``device="auto"`` takes CUDA, then Apple's MPS, then the CPU. Mixed precision applies on
-    CUDA only; the CPU runs fp32.
+    ``device="auto"`` takes CUDA, then Apple's MPS, then the CPU. The precision is a setting of
+    the work (``dreambooth.mixed_precision``), applied on CUDA only; the CPU runs fp32.
     """
 
     device: str = "auto"
-    mixed_precision: str = "fp16"
-    seed: int = 42
     # Torch threads on the CPU. 0: half the cores (at least one), leaving the rest to data-loader
     # workers and Dagster; on a 2-core machine two threads beside busy workers run far slower
     # than one (OpenMP threads wait on each other when the cores are oversubscribed).
@@ -65,6 +68,6 @@ class ComputeResource(dg.ConfigurableResource):
             return "mps"
         return "cpu"
 
-    def precision_for(self, device: str, wanted: str | None = None) -> str:
-        """``wanted`` (or this resource's ``mixed_precision``) on CUDA; fp32 ("no") elsewhere."""
-        return (wanted or self.mixed_precision) if device.startswith("cuda") else "no"
+    def precision_for(self, device: str, wanted: str) -> str:
+        """``wanted`` on CUDA; fp32 ("no") elsewhere."""
+        return wanted if device.startswith("cuda") else "no"

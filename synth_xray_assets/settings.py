@@ -5,20 +5,29 @@ the **full** profile. The **demo** profile (the default) overrides sizes only, p
 few learning rates a tiny model trained for a few dozen steps needs, so that the same
 code runs end to end offline on a 2-core CPU.
 
+Profiles are typed objects: ``Settings`` is the full profile, ``DemoSettings`` the demo one
+(each demo section subclasses its full section and changes defaults only). Any setting can be
+overridden from the environment, read by pydantic-settings in ``load_settings`` only (called by
+``definitions.py``, the one entry point): ``SYNTH_XRAY_PROFILE`` picks the profile,
+``SYNTH_XRAY_DATA`` the data root, and ``SYNTH_XRAY_<SECTION>__<FIELD>`` any field, e.g.
+``SYNTH_XRAY_DREAMBOOTH__METHOD=lora`` or ``SYNTH_XRAY_CLASSIFIER__SEEDS='[0,1]'`` (JSON for
+lists and dicts; a dict given this way replaces the profile's whole dict).
+
 Plain pydantic: nothing here knows Dagster. The Dagster resource that hands these to
 assets lives in ``resources.py``.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROFILE_ENV = "SYNTH_XRAY_PROFILE"
-DATA_DIR_ENV = "SYNTH_XRAY_DATA"
+from synth_xray_assets.layout import Layout
+
+ENV_PREFIX = "SYNTH_XRAY_"  # SYNTH_XRAY_PROFILE, SYNTH_XRAY_DATA, SYNTH_XRAY_<SECTION>__<FIELD>
 PROFILES = ("demo", "full")
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
 # Partition keys of the per-class assets, in label order (0 = NORMAL, 1 = PNEUMONIA).
@@ -43,8 +52,6 @@ class DatasetSettings(_Section):
     mode: Literal["L", "RGB"] = "L"  # one consistent mode for every stored image
     max_image_pixels: int = 178_956_970  # PIL's decompression-bomb limit (2x its warning)
     workers: int = 2  # processes for standardization
-    # Hugging Face token, read from this environment variable only (never logged).
-    hf_token_env: str = "HF_TOKEN"
     observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
 
 
@@ -109,7 +116,8 @@ class DreamBoothSettings(_Section):
     num_train_epochs: int = 8
     max_train_steps: int | None = None  # None: derived from epochs (672 NORMAL, 1944 PNEUMONIA)
     train_text_encoder: bool = True
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"  # used on CUDA only; CPU runs fp32
+    # The one precision setting (ComputeResource has none): used on CUDA only; CPU runs fp32.
+    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     seed: int = 42
     checkpointing_steps: int = 500
     checkpoints_total_limit: int = 2
@@ -232,10 +240,11 @@ class AutomationSettings(_Section):
 
     # Asset groups in pipeline order; those up to ``eager_through`` re-materialize automatically
     # when an upstream version changes (AutomationCondition.eager), the rest only on request.
-    groups: tuple[str, ...] = ("dataset", "generation", "evaluation", "classification", "report")
-    eager_through: Literal["none", "dataset", "generation", "evaluation", "classification", "report"] = (
-        "evaluation"
-    )
+    # (group names are the domain folders' names).
+    groups: tuple[str, ...] = ("dataset", "dreambooth", "synthesis", "evaluation", "classifier", "reports")
+    eager_through: Literal[
+        "none", "dataset", "dreambooth", "synthesis", "evaluation", "classifier", "reports"
+    ] = "evaluation"
     # Whether the automation sensor and the source-observation schedule start switched on.
     running_by_default: bool = False
     sensor_interval_s: int = 60
@@ -261,7 +270,7 @@ PUBLISHED_RESULTS: dict[str, dict[str, float]] = {
 
 
 class Settings(_Section):
-    """The whole platform's settings; ``Settings.for_profile`` builds one."""
+    """The whole platform's settings: the full profile. ``Settings.for_profile`` builds one."""
 
     profile: Literal["demo", "full"] = "full"
     data_dir: Path = REPO_ROOT / "data"
@@ -277,21 +286,24 @@ class Settings(_Section):
     @classmethod
     def for_profile(
         cls,
-        profile: str | None = None,
+        profile: str = "demo",
         data_dir: str | Path | None = None,
         overrides: dict[str, Any] | None = None,
     ) -> Settings:
-        """The settings of ``profile`` (default: ``$SYNTH_XRAY_PROFILE`` or demo), with ``overrides``
-        deep-merged on top (``{"dreambooth": {"method": "lora"}}``)."""
-        profile = profile or os.environ.get(PROFILE_ENV, "demo")
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r} (from ${PROFILE_ENV}); choose one of {PROFILES}")
-        values: dict[str, Any] = {"profile": profile}
-        if profile == "demo":
-            values = _deep_merge(values, DEMO_OVERRIDES)
-        values["data_dir"] = Path(data_dir or os.environ.get(DATA_DIR_ENV) or REPO_ROOT / "data")
-        values = _deep_merge(values, overrides or {})
-        return cls.model_validate(values)
+        """The settings of ``profile`` with ``overrides`` per section on top
+        (``{"dreambooth": {"method": "lora"}}``; a dict-valued field is replaced whole).
+        Reads no environment: ``load_settings`` does that."""
+        if profile not in PROFILE_CLASSES:
+            raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
+        values: dict[str, Any] = {**(overrides or {}), "profile": profile}
+        if data_dir:
+            values["data_dir"] = Path(data_dir)
+        return PROFILE_CLASSES[profile].model_validate(values)
+
+    @property
+    def layout(self) -> Layout:
+        """Every folder and file under ``data_dir``."""
+        return Layout(self.data_dir)
 
     def section_json(self, name: str) -> dict[str, Any]:
         """One section as JSON-able data, for asset metadata."""
@@ -299,67 +311,104 @@ class Settings(_Section):
 
 
 # The demo profile: sizes only (and the learning rates that tiny, briefly trained models need).
-DEMO_OVERRIDES: dict[str, Any] = {
-    "dataset": {"source": "demo", "resolution": 64},
-    "phantoms": {
-        "split_counts": {"train": (64, 184), "validation": (8, 8), "test": (32, 48)},
-        "min_side": 80,
-        "max_side": 160,
-    },
-    "base_model": {
-        "tiny": True,
-        "tiny_vae_channels": (16, 32, 64, 64),  # 64 px -> 8x8 latents: SD's factor 8
-        "tiny_unet_channels": (32, 64),
-        "tiny_vae_steps": 60,
-        "tiny_unet_steps": 1000,
-    },
-    "dreambooth": {
-        "num_class_images": 16,
-        "class_image_steps": 10,
-        "resolution": 64,
-        "train_batch_size": 8,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 3e-4,
-        "lora_learning_rate": 1e-3,
-        "lr_warmup_steps": 5,
-        "num_train_epochs": 12,
-        "checkpointing_steps": 20,
-        "sample_steps": 15,
-    },
-    "generation": {"images_per_class": 32, "num_inference_steps": 15, "batch_size": 16},
-    "evaluation": {"batch_size": 32, "kid_subset_size": 16, "feature_resolution": 64, "feature_epochs": 5},
-    "classifier": {
-        # 32 px is DenseNet-121's smallest input (1 x 1 after its last pooling) and what lets all
-        # seven experiments train 5 epochs in about 2 minutes on 2 CPU cores.
-        "resolution": 32,
-        "resize": 36,
-        "batch_size": 32,
-        "epochs": 5,
-        "pretrained": "none",
-        "seeds": (0,),
-        "bootstrap_samples": 500,
-        "experiments": {
-            "baseline": (1.0, 0),
-            "synth-25": (1.0, 16),
-            "synth-50": (1.0, 32),
-            "synth-100": (1.0, 64),
-            "limited-10": (0.1, 64),
-            "limited-25": (0.25, 64),
-            "synth-only": (0.0, 64),
-        },
-    },
-}
+class DemoDatasetSettings(DatasetSettings):
+    source: str = "demo"
+    resolution: int = 64
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED_WHOLE:
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+class DemoPhantomSettings(PhantomSettings):
+    split_counts: dict[str, tuple[int, int]] = {"train": (64, 184), "validation": (8, 8), "test": (32, 48)}
+    min_side: int = 80
+    max_side: int = 160
 
 
-# Dict-valued settings that an override replaces whole rather than merges into.
-_REPLACED_WHOLE = {"split_counts", "experiments", "instance_prompts", "balance_controls"}
+class DemoBaseModelSettings(BaseModelSettings):
+    tiny: bool = True
+    tiny_vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # 64 px -> 8x8 latents: SD's factor 8
+    tiny_unet_channels: tuple[int, ...] = (32, 64)
+    tiny_vae_steps: int = 60
+    tiny_unet_steps: int = 1000
+
+
+class DemoDreamBoothSettings(DreamBoothSettings):
+    num_class_images: int = 16
+    class_image_steps: int = 10
+    resolution: int = 64
+    train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 3e-4
+    lora_learning_rate: float = 1e-3
+    lr_warmup_steps: int = 5
+    num_train_epochs: int = 12
+    checkpointing_steps: int = 20
+    sample_steps: int = 15
+
+
+class DemoGenerationSettings(GenerationSettings):
+    images_per_class: int = 32
+    num_inference_steps: int = 15
+    batch_size: int = 16
+
+
+class DemoEvaluationSettings(EvaluationSettings):
+    batch_size: int = 32
+    kid_subset_size: int = 16
+    feature_resolution: int = 64
+    feature_epochs: int = 5
+
+
+class DemoClassifierSettings(ClassifierSettings):
+    # 32 px is DenseNet-121's smallest input (1 x 1 after its last pooling) and what lets all
+    # seven experiments train 5 epochs in about 2 minutes on 2 CPU cores.
+    resolution: int = 32
+    resize: int = 36
+    batch_size: int = 32
+    epochs: int = 5
+    pretrained: Literal["imagenet", "none"] = "none"
+    seeds: tuple[int, ...] = (0,)
+    bootstrap_samples: int = 500
+    experiments: dict[str, tuple[float, int]] = {
+        "baseline": (1.0, 0),
+        "synth-25": (1.0, 16),
+        "synth-50": (1.0, 32),
+        "synth-100": (1.0, 64),
+        "limited-10": (0.1, 64),
+        "limited-25": (0.25, 64),
+        "synth-only": (0.0, 64),
+    }
+
+
+class DemoSettings(Settings):
+    """The demo profile: the same code offline on a 2-core CPU (phantoms, tiny models)."""
+
+    profile: Literal["demo", "full"] = "demo"
+    dataset: DemoDatasetSettings = Field(default_factory=DemoDatasetSettings)
+    phantoms: DemoPhantomSettings = Field(default_factory=DemoPhantomSettings)
+    base_model: DemoBaseModelSettings = Field(default_factory=DemoBaseModelSettings)
+    dreambooth: DemoDreamBoothSettings = Field(default_factory=DemoDreamBoothSettings)
+    generation: DemoGenerationSettings = Field(default_factory=DemoGenerationSettings)
+    evaluation: DemoEvaluationSettings = Field(default_factory=DemoEvaluationSettings)
+    classifier: DemoClassifierSettings = Field(default_factory=DemoClassifierSettings)
+
+
+PROFILE_CLASSES: dict[str, type[Settings]] = {"demo": DemoSettings, "full": Settings}
+
+
+class _Choice(BaseSettings):
+    """The two top-level environment variables: ``SYNTH_XRAY_PROFILE`` and ``SYNTH_XRAY_DATA``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+    profile: Literal["demo", "full"] = "demo"
+    data: Path | None = None
+
+
+def load_settings() -> Settings:
+    """The settings the environment asks for (see the module docstring); the one reader of it."""
+    choice = _Choice()
+    base = PROFILE_CLASSES[choice.profile]
+    config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="ignore", frozen=True)
+    environment_class = type(
+        f"{base.__name__}FromEnvironment", (BaseSettings, base), {"model_config": config}
+    )
+    values = environment_class(profile=choice.profile, **({"data_dir": choice.data} if choice.data else {}))
+    return base.model_validate(values.model_dump())

@@ -129,3 +129,14 @@ def markdown_table(frame: Any, index: bool = False) -> str:
         cells = ([str(idx)] if index else []) + [str(v) for v in row.tolist()]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def folder_version(
+    folder: str | Path, patterns: Sequence[str] = ("**/*.safetensors", "**/*config*.json", "model_index.json")
+) -> str:
+    """A content hash of a model folder's weights and configs (its data version)."""
+    folder = Path(folder)
+    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
+    if not files:
+        raise FileNotFoundError(f"no model files in {folder}")
+    return combined_hash([f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files])[:16]

@@ -477,9 +477,11 @@ def test_imagenet_weights_from_a_local_file(tmp_path):
 def test_classifier_experiment_asset_end_to_end(tiny):
     overrides = json.loads(json.dumps(TINY))
     overrides["classifier"]["num_workers"] = 2  # augmentation in worker processes, as in the profiles
+    # The asset as build_defs makes it: partitioned by these settings' experiments x seeds.
+    grid = classifier_assets.build_defs(Settings.for_profile("demo", tiny.data_dir, overrides)).assets
     with dg.instance_for_test() as instance:
         result = dg.materialize(
-            [classifier_assets.classifier_experiment],
+            list(grid),
             instance=instance,
             partition_key=dg.MultiPartitionKey({"experiment": "synth-50", "seed": "0"}),
             resources={

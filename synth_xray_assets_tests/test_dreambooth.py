@@ -8,7 +8,8 @@ import torch
 from conftest import tiny_settings
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-from synth_xray_assets.dreambooth.base_model import fetch_base_model, load_pipeline
+from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth.base_model import fetch_base_model
 from synth_xray_assets.dreambooth.tiny import build_tiny_tokenizer
 from synth_xray_assets.dreambooth.training import (
     LORA_WEIGHTS_NAME,

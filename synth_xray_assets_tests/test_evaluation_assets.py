@@ -141,6 +141,14 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     assert "disabled" in md["inception_unavailable"].value
     assert "fid_inception" not in md
     assert md["published_fid_inception"].value == 61.88
+    # The scores table: numbers typed as numbers (so the UI shows them in their cells).
+    scores = md["scores"]
+    assert isinstance(scores, dg.TableMetadataValue)
+    assert {c.name: c.type for c in scores.schema.columns}["fid"] == "float"
+    rows = {(r.data["space"], r.data["images"]): r.data for r in scores.records}
+    assert rows[("cxr", "synthetic")]["fid"] == pytest.approx(md["fid_cxr"].value)
+    assert rows[("cxr", "synthetic")]["n"] == N_SYNTHETIC
+    assert rows[("inception", "unavailable: " + md["inception_unavailable"].value)]["fid"] is None
     record = json.loads(Path(md["path"].value).read_text())
     assert record["spaces"]["inception"]["available"] is False
     assert record["spaces"]["cxr"]["scores"]["synthetic"]["n_images"] == N_SYNTHETIC
@@ -165,7 +173,9 @@ def test_memorization_warns_about_the_planted_copy(materialized):
     assert planted.near_copy and planted.nearest_real_index == 7 and planted.cosine_distance < 1e-4
     check = {c.check_name: c for c in downstream.get_asset_check_evaluations()}["no_memorized_images"]
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
-    assert "images/00002.png" in check.metadata["near_copies"].value
+    near = check.metadata["near_copies"]
+    assert isinstance(near, dg.TableMetadataValue)
+    assert "images/00002.png" in [r.data["synthetic_file"] for r in near.records]
 
 
 def test_a_missing_or_unreadable_synthetic_set_is_a_clear_error_naming_it(materialized):

@@ -6,6 +6,7 @@ and the caching and the fallbacks must behave. Sets are small: FID's cost here i
 eigen-decomposition of a 1024 x 1024 (Inception: 2048 x 2048) matrix per score.
 """
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import write_random_inception_weights
 from safetensors.torch import save_file
 from torch_fidelity import calculate_metrics
 
@@ -24,7 +26,7 @@ from synth_xray_assets.evaluation.features import (
     extract_features,
     get_feature_space,
     load_densenet_features,
-    write_random_inception_weights,
+    resolve_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import (
     cached_reference_features,
@@ -233,3 +235,25 @@ def test_inception_without_weights_or_network_is_unavailable_with_a_reason(real,
 
     result = score({"synthetic": real}, real, None, tmp_path, SETTINGS, "inception")  # download disabled
     assert result["available"] is False and "disabled" in result["reason"]
+
+
+def test_inception_download_checks_the_sha256_prefix_in_its_name(tmp_path, monkeypatch):
+    """torch hub's downloader fetches the file (here from a file:// URL) and checks the sha256
+    prefix the name carries; a file whose hash does not match is not kept."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    payload = write_random_inception_weights(tmp_path / "w.pth", seed=1).read_bytes()
+    good = tmp_path / f"weights-inception-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    good.write_bytes(payload)
+    found = resolve_inception_weights(
+        SETTINGS.model_copy(update={"inception_download": True, "inception_url": good.as_uri()})
+    )
+    assert found.source == "downloaded" and found.path.read_bytes() == payload
+
+    found.path.unlink()
+    bad = tmp_path / "weights-inception-00000000.pth"
+    bad.write_bytes(payload)
+    found = resolve_inception_weights(
+        SETTINGS.model_copy(update={"inception_download": True, "inception_url": bad.as_uri()})
+    )
+    assert found.source == "unavailable" and "hash" in found.reason.lower() and "00000000" in found.reason
+    assert not any((tmp_path / "hub").rglob("*.pth"))

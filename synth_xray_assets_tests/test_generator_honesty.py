@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from synth_xray_assets.dataset.phantoms import render_phantom
-from synth_xray_assets.dataset.splits import generator_keys
-from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.evaluation.fidelity import fidelity_share, measure_class_fidelity
+from synth_xray_assets.partitions import generator_keys
 from synth_xray_assets.settings import GenerationSettings, Settings
-from synth_xray_assets.synthesis.generate import generate_set, seed_stream_offset
 from synth_xray_assets.synthesis.store import SyntheticImages
 
 
@@ -63,12 +63,9 @@ def test_every_synthetic_set_has_its_own_seed_stream(tiny_base_model, tmp_path):
             lambda: load_pipeline(tiny_base_model, "cpu"),
             root,
             2,
-            "a chest xray image",  # the same prompt: only the seeds can tell the sets apart
-            num_inference_steps=2,
-            guidance_scale=4.0,
-            resolution=32,
+            # the same prompt: only the seeds can tell the sets apart
+            Recipe("a chest xray image", 2, 4.0, 32, seed_offset=seed_stream_offset(g, name)),
             batch_size=2,
-            seed_offset=seed_stream_offset(g, name),
         )
         made[name] = SyntheticImages.open(root)
     seeds = {n: list(m.manifest.seed) for n, m in made.items()}

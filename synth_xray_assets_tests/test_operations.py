@@ -16,6 +16,7 @@ from PIL import Image
 
 from synth_xray_assets.definitions import build_defs, defs
 from synth_xray_assets.resources import SettingsResource
+from synth_xray_assets.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,7 @@ def test_changed_source_requests_the_dataset_and_its_dependents(tmp_path):
 
 def test_every_asset_is_described_owned_grouped_and_versioned():
     graph = defs.resolve_asset_graph()
+    s = Settings.for_profile("demo")
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         if not node.is_materializable:
@@ -117,7 +119,7 @@ def test_every_asset_is_described_owned_grouped_and_versioned():
         name = key.to_user_string()
         assert node.description, name
         assert node.owners, name
-        assert node.group_name in {"dataset", "generation", "evaluation", "classification", "report"}, name
+        assert node.group_name in s.automation.groups, name
         assert node.code_version, name
         assert node.kinds, name
     heavy = ["base_model", "prior_class_images", "dreambooth_checkpoint", "synthetic_images"]

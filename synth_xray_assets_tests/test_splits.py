@@ -9,14 +9,12 @@ import pytest
 
 from synth_xray_assets.classifier.data import compose_experiment
 from synth_xray_assets.dataset.splits import (
-    generator_for,
-    generator_keys,
     generator_positions,
-    parse_generator_key,
     patient_id,
     stratified_split,
     validation_split,
 )
+from synth_xray_assets.partitions import generator_for, generator_keys, parse_generator_key
 from synth_xray_assets.settings import Settings
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest-xray-pneumonia-224"

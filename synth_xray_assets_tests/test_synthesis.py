@@ -5,18 +5,18 @@ import numpy as np
 from conftest import tiny_overrides_json
 
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.diffusion.generate import Recipe, generate_set
+from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.base_model import load_pipeline
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.synthesis import assets as synthesis_assets
-from synth_xray_assets.synthesis.generate import generate_set
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
 
 PROMPT = "A chest xray of healthy normal lungs, clear lung fields"
 
 
-def make(base, out, count=5, batch_size=2, **kw):
+def make(base, out, count=5, batch_size=2, version="v1", **kw):
     calls = []
 
     def make_pipe():
@@ -27,14 +27,10 @@ def make(base, out, count=5, batch_size=2, **kw):
         make_pipe,
         out,
         count,
-        PROMPT,
-        num_inference_steps=2,
-        guidance_scale=4.0,
-        resolution=32,
+        Recipe(PROMPT, num_inference_steps=2, guidance_scale=4.0, resolution=32, **kw),
         batch_size=batch_size,
-        extra_columns={"class_key": "normal", "label": 0, "checkpoint_version": kw.pop("version", "v1")},
+        extra_columns={"class_key": "normal", "label": 0, "checkpoint_version": version},
         log=lambda m: None,
-        **kw,
     )
     return report, calls
 

@@ -5,11 +5,11 @@ import math
 import dagster as dg
 from PIL import Image
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
 from synth_xray_assets.classifier.stats import METRICS
 from synth_xray_assets.partitions import experiment_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import png_markdown
 
 OWNERS = ["team:synth-xray"]
@@ -19,13 +19,12 @@ FINITE_CHECK = "metrics_are_finite"
 
 
 @dg.asset(
-    partitions_def=experiment_partitions,
+    # partitions: the settings' experiments x seeds, set by build_defs
     deps=[
         dg.AssetDep("chest_xray_dataset"),
         dg.AssetDep("synthetic_images", partition_mapping=dg.AllPartitionMapping()),
     ],
-    group_name="classification",
-    automation_condition=automation_for("classification"),
+    group_name="classifier",
     kinds={"pytorch"},
     owners=OWNERS,
     pool="gpu",
@@ -44,7 +43,7 @@ FINITE_CHECK = "metrics_are_finite"
         ),
     ],
     description=(
-        "One DenseNet-121 pneumonia classifier per experiment (the study's seven mixes of real and "
+        "One DenseNet-121 pneumonia classifier per experiment (the study's mixes of real and "
         "synthetic images) and seed, trained with the study's head, optimizer, schedule and "
         "augmentation. The epoch is selected on a validation split carved from real train (or on "
         "the test set with classifier.selection='test', the study's protocol, labelled as such); the "
@@ -153,4 +152,10 @@ def classifier_experiment(
     )
 
 
-defs = dg.Definitions(assets=[classifier_experiment])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The classifier domain's definitions: one partition per experiment x seed of ``s``."""
+    partitions = experiment_partitions(s.classifier)
+    grid = classifier_experiment.map_asset_specs(
+        lambda spec: spec.replace_attributes(partitions_def=partitions)
+    )
+    return dg.Definitions(assets=[grid])

@@ -24,12 +24,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from synth_xray_assets.dataset.splits import (
     ValidationSplit,
     class_count,
-    generator_for,
     real_subset,
     shared_validation_split,
     subset_seed,
 )
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.layout import Layout
+from synth_xray_assets.partitions import generator_for
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
 from synth_xray_assets.storage import save_numpy_atomic
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -180,7 +181,7 @@ class ExperimentData:
 
 def classifier_cache_dir(data_dir: str | Path) -> Path:
     """Where images prepared at the classifier's size are cached (file names carry data versions)."""
-    return Path(data_dir) / "classifier" / "cache"
+    return Layout(Path(data_dir)).classifier_cache
 
 
 def load_experiment_data(
@@ -197,7 +198,7 @@ def load_experiment_data(
     """
     c = s.classifier
     spec = experiment_spec(c, experiment)
-    ds = StandardizedDataset.open(s.data_dir / "dataset")
+    ds = StandardizedDataset.open(s.layout.dataset)
     cache = classifier_cache_dir(s.data_dir)
     size = f"{c.resize}-{c.resolution}"
 

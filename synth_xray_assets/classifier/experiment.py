@@ -22,10 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from synth_xray_assets.classifier.curves import run_curves
 from synth_xray_assets.classifier.data import ExperimentData, experiment_spec, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
 from synth_xray_assets.classifier.train import RunResult, train_classifier
-from synth_xray_assets.reports.plots import run_curves
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import sha256_bytes, write_json_atomic, write_parquet_atomic
 
@@ -53,7 +54,7 @@ def settings_fingerprint(s: Settings, experiment: str) -> str:
 
 
 def run_dir(data_dir: str | Path, experiment: str, seed: int | str) -> Path:
-    return Path(data_dir) / "classifier" / experiment / f"seed-{seed}"
+    return Layout(Path(data_dir)).classifier_run(experiment, seed)
 
 
 def run_experiment(

@@ -1,11 +1,8 @@
 """Dagster wiring of the real dataset: the ``chest_xray_dataset`` asset and its checks."""
 
-import os
-
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     iter_records,
@@ -15,12 +12,15 @@ from synth_xray_assets.dataset.sources import (
 )
 from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.dataset.store import (
+    SKIPPED_FILE,
     STANDARDIZE_VERSION,
     StandardizedDataset,
     build_standardized_dataset,
 )
+from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.resources import SettingsResource
-from synth_xray_assets.storage import image_grid, markdown_table, png_markdown
+from synth_xray_assets.settings import Settings
+from synth_xray_assets.storage import image_grid, png_markdown
 
 OWNERS = ["team:synth-xray"]
 
@@ -30,13 +30,13 @@ OWNERS = ["team:synth-xray"]
     description=(
         "Where the real images come from. Its data version is the Hub dataset's revision (full "
         "profile) or the local folder's content fingerprint (demo and local folders); observed "
-        "daily by `observe_source_schedule` and on demand."
+        "by `observe_source_schedule` (dataset.observe_cron) and on demand."
     ),
 )
 def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
     s = settings.get()
     resolved = resolve_source(s)
-    version = source_fingerprint(resolved, token=os.environ.get(s.dataset.hf_token_env) or None)
+    version = source_fingerprint(resolved, token=settings.hf_token)
     context.log.info(f"source {resolved.location}: version {version}")
     return dg.ObserveResult(
         data_version=dg.DataVersion(version),
@@ -51,13 +51,12 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
 @dg.asset(
     deps=[chest_xray_source],
     group_name="dataset",
-    automation_condition=automation_for("dataset"),
     kinds={"huggingface", "pandas"},
     owners=OWNERS,
     pool="cpu",  # uses every core (dataset.workers processes): one such step at a time
     code_version=STANDARDIZE_VERSION,
     description=(
-        "The real chest X-rays (hf-vision/chest-xray-pneumonia in the full profile; synthetic "
+        "The real chest X-rays (settings dataset.source: the Hub dataset in the full profile; synthetic "
         "PHANTOMS, not real patients, in the demo profile), standardized as the study did: shorter "
         "side to the resolution, center crop to a square, one grayscale mode. Images under "
         "data/dataset/ with a manifest; the data version is a content hash."
@@ -67,10 +66,10 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
     s = settings.get()
     resolved = resolve_source(s)
     context.log.info(f"dataset source: {resolved.kind} {resolved.location}")
-    dsd = load_source(resolved, s)
+    dsd = load_source(resolved, s, settings.hf_token)
     check_splits_and_classes(dsd, s, resolved.location)
     records = {split: iter_records(dsd, split, s.dataset.class_names) for split in s.dataset.splits}
-    out = s.data_dir / "dataset"
+    out = s.layout.dataset
     report = build_standardized_dataset(records, s.dataset, out, log=context.log.info)
     for row in report.skipped.itertuples():
         context.log.warning(f"skipped {row.split} {row.source_id}: {row.reason}")
@@ -96,7 +95,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "resolution": s.dataset.resolution,
             "mode": s.dataset.mode,
             "num_images": len(m),
-            "counts_by_split_and_class": dg.MetadataValue.md(markdown_table(counts, index=True)),
+            "counts_by_split_and_class": metadata_table(counts, index=True),
             "train_class_balance": dg.MetadataValue.json(balance),
             # the classifiers' validation split (by patient where the file names carry one)
             "validation_split": shared_validation_split(s, ds.rows("train")).describe(),
@@ -106,7 +105,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             else "-",
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
-            "skipped": dg.MetadataValue.md(markdown_table(report.skipped.head(50)) or "none"),
+            "skipped": metadata_table(report.skipped.head(50)),
             "reused_from_previous_run": report.reused,
             "decoded": report.decoded,
             "thumbnails (top NORMAL, bottom PNEUMONIA)": dg.MetadataValue.md(
@@ -120,7 +119,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
 @dg.asset_check(asset=chest_xray_dataset, blocking=True, description="Every class has images in every split.")
 def every_class_in_every_split(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    m = StandardizedDataset.open(s.data_dir / "dataset").manifest
+    m = StandardizedDataset.open(s.layout.dataset).manifest
     missing = [
         f"{split}/{c}"
         for split in s.dataset.splits
@@ -135,7 +134,7 @@ def every_class_in_every_split(settings: SettingsResource) -> dg.AssetCheckResul
 )
 def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    ds = StandardizedDataset.open(s.data_dir / "dataset")
+    ds = StandardizedDataset.open(s.layout.dataset)
     res = s.dataset.resolution
     bad = {}
     for split in s.dataset.splits:
@@ -153,7 +152,7 @@ def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     description="No image (by content hash) is in both train and test.",
 )
 def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
-    m = StandardizedDataset.open(settings.get().data_dir / "dataset").manifest
+    m = StandardizedDataset.open(settings.get().layout.dataset).manifest
     shared = set(m.loc[m.split == "train", "sha256"]) & set(m.loc[m.split == "test", "sha256"])
     return dg.AssetCheckResult(
         passed=not shared,
@@ -167,13 +166,13 @@ def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
 def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResult:
     import pandas as pd
 
-    skipped = pd.read_csv(settings.get().data_dir / "dataset" / "skipped.csv")
+    skipped = pd.read_csv(settings.get().layout.dataset / SKIPPED_FILE)
     return dg.AssetCheckResult(
         passed=skipped.empty,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "num_skipped": len(skipped),
-            "skipped": dg.MetadataValue.md(markdown_table(skipped.head(50)) or "none"),
+            "skipped": metadata_table(skipped.head(50)),
         },
     )
 
@@ -192,13 +191,16 @@ def observe_source_schedule(cron: str, running: bool) -> dg.ScheduleDefinition:
     )
 
 
-defs = dg.Definitions(
-    assets=[chest_xray_source, chest_xray_dataset],
-    jobs=[observe_source_job],
-    asset_checks=[
-        every_class_in_every_split,
-        images_are_square,
-        no_train_test_overlap,
-        all_source_images_readable,
-    ],
-)
+def build_defs(s: Settings) -> dg.Definitions:
+    """The dataset domain's definitions, with the source observed on ``dataset.observe_cron``."""
+    return dg.Definitions(
+        assets=[chest_xray_source, chest_xray_dataset],
+        jobs=[observe_source_job],
+        schedules=[observe_source_schedule(s.dataset.observe_cron, s.automation.running_by_default)],
+        asset_checks=[
+            every_class_in_every_split,
+            images_are_square,
+            no_train_test_overlap,
+            all_source_images_readable,
+        ],
+    )

@@ -1,7 +1,8 @@
 """Where the real images come from, read with ``datasets.load_dataset``.
 
 A source is one of:
-- a Hub dataset id (``hf-vision/chest-xray-pneumonia``), at a revision, token from an env var;
+- a Hub dataset id (``hf-vision/chest-xray-pneumonia``), at a revision, token from the settings
+  resource (``dg.EnvVar("HF_TOKEN")``);
 - a local folder in the Hub's parquet layout (``data/{split}-*.parquet``);
 - an image folder ``{split}/{NORMAL,PNEUMONIA}/*``;
 - ``"demo"``: the project's synthetic phantoms, generated into ``data/sources/``.
@@ -52,7 +53,7 @@ def resolve_source(settings: Settings) -> ResolvedSource:
     if source == "demo":
         from synth_xray_assets.dataset.phantoms import write_phantom_dataset
 
-        folder = write_phantom_dataset(settings.phantoms, settings.data_dir / "sources" / "demo-phantoms")
+        folder = write_phantom_dataset(settings.phantoms, settings.layout.demo_phantoms)
         return ResolvedSource("parquet", str(folder.resolve()), synthetic=True)
     path = Path(source).expanduser()
     if path.exists():
@@ -74,11 +75,11 @@ def resolve_source(settings: Settings) -> ResolvedSource:
     return ResolvedSource("hub", source, revision=settings.dataset.revision)
 
 
-def load_source(resolved: ResolvedSource, settings: Settings) -> Any:
-    """The source as a ``datasets.DatasetDict`` whose ``image`` column is not decoded."""
+def load_source(resolved: ResolvedSource, settings: Settings, token: str | None = None) -> Any:
+    """The source as a ``datasets.DatasetDict`` whose ``image`` column is not decoded
+    (``token``: the Hugging Face token for a gated Hub dataset; never logged)."""
     import datasets
 
-    token = os.environ.get(settings.dataset.hf_token_env) or None
     try:
         if resolved.kind == "hub":
             dsd = datasets.load_dataset(resolved.location, revision=resolved.revision, token=token)

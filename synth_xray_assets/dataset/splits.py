@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.settings import Settings
+from synth_xray_assets.partitions import parse_generator_key
+from synth_xray_assets.settings import CLASS_KEYS, Settings
 
 # The three Kermany forms; group 1 (person) or group 2 (IM-xxxx, with NORMAL2- prefix) is the patient.
 _PATIENT = re.compile(
@@ -199,47 +200,6 @@ def real_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- generators' real images
 
-CLASS_KEYS_ORDER = ("normal", "pneumonia")
-
-
-def fraction_tag(fraction: float) -> str:
-    """``r10`` for 0.1, ``r25`` for 0.25, ``r12p5`` for 0.125: the matched generator's key suffix."""
-    return "r" + f"{100 * fraction:g}".replace(".", "p")
-
-
-def limited_fractions(experiments: dict[str, tuple[float, int]]) -> list[float]:
-    """The real fractions strictly between 0 and 1 of experiments that use synthetic images."""
-    return sorted({float(f) for f, n in experiments.values() if 0.0 < f < 1.0 and n > 0})
-
-
-def generator_keys(generators: str, experiments: dict[str, tuple[float, int]]) -> list[str]:
-    """Partition keys of the per-generator assets: one per class (``normal``, ``pneumonia``) and,
-    with matched generators, one per class and limited fraction (``normal-r10``, ...)."""
-    keys = list(CLASS_KEYS_ORDER)
-    if generators == "matched":
-        keys += [f"{c}-{fraction_tag(f)}" for f in limited_fractions(experiments) for c in CLASS_KEYS_ORDER]
-    return keys
-
-
-def generator_for(class_key: str, real_fraction: float, generators: str) -> str:
-    """The generator whose images an experiment with ``real_fraction`` of real train uses."""
-    if generators == "matched" and 0.0 < real_fraction < 1.0:
-        return f"{class_key}-{fraction_tag(real_fraction)}"
-    return class_key
-
-
-def parse_generator_key(key: str) -> tuple[str, float | None]:
-    """``("normal", None)`` for ``normal`` (all of real train less validation); ``("normal", 0.1)``
-    for ``normal-r10`` (the fixed 10% subset)."""
-    class_key, _, tag = key.partition("-")
-    if class_key not in CLASS_KEYS_ORDER:
-        raise ValueError(f"unknown generator key {key!r}: expected a class key {CLASS_KEYS_ORDER}")
-    if not tag:
-        return class_key, None
-    if not tag.startswith("r"):
-        raise ValueError(f"unknown generator key {key!r}: expected '{class_key}-r<percent>'")
-    return class_key, float(tag[1:].replace("p", ".")) / 100
-
 
 def generator_train_positions(
     split: ValidationSplit, labels: np.ndarray, key: str, subset_seed: int
@@ -248,7 +208,7 @@ def generator_train_positions(
     the validation split, or, for a matched generator, of the limited subset that its fraction's
     experiments use (drawn once with ``subset_seed``, the same for every seed)."""
     class_key, fraction = parse_generator_key(key)
-    label = CLASS_KEYS_ORDER.index(class_key)
+    label = CLASS_KEYS.index(class_key)
     labels = np.asarray(labels)
     pool = split.keep
     chosen = pool if fraction is None else pool[real_subset(labels[pool], fraction, subset_seed)]

@@ -40,6 +40,8 @@ from synth_xray_assets.storage import (
 
 STANDARDIZE_VERSION = "standardize-v1"  # bump when the standardization changes its pixels
 
+SKIPPED_FILE = "skipped.csv"  # bad input: split, source_id, reason
+
 
 @dataclass
 class BuildReport:
@@ -147,7 +149,7 @@ def build_standardized_dataset(
     for split, images in arrays.items():
         stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
-    write_bytes_atomic(out_dir / "skipped.csv", skipped_df.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / SKIPPED_FILE, skipped_df.to_csv(index=False).encode())
     write_parquet_atomic(manifest, out_dir / "manifest.parquet")
     write_json_atomic(
         out_dir / "version.json",

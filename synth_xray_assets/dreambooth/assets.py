@@ -4,45 +4,45 @@ The numerical work lives beside this file: the loss and the loop in ``training.p
 demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 """
 
-import os
 import time
 
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.splits import generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.dreambooth import store
-from synth_xray_assets.dreambooth.base_model import fetch_base_model, load_pipeline
-from synth_xray_assets.dreambooth.summary import folder_version, loss_curve, smoothed
-from synth_xray_assets.dreambooth.training import (
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.image_sets import manifest_version
+from synth_xray_assets.diffusion.pipelines import (
+    load_pipeline,
     load_trained_pipeline,
+    sample_images,
+    use_dpm_solver,
+)
+from synth_xray_assets.dreambooth import store
+from synth_xray_assets.dreambooth.base_model import fetch_base_model
+from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
+from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
-from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
-from synth_xray_assets.resources import ComputeResource, SettingsResource
-from synth_xray_assets.storage import image_grid, png_markdown, write_json_atomic
-from synth_xray_assets.synthesis.generate import (
-    generate_set,
-    sample_images,
-    seed_stream_offset,
-    use_dpm_solver,
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    with_generator_partitions,
 )
-from synth_xray_assets.synthesis.store import manifest_version
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
+from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
 
 OWNERS = ["team:synth-xray"]
 RETRY = dg.RetryPolicy(max_retries=1, delay=10)  # transient failures; training resumes from a checkpoint
-_TINY_BASE = SettingsResource.from_env().get().base_model.tiny
 
 
 @dg.asset(
-    # The demo's tiny model is pre-trained on the demo images; SD 2.1 comes from the Hub.
-    deps=[chest_xray_dataset] if _TINY_BASE else [],
-    group_name="generation",
-    automation_condition=automation_for("generation"),
+    group_name="dreambooth",
     kinds={"pytorch", "huggingface", "diffusers"},
     owners=OWNERS,
     pool="gpu",
@@ -66,10 +66,10 @@ def base_model(
         from synth_xray_assets.dreambooth.tiny import build_tiny_pipeline, pretrain_tiny_pipeline
 
         device = compute.resolve_device()
-        images = StandardizedDataset.open(s.data_dir / "dataset").images("train")
+        images = StandardizedDataset.open(s.layout.dataset).images("train")
         pipe = build_tiny_pipeline(bm, s.dreambooth.resolution)
         stats = pretrain_tiny_pipeline(pipe, images, bm, device, log=context.log.info)
-        path = store.models_dir(s.data_dir) / "base"
+        path = s.layout.tiny_base_model
         from synth_xray_assets.storage import atomic_path
 
         with atomic_path(path) as tmp:
@@ -82,8 +82,7 @@ def base_model(
         )
         sample_pipe = pipe.to(device)
     else:
-        token = os.environ.get(s.dataset.hf_token_env) or None  # never logged
-        path = fetch_base_model(bm, store.models_dir(s.data_dir) / "hub", token, log=context.log.info)
+        path = fetch_base_model(bm, s.layout.hub_cache, settings.hf_token, log=context.log.info)
         device = compute.resolve_device()
         sample_pipe = load_pipeline(path, device)
         meta["model"] = f"{bm.pretrained_model}@{bm.revision}"
@@ -119,16 +118,16 @@ def base_model(
 
 @dg.asset(
     deps=[base_model],
-    group_name="generation",
-    automation_condition=automation_for("generation"),
+    group_name="dreambooth",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
     code_version="prior-images-v2",
     retry_policy=RETRY,
     description=(
-        "Prior-preservation class images: what the base model makes of the class prompt ('a chest "
-        "xray image'; 200 images, 30 steps, guidance 7.5 in full). Kept under data/prior/ so that "
+        "Prior-preservation class images: what the base model makes of dreambooth.class_prompt "
+        "(dreambooth.num_class_images images, class_image_steps steps, class_image_guidance). Kept "
+        "under data/prior/ so that "
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )
@@ -144,12 +143,14 @@ def prior_class_images(
         lambda: load_pipeline(base_path, device, _dtype(device)),
         store.prior_dir(s.data_dir),
         db.num_class_images,
-        db.class_prompt,
-        num_inference_steps=db.class_image_steps,
-        guidance_scale=db.class_image_guidance,
-        resolution=db.resolution,
+        Recipe(
+            db.class_prompt,
+            db.class_image_steps,
+            db.class_image_guidance,
+            db.resolution,
+            seed_offset=seed_stream_offset(s.generation, "prior"),
+        ),
         batch_size=db.class_image_batch_size,
-        seed_offset=seed_stream_offset(s.generation, "prior"),
         extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
     )
@@ -177,8 +178,7 @@ def _dtype(device: str):
 @dg.asset(
     deps=[chest_xray_dataset, base_model, prior_class_images],
     partitions_def=class_partitions,
-    group_name="generation",
-    automation_condition=automation_for("generation"),
+    group_name="dreambooth",
     kinds={"pytorch", "diffusers", "accelerate"},
     owners=OWNERS,
     pool="gpu",
@@ -199,7 +199,7 @@ def dreambooth_checkpoint(
     db = s.dreambooth
     key = context.partition_key
     label = class_label(key)
-    dataset = StandardizedDataset.open(s.data_dir / "dataset")
+    dataset = StandardizedDataset.open(s.layout.dataset)
     # Real train less the classifiers' validation split (or, matched, the limited subset).
     positions, split = generator_positions(s, dataset.rows("train"), key)
     instance_images = dataset.images("train")[positions]
@@ -326,7 +326,15 @@ def check_checkpoint(s, key: str, device: str) -> dict:
     return {"ok": finite and std > 1e-3, "finite": finite, "pixel_std": round(std, 5)}
 
 
-defs = dg.Definitions(
-    assets=[base_model, prior_class_images, dreambooth_checkpoint],
-    asset_checks=[checkpoint_loads],
-)
+def build_defs(s: Settings) -> dg.Definitions:
+    """The DreamBooth domain's definitions. The demo's tiny base model is pre-trained on the
+    dataset's images (so it depends on it); SD 2.1 comes from the Hub."""
+    base = base_model
+    if s.base_model.tiny:
+        base = base_model.map_asset_specs(
+            lambda spec: spec.replace_attributes(deps=[*spec.deps, dg.AssetDep(chest_xray_dataset)])
+        )
+    return dg.Definitions(
+        assets=[base, prior_class_images, *with_generator_partitions([dreambooth_checkpoint], s)],
+        asset_checks=[checkpoint_loads],
+    )

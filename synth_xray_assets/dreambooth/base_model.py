@@ -1,15 +1,11 @@
 """The model DreamBooth starts from: Stable Diffusion 2.1 base from the Hub (full profile) or a
-local diffusers folder (for example the tiny model of the demo), loaded as a pipeline."""
+local diffusers folder (for example the tiny model of the demo); ``diffusion.pipelines`` loads it."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from diffusers import StableDiffusionPipeline
 
 from synth_xray_assets.settings import BaseModelSettings
 from synth_xray_assets.storage import write_json_atomic
@@ -83,28 +79,3 @@ def fetch_base_model(
         )
     write_json_atomic(marker, {"repo_id": spec, "revision": settings.revision, "path": str(folder)})
     return folder
-
-
-def load_pipeline(
-    path: Path, device: str, dtype: torch.dtype = torch.float32, **components: Any
-) -> StableDiffusionPipeline:
-    """``StableDiffusionPipeline.from_pretrained(path)`` on ``device``, without a safety checker.
-
-    ``components`` replace parts of the saved pipeline (for example a trained ``unet``).
-    """
-    path = Path(path)
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"no diffusers pipeline at {path} (model_index.json missing)")
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(path),
-            dtype=dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            use_safetensors=True,
-            **components,
-        )
-    except Exception as exc:
-        raise RuntimeError(f"could not load the Stable Diffusion pipeline at {path}: {exc}") from exc
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)

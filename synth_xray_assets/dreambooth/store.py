@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from synth_xray_assets.synthesis.store import SyntheticImages
+from synth_xray_assets.diffusion.image_sets import SyntheticImages
+from synth_xray_assets.layout import Layout
 
 
 def models_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "models"
+    return Layout(Path(data_dir)).models
 
 
 def base_model_record(data_dir: str | Path) -> Path:
-    return models_dir(data_dir) / "base_model.json"
+    return Layout(Path(data_dir)).base_model_record
 
 
 def base_model_path(data_dir: str | Path) -> Path:
@@ -39,7 +40,7 @@ def base_model_path(data_dir: str | Path) -> Path:
 
 
 def prior_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "prior"
+    return Layout(Path(data_dir)).prior
 
 
 def prior_images(data_dir: str | Path) -> np.ndarray:
@@ -48,8 +49,8 @@ def prior_images(data_dir: str | Path) -> np.ndarray:
 
 
 def checkpoint_dir(data_dir: str | Path, class_key: str) -> Path:
-    return models_dir(data_dir) / "dreambooth" / class_key
+    return Layout(Path(data_dir)).dreambooth_checkpoint(class_key)
 
 
 def work_dir(data_dir: str | Path, class_key: str) -> Path:
-    return models_dir(data_dir) / "dreambooth" / f".work-{class_key}"
+    return Layout(Path(data_dir)).dreambooth_work(class_key)

@@ -1,24 +1,18 @@
-"""Small summaries of a training run for the UI: smoothed loss, the loss curve, folder versions."""
+"""Small summaries of a training run for the UI: smoothed loss and the loss curve."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
-
-from synth_xray_assets.storage import combined_hash, sha256_file
 
 
 def smoothed(values: Sequence[float], alpha: float = 0.1) -> list[float]:
-    """Exponential moving average (the smoothing TensorBoard shows)."""
-    out, avg = [], None
-    for v in values:
-        avg = v if avg is None else (1 - alpha) * avg + alpha * v
-        out.append(float(avg))
-    return out
+    """Exponential moving average (the smoothing TensorBoard shows), with pandas' ``ewm``."""
+    return [float(v) for v in pd.Series(values, dtype=float).ewm(alpha=alpha, adjust=False).mean()]
 
 
 def loss_curve(
@@ -47,14 +41,3 @@ def loss_curve(
     fig.savefig(buf, format="png")
     plt.close(fig)
     return Image.open(io.BytesIO(buf.getvalue()))
-
-
-def folder_version(
-    folder: str | Path, patterns: Sequence[str] = ("**/*.safetensors", "**/*config*.json", "model_index.json")
-) -> str:
-    """A content hash of a model folder's weights and configs (its data version)."""
-    folder = Path(folder)
-    files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
-    if not files:
-        raise FileNotFoundError(f"no model files in {folder}")
-    return combined_hash([f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files])[:16]

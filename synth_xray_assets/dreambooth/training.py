@@ -7,7 +7,7 @@ Read top to bottom:
   class prompt) keeps the model's prior, weighted by ``prior_loss_weight`` (study: 0.5).
 * ``train_dreambooth``: the loop. Full fine-tuning (UNet and text encoder) or LoRA, accelerate
   for mixed precision, atomic checkpoints every ``checkpointing_steps`` and exact resume.
-* ``load_trained_pipeline``: the trained model back as a ``StableDiffusionPipeline``.
+* the trained model loads back with ``diffusion.pipelines.load_trained_pipeline``.
 
 The small helpers above them (images to tensors, latents, noise) are shared with the tiny
 model's pre-training in ``tiny.py``: the same diffusion loss code trains both.
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
 
-from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeline
 from synth_xray_assets.settings import DreamBoothSettings
 from synth_xray_assets.storage import atomic_path, sha256_bytes, write_json_atomic
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TRAINING_INFO_NAME = "dreambooth.json"  # beside the saved model: method, base, prompt, steps
 CHECKPOINT_STATE_NAME = "training_state.json"  # inside each checkpoint-<step> folder
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -317,10 +317,7 @@ def _train(
     unet.to(device_t, dtype=weight_dtype if lora else torch.float32)
     text_encoder.to(device_t, dtype=torch.float32 if train_text and not lora else weight_dtype)
     trained: list[torch.nn.Module] = [unet] + ([text_encoder] if train_text else [])
-    for model in trained:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params(trained, dtype=torch.float32)  # what is trained stays float32
     if settings.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if train_text:
@@ -699,30 +696,3 @@ def _save_final(
             pipe = load_pipeline(base_model_dir, "cpu", torch.float32, **parts)
             pipe.save_pretrained(tmp, safe_serialization=True)
         write_json_atomic(tmp / TRAINING_INFO_NAME, info)
-
-
-def load_trained_pipeline(
-    checkpoint_dir: Path, base_model_dir: Path, device: str, dtype: torch.dtype | None = None
-) -> StableDiffusionPipeline:
-    """The pipeline ``train_dreambooth`` saved in ``checkpoint_dir``: a whole pipeline (full) or the
-    base model in ``base_model_dir`` with the LoRA weights loaded. ``dtype`` defaults to float16 on
-    CUDA, float32 elsewhere."""
-    checkpoint_dir = Path(checkpoint_dir)
-    dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-    if not checkpoint_dir.is_dir():
-        raise FileNotFoundError(f"DreamBooth checkpoint {checkpoint_dir} does not exist: train it first")
-    if (checkpoint_dir / LORA_WEIGHTS_NAME).is_file():
-        pipe = load_pipeline(base_model_dir, device, dtype)
-        try:
-            pipe.load_lora_weights(str(checkpoint_dir), weight_name=LORA_WEIGHTS_NAME)
-        except Exception as exc:
-            raise RuntimeError(
-                f"could not load the LoRA weights in {checkpoint_dir} into the base model "
-                f"{base_model_dir}: {exc}"
-            ) from exc
-        return pipe
-    if (checkpoint_dir / "model_index.json").is_file():
-        return load_pipeline(checkpoint_dir, device, dtype)
-    raise FileNotFoundError(
-        f"{checkpoint_dir} holds no DreamBooth model (neither {LORA_WEIGHTS_NAME} nor model_index.json)"
-    )

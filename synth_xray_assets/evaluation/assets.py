@@ -14,12 +14,11 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.dataset.splits import generator_positions, validation_split
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.dreambooth.base_model import load_pipeline
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth.store import base_model_path
-from synth_xray_assets.dreambooth.summary import folder_version
 from synth_xray_assets.evaluation.extractor import (
     extractor_dir,
     extractor_weights,
@@ -35,17 +34,22 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
-from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
+from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    with_generator_partitions,
+)
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import (
-    markdown_table,
+    folder_version,
     png_markdown,
     sha256_file,
     write_json_atomic,
     write_parquet_atomic,
 )
-from synth_xray_assets.synthesis.generate import generate_set, seed_stream_offset
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -57,7 +61,7 @@ METRICS = ("fid", "kid_mean", "precision", "recall")
 
 
 def _dataset(s: Settings) -> StandardizedDataset:
-    return StandardizedDataset.open(s.data_dir / "dataset")
+    return StandardizedDataset.open(s.layout.dataset)
 
 
 def _reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.ndarray, pd.DataFrame, str]:
@@ -125,17 +129,20 @@ def _base_model_images(
     g, class_key = s.generation, class_key_of(key)
     base = base_model_path(s.data_dir)
     version = folder_version(base)
-    root = s.data_dir / "evaluation" / "base_model_images" / class_key
+    root = s.layout.base_model_images(class_key)
+    recipe = Recipe(
+        s.dreambooth.instance_prompts[class_key],
+        g.num_inference_steps,
+        g.guidance_scale,
+        s.dreambooth.resolution,
+        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
+    )
     generate_set(
         lambda: load_pipeline(base, device),
         root,
         g.images_per_class,
-        s.dreambooth.instance_prompts[class_key],
-        num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale,
-        resolution=s.dreambooth.resolution,
+        recipe,
         batch_size=g.batch_size,
-        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
         extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
         log=log,
     )
@@ -177,7 +184,6 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
 @dg.asset(
     deps=["chest_xray_dataset"],
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -233,7 +239,7 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
-            "history": dg.MetadataValue.md(markdown_table(curve.round(4)) if len(curve) else "-"),
+            "history": metadata_table(curve.round(4)),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),
     )
@@ -264,7 +270,6 @@ FID_CHECKS = [
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -299,12 +304,16 @@ def fid_scores(
     held_sets = {"synthetic": synthetic, "base_model": base, "real_floor": floor}
     if len(floor) < len(synthetic):
         held_sets["synthetic_at_floor_size"] = synthetic[: len(floor)]
-    cache_dir = s.data_dir / "evaluation" / "reference_features"
     results, held_out = {}, {}
     for name in SPACES:
         space = get_feature_space(name, s.evaluation, cxr_weights=extractor_weights(s.data_dir))
         context.log.info(f"{key}: scoring {', '.join(sets)} in the {name} space")
-        common = {"space": space, "cache_dir": cache_dir, "settings": s.evaluation, "device": device}
+        common = {
+            "space": space,
+            "cache_dir": s.layout.reference_features,
+            "settings": s.evaluation,
+            "device": device,
+        }
         results[name] = score_sets(sets, refs.train, reference_cache_key=f"{refs.cache_key}-train", **common)
         held_out[name] = score_sets(
             held_sets, refs.held_out, reference_cache_key=f"{refs.cache_key}-held-out", **common
@@ -335,7 +344,7 @@ def fid_scores(
             "spaces": held_out,
         },
     }
-    path = s.data_dir / "evaluation" / "fid" / f"{key}.json"
+    path = s.layout.fid_scores(key)
     write_json_atomic(path, record)
 
     metadata: dict = {
@@ -347,14 +356,14 @@ def fid_scores(
         "held_out_reference_set": refs.held_out_note,
         "n_held_out_reference": len(refs.held_out),
         "real_floor_set": record["held_out"]["real_floor"],
-        "scores_held_out": dg.MetadataValue.md(_scores_md(held_out)),
+        "scores_held_out": metadata_table(_scores_frame(held_out)),
         "dataset_version": ds.version,
         "checkpoint_version": record["synthetic_checkpoint_version"],
         "base_model_version": record["base_model_version"],
         "published_fid_inception": dg.MetadataValue.float(
             float(s.evaluation.published_fid.get(class_key_of(key), math.nan))
         ),
-        "scores": dg.MetadataValue.md(_scores_md(results)),
+        "scores": metadata_table(_scores_frame(results)),
         "path": dg.MetadataValue.path(str(path)),
     }
     for space, result in results.items():
@@ -416,19 +425,19 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
     ]
 
 
-def _scores_md(results: dict) -> str:
-    lines = [
-        "| space | images | n | FID | KID | precision | recall |",
-        "|---|---|---|---|---|---|---|",
-    ]
+def _scores_frame(results: dict) -> pd.DataFrame:
+    """One row per feature space and image set: n, FID, KID, precision, recall."""
+    rows = []
     for space, r in results.items():
         if not r["available"]:
-            lines.append(f"| {space} | unavailable: {r['reason'].replace('|', '/')} | | | | | |")
+            rows.append({"space": space, "images": f"unavailable: {r['reason']}", "n": None})
             continue
         for set_name, sc in r["scores"].items():
-            cells = [_fmt(sc[m]) for m in METRICS]
-            lines.append(f"| {space} | {set_name} | {sc['n_images']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            rows.append(
+                {"space": space, "images": set_name, "n": sc["n_images"], **{m: sc[m] for m in METRICS}}
+            )
+    frame = pd.DataFrame(rows, columns=["space", "images", "n", *METRICS])
+    return frame.astype({"n": "Int64", **{m: float for m in METRICS}}).rename(columns={"kid_mean": "kid"})
 
 
 # --------------------------------------------------------------------------- memorization
@@ -438,7 +447,6 @@ def _scores_md(results: dict) -> str:
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -472,7 +480,7 @@ def memorization(
         real,
         space,
         reference_cache_key=cache_key,
-        cache_dir=s.data_dir / "evaluation" / "reference_features",
+        cache_dir=s.layout.reference_features,
         batch_size=e.batch_size,
         device=compute.resolve_device(),
     )
@@ -484,7 +492,7 @@ def memorization(
         nearest_real_source_id=rows["source_id"].to_numpy()[table["nearest_real_index"]],
         nearest_real_source_id_pixel=rows["source_id"].to_numpy()[table["nearest_real_index_pixel"]],
     )
-    path = s.data_dir / "evaluation" / "memorization" / f"{key}.parquet"
+    path = s.layout.memorization(key)
     write_parquet_atomic(saved, path)
     copies = saved[saved["near_copy"]]
     n = e.memorization_pairs_shown
@@ -518,20 +526,16 @@ def memorization(
                     "n_near_copies": len(copies),
                     "cosine_threshold": e.memorization_cosine_threshold,
                     "pixel_threshold": e.memorization_pixel_threshold,
-                    "near_copies": dg.MetadataValue.md(
-                        markdown_table(
-                            copies.head(20)[
-                                [
-                                    "synthetic_file",
-                                    "nearest_real_source_id",
-                                    "cosine_distance",
-                                    "nearest_real_source_id_pixel",
-                                    "pixel_correlation",
-                                ]
+                    "near_copies": metadata_table(
+                        copies.head(20)[
+                            [
+                                "synthetic_file",
+                                "nearest_real_source_id",
+                                "cosine_distance",
+                                "nearest_real_source_id_pixel",
+                                "pixel_correlation",
                             ]
-                        )
-                        if len(copies)
-                        else "none"
+                        ]
                     ),
                 },
             )
@@ -565,7 +569,6 @@ def extractor_predictor(s: Settings, device: str) -> Callable[[np.ndarray], np.n
     deps=["cxr_feature_extractor", "synthetic_images"],
     partitions_def=class_partitions,
     group_name="evaluation",
-    automation_condition=automation_for("evaluation"),
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
@@ -628,12 +631,11 @@ def class_fidelity(
 # --------------------------------------------------------------------------- helpers
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
-
-
 def _finite_or_nan(value) -> float:
     return float(value) if value is not None and math.isfinite(value) else math.nan
 
 
-defs = dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization, class_fidelity])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The evaluation domain's definitions: per-generator partitions from ``s``."""
+    per_generator = with_generator_partitions([fid_scores, memorization, class_fidelity], s)
+    return dg.Definitions(assets=[cxr_feature_extractor, *per_generator])

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from synth_xray_assets.classifier.train import train_classifier
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
 from synth_xray_assets.storage import atomic_path, sha256_file, write_json_atomic
 
@@ -31,7 +32,7 @@ WEIGHTS_FILE = "cxr_densenet121.safetensors"
 
 
 def extractor_dir(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "evaluation" / "cxr_feature_extractor"
+    return Layout(Path(data_dir)).cxr_feature_extractor
 
 
 def extractor_weights(data_dir: str | Path) -> Path:

@@ -19,21 +19,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import threading
-import urllib.request
+import io
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
-from torch_fidelity import feature_extractor_inceptionv3 as _tf_inception
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
@@ -41,7 +39,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from synth_xray_assets.classifier.model import pooled_features, read_state_dict
 from synth_xray_assets.settings import EvaluationSettings
-from synth_xray_assets.storage import atomic_path, sha256_file
+from synth_xray_assets.storage import sha256_file
 
 CXR_EXTRACTOR = "cxr-densenet121"
 CXR_LAYER = "1024"
@@ -49,9 +47,8 @@ INCEPTION_EXTRACTOR = "inception-v3-compat-local"
 INCEPTION_LAYER = "2048"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-# torch-fidelity's Inception file; its name carries the first 8 hex digits of its sha256.
+# torch-fidelity's Inception file; its name carries the first 8 hex digits of its sha256 (checked).
 INCEPTION_FILE_NAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
-INCEPTION_SHA256_PREFIX = INCEPTION_FILE_NAME.rsplit("-", 1)[-1].split(".")[0]
 
 
 class GrayImageDataset(Dataset):
@@ -149,8 +146,6 @@ class CXRDenseNetFeatures(FeatureExtractorBase):
 
 # --------------------------------------------------------------------------- Inception space
 
-_INCEPTION_LOCK = threading.Lock()
-
 
 class LocalInceptionV3(FeatureExtractorInceptionV3):
     """torch-fidelity's ``inception-v3-compat`` network, its weights read with ``weights_only=True``.
@@ -169,45 +164,22 @@ class LocalInceptionV3(FeatureExtractorInceptionV3):
     ) -> None:
         if feature_extractor_weights_path is None:
             raise ValueError(f"{name} needs a local weights file (feature_extractor_weights_path)")
-        state = read_state_dict(feature_extractor_weights_path)
-        # The parent unpickles a path (weights_only=False), or calls load_state_dict_from_url when
-        # the path is None: hand it the already (safely) loaded state dict through the latter.
-        with (
-            _INCEPTION_LOCK,
-            mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: state),
-        ):
-            super().__init__(name, features_list, feature_extractor_weights_path=None, **kwargs)
+        super().__init__(
+            name,
+            features_list,
+            feature_extractor_weights_path=trusted_state_buffer(feature_extractor_weights_path),
+            **kwargs,
+        )
 
 
-def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """Save a *randomly initialised* ``FeatureExtractorInceptionV3`` state dict in torch-fidelity's format.
-
-    For tests and benchmarks only: its scores mean nothing, but the shapes, the loading code and
-    the cost are the real ones. Batch-norm statistics come from one pass over noise, so features
-    neither vanish nor explode through 90-odd random layers.
-    """
-
-    class _Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict: Any, *args: Any, **kwargs: Any) -> Any:
-            return None  # keep the random initialisation
-
-    torch.manual_seed(seed)
-    with _INCEPTION_LOCK, mock.patch.object(_tf_inception, "load_state_dict_from_url", lambda *a, **k: None):
-        module = _Unloaded("inception-v3-compat", [INCEPTION_LAYER])
-    for layer in module.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.reset_running_stats()
-            layer.momentum = None  # cumulative average over the one pass
-    module.train()
-    with torch.no_grad():
-        module(torch.randint(0, 256, (4, 3, 96, 96), dtype=torch.uint8))
-    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
-    with atomic_path(path) as tmp:
-        if Path(path).suffix == ".safetensors":
-            save_file(state, str(tmp))
-        else:
-            torch.save(state, tmp)
-    return Path(path)
+def trusted_state_buffer(path: str | Path) -> io.BytesIO:
+    """The adapter to torch-fidelity, which unpickles its weights file with ``weights_only=False``:
+    the state dict read safely (safetensors or ``weights_only=True``) and re-serialized in memory,
+    so what torch-fidelity unpickles is tensors this process wrote."""
+    buffer = io.BytesIO()
+    torch.save(read_state_dict(path), buffer)
+    buffer.seek(0)
+    return buffer
 
 
 @dataclass(frozen=True)
@@ -249,12 +221,18 @@ def resolve_inception_weights(settings: EvaluationSettings) -> InceptionWeights:
 
 
 def _download(url: str, path: Path, timeout: float) -> None:
-    with atomic_path(path) as tmp:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-            while block := response.read(1 << 20):
-                out.write(block)
-        if url == URL_INCEPTION_V3 and not sha256_file(tmp).startswith(INCEPTION_SHA256_PREFIX):
-            raise ValueError(f"the downloaded file's sha256 does not start with {INCEPTION_SHA256_PREFIX}")
+    """``url`` to ``path`` with torch hub's downloader (temporary file, then rename), checking the
+    sha256 prefix that torch-fidelity's file name carries (``...-<sha256 prefix>.pth``)."""
+    match = re.search(r"-([0-9a-f]{8,})\.\w+$", url)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # download_url_to_file takes no timeout of its own
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(
+            url, str(path), hash_prefix=match.group(1) if match else None, progress=False
+        )
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 # --------------------------------------------------------------------------- registry and spaces

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import binomtest
 
+from synth_xray_assets.layout import Layout
 from synth_xray_assets.storage import write_json_atomic
 
 
@@ -70,7 +71,7 @@ def measure_class_fidelity(
 
 
 def fidelity_path(data_dir: str | Path, generator: str) -> Path:
-    return Path(data_dir) / "evaluation" / "class_fidelity" / f"{generator}.json"
+    return Layout(Path(data_dir)).class_fidelity(generator)
 
 
 def save_fidelity(record: ClassFidelity, data_dir: str | Path) -> Path:

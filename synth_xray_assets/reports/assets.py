@@ -3,14 +3,13 @@
 import json
 
 import dagster as dg
-import pandas as pd
 from PIL import Image
 
-from synth_xray_assets.automation import automation_for
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir, settings_fingerprint
-from synth_xray_assets.dataset.splits import generator_keys
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.evaluation.fidelity import load_fidelity
+from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.partitions import generator_keys
 from synth_xray_assets.reports.report import (
     GeneratorQuality,
     ReportOptions,
@@ -39,7 +38,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
     """
     c = s.classifier
     try:
-        current_version = StandardizedDataset.open(s.data_dir / "dataset").version
+        current_version = StandardizedDataset.open(s.layout.dataset).version
     except FileNotFoundError:
         current_version = None
     runs, missing, excluded = [], [], []
@@ -86,7 +85,7 @@ def generator_quality(s: Settings) -> list[GeneratorQuality]:
     """FID and class fidelity of every generator of the settings, from the evaluation's files."""
     out = []
     for key in generator_keys(s.dreambooth.generators, s.classifier.experiments):
-        fid_path = s.data_dir / "evaluation" / "fid" / f"{key}.json"
+        fid_path = s.layout.fid_scores(key)
         record = json.loads(fid_path.read_text()) if fid_path.is_file() else {}
         fid: dict[str, dict[str, float]] = {}
         for space in ("cxr", "inception"):
@@ -123,25 +122,13 @@ def _fid(space_result: dict, set_name: str) -> float:
     return float("nan") if value is None else float(value)
 
 
-def table_metadata(frame: pd.DataFrame) -> dg.MetadataValue:
-    """A table of strings for the UI (``MetadataValue.table``)."""
-    columns = [str(c) for c in frame.columns]
-    return dg.MetadataValue.table(
-        records=[
-            dg.TableRecord({c: str(v) for c, v in zip(columns, row)}) for row in frame.itertuples(index=False)
-        ],
-        schema=dg.TableSchema(columns=[dg.TableColumn(c, "string") for c in columns]),
-    )
-
-
 @dg.asset(
     deps=[
         dg.AssetDep("classifier_experiment", partition_mapping=dg.AllPartitionMapping()),
         dg.AssetDep("fid_scores", partition_mapping=dg.AllPartitionMapping()),
         dg.AssetDep("class_fidelity", partition_mapping=dg.AllPartitionMapping()),
     ],
-    group_name="report",
-    automation_condition=automation_for("report"),
+    group_name="reports",
     kinds={"pandas", "matplotlib"},
     owners=OWNERS,
     code_version=REPORT_VERSION,
@@ -166,11 +153,11 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
         context.log.warning(f"{len(missing)} of {expected} runs missing: {', '.join(missing)}")
     if not runs:
         raise dg.Failure(
-            description=f"no finished classifier runs under {s.data_dir / 'classifier'}: "
+            description=f"no finished classifier runs under {s.layout.classifier_runs}: "
             "materialize classifier_experiment first",
             metadata={"missing": ", ".join(missing)},
         )
-    out = s.data_dir / "reports"
+    out = s.layout.reports
     c = s.classifier
     quality = generator_quality(s)
     opts = ReportOptions(
@@ -210,9 +197,9 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             "excluded_runs": "; ".join(f"{n} ({w})" for n, w in excluded) or "none",
             "selection": s.classifier.selection,
             "generators": s.dreambooth.generators,
-            "results": table_metadata(main_frame(report.table, fidelity)),
-            "comparisons": table_metadata(comparisons_frame(report.comparisons)),
-            "generator_quality": table_metadata(quality_frame(quality)),
+            "results": metadata_table(main_frame(report.table, fidelity)),
+            "comparisons": metadata_table(comparisons_frame(report.comparisons)),
+            "generator_quality": metadata_table(quality_frame(quality)),
             **figures,
         }
     )
@@ -224,7 +211,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
 )
 def every_run_reported(settings: SettingsResource) -> dg.AssetCheckResult:
     s = settings.get()
-    listed = json.loads((s.data_dir / "reports" / RUNS_FILE).read_text())
+    listed = json.loads((s.layout.reports / RUNS_FILE).read_text())
     not_in = listed["missing"] + [e["run"] for e in listed["excluded"]]
     return dg.AssetCheckResult(
         passed=not not_in,
@@ -233,4 +220,6 @@ def every_run_reported(settings: SettingsResource) -> dg.AssetCheckResult:
     )
 
 
-defs = dg.Definitions(assets=[study_report], asset_checks=[every_run_reported])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The reports domain's definitions (none depends on settings)."""
+    return dg.Definitions(assets=[study_report], asset_checks=[every_run_reported])

@@ -3,15 +3,19 @@
 import dagster as dg
 import numpy as np
 
-from synth_xray_assets.automation import automation_for
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
-from synth_xray_assets.dreambooth.summary import folder_version
-from synth_xray_assets.dreambooth.training import load_trained_pipeline
-from synth_xray_assets.partitions import class_key_of, class_label, class_partitions
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    with_generator_partitions,
+)
 from synth_xray_assets.resources import ComputeResource, SettingsResource
-from synth_xray_assets.storage import image_grid, png_markdown
-from synth_xray_assets.synthesis.generate import generate_set, seed_stream_offset
+from synth_xray_assets.settings import Settings
+from synth_xray_assets.storage import folder_version, image_grid, png_markdown
 from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -32,16 +36,16 @@ def _checkpoint_version(data_dir, key: str) -> str:
 @dg.asset(
     deps=[dreambooth_checkpoint],
     partitions_def=class_partitions,
-    group_name="generation",
-    automation_condition=automation_for("generation"),
+    group_name="synthesis",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
     code_version="synthetic-images-v2",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
-        "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep, 50 steps, "
-        "guidance 4.0, batch 8, 1200 per class in full. One recorded seed per image; PNGs and a manifest "
+        "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep with "
+        "settings generation.* (steps, guidance, batch, images per class). One recorded seed per image; "
+        "PNGs and a manifest "
         "(file, class, seed, prompt, checkpoint version) under data/synthetic/{class}/. A re-run makes only "
         "missing images."
     ),
@@ -63,12 +67,8 @@ def synthetic_images(
         lambda: load_trained_pipeline(ckpt, base, device),
         out,
         g.images_per_class,
-        prompt,
-        num_inference_steps=g.num_inference_steps,
-        guidance_scale=g.guidance_scale,
-        resolution=s.dreambooth.resolution,
+        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
         batch_size=g.batch_size,
-        seed_offset=first_seed,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
@@ -123,4 +123,8 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
     }
 
 
-defs = dg.Definitions(assets=[synthetic_images], asset_checks=[no_blank_samples])
+def build_defs(s: Settings) -> dg.Definitions:
+    """The synthesis domain's definitions: one partition per generator of ``s``."""
+    return dg.Definitions(
+        assets=with_generator_partitions([synthetic_images], s), asset_checks=[no_blank_samples]
+    )

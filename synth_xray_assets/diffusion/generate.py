@@ -1,6 +1,6 @@
-"""Sampling images from a Stable Diffusion pipeline, one recorded seed per image, resumably.
+"""Filling a folder with images from a Stable Diffusion pipeline, one recorded seed per image, resumably.
 
-``sample_images`` is the sampler (DPM-Solver multistep, the study's scheduler). ``generate_set``
+``generate_set``
 fills a folder with ``count`` images: image ``i`` uses seed ``seed_offset + i`` through its own
 generator (each set its own ``seed_offset``: :func:`seed_stream_offset`), so it does not depend
 on the batch it was made in, and a re-run after an interruption
@@ -11,19 +11,18 @@ class images alike.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+from synth_xray_assets.diffusion.image_sets import MANIFEST
+from synth_xray_assets.diffusion.pipelines import sample_images, use_dpm_solver
 from synth_xray_assets.settings import GenerationSettings
 from synth_xray_assets.storage import save_png_atomic, sha256_bytes, write_parquet_atomic
-from synth_xray_assets.synthesis.store import MANIFEST
 
 
 def seed_stream_offset(settings: GenerationSettings, set_name: str) -> int:
@@ -36,39 +35,24 @@ def seed_stream_offset(settings: GenerationSettings, set_name: str) -> int:
     return settings.seed_offset + zlib.crc32(set_name.encode()) * settings.seed_stream_stride
 
 
-def use_dpm_solver(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
-    """Swap the pipeline's scheduler for DPM-Solver multistep with the same noise schedule."""
-    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    return pipe
+@dataclass(frozen=True)
+class Recipe:
+    """How every image of a set is made; image ``i`` uses seed ``seed_offset + i``."""
 
+    prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    resolution: int
+    seed_offset: int = 0
 
-@torch.no_grad()
-def sample_images(
-    pipe: StableDiffusionPipeline,
-    prompt: str,
-    seeds: Sequence[int],
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-) -> np.ndarray:
-    """uint8 grayscale ``[len(seeds), resolution, resolution]``; image k from ``seeds[k]`` alone."""
-    device = pipe.device
-    # Each image gets its own generator: the same seed gives the same image in any batch.
-    gen_device = "cpu" if device.type == "mps" else device
-    generators = [torch.Generator(gen_device).manual_seed(int(s)) for s in seeds]
-    out = pipe(
-        prompt=[prompt] * len(seeds),
-        num_inference_steps=num_inference_steps,
-        guidance_scale=guidance_scale,
-        height=resolution,
-        width=resolution,
-        generator=generators,
-        output_type="np",
-    ).images
-    rgb = np.nan_to_num(np.asarray(out, dtype=np.float32), nan=0.0)
-    gray = rgb.mean(axis=-1) if rgb.ndim == 4 else rgb
-    return np.clip(np.round(gray * 255.0), 0, 255).astype(np.uint8)
+    def columns(self) -> dict[str, object]:
+        """The manifest columns an image must match to be kept (the seed is checked apart)."""
+        return {
+            "prompt": self.prompt,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": float(self.guidance_scale),
+            "resolution": self.resolution,
+        }
 
 
 @dataclass
@@ -82,41 +66,23 @@ def generate_set(
     make_pipe: Callable[[], StableDiffusionPipeline],
     out_dir: Path,
     count: int,
-    prompt: str,
+    recipe: Recipe,
     *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
     batch_size: int,
-    seed_offset: int = 0,
     extra_columns: dict[str, object] | None = None,
     log: Callable[[str], None] = print,
 ) -> GenerationReport:
     """Make images ``0..count-1`` in ``out_dir/images/``, keeping those already there.
 
-    An existing image is kept when the manifest lists it with the same prompt, seed, sampler
-    settings and ``extra_columns`` (for example the checkpoint's version) and its file is intact;
-    everything else is made (again). The manifest is rewritten atomically after every batch, so
-    an interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
+    An existing image is kept when the manifest lists it with the same recipe, seed and
+    ``extra_columns`` (for example the checkpoint's version) and its file is intact; everything
+    else is made (again). The manifest is rewritten atomically after every batch, so an
+    interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
     """
     out_dir = Path(out_dir)
-    extra = dict(extra_columns or {})
-    recipe = {
-        "prompt": prompt,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": float(guidance_scale),
-        "resolution": resolution,
-        **extra,
-    }
-    rows: dict[int, dict] = {}
+    columns = {**recipe.columns(), **(extra_columns or {})}
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        for row in pd.read_parquet(manifest_path).to_dict("records"):
-            i = int(row["index"])
-            same = i < count and int(row["seed"]) == seed_offset + i
-            same = same and all(_same(row.get(k), v) for k, v in recipe.items())
-            if same and _intact(out_dir / row["file"], row["sha256"]):
-                rows[i] = row
+    rows = _kept_rows(manifest_path, count, recipe.seed_offset, columns)
     reused = len(rows)
     todo = [i for i in range(count) if i not in rows]
     if todo:
@@ -124,8 +90,11 @@ def generate_set(
         pipe = use_dpm_solver(make_pipe())
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            seeds = [seed_offset + i for i in batch]
-            images = sample_images(pipe, prompt, seeds, num_inference_steps, guidance_scale, resolution)
+            seeds = [recipe.seed_offset + i for i in batch]
+            r = recipe
+            images = sample_images(
+                pipe, r.prompt, seeds, r.num_inference_steps, r.guidance_scale, r.resolution
+            )
             for i, seed, pixels in zip(batch, seeds, images):
                 file = f"images/{i:05d}.png"
                 save_png_atomic(Image.fromarray(pixels, mode="L"), out_dir / file)
@@ -133,7 +102,7 @@ def generate_set(
                     "index": i,
                     "file": file,
                     "seed": seed,
-                    **recipe,
+                    **columns,
                     "sha256": _png_hash(out_dir / file),
                 }
             _write_manifest(rows, manifest_path)
@@ -141,6 +110,22 @@ def generate_set(
     # Files beyond ``count`` (a smaller setting than last time) are left out of the manifest.
     manifest = _write_manifest(rows, manifest_path)
     return GenerationReport(manifest=manifest, generated=todo, reused=reused)
+
+
+def _kept_rows(
+    manifest_path: Path, count: int, seed_offset: int, columns: dict[str, object]
+) -> dict[int, dict]:
+    """The manifest rows whose image can be kept: same seed and columns, file intact."""
+    rows: dict[int, dict] = {}
+    if not manifest_path.exists():
+        return rows
+    for row in pd.read_parquet(manifest_path).to_dict("records"):
+        i = int(row["index"])
+        same = i < count and int(row["seed"]) == seed_offset + i
+        same = same and all(_same(row.get(k), v) for k, v in columns.items())
+        if same and _intact(manifest_path.parent / row["file"], row["sha256"]):
+            rows[i] = row
+    return rows
 
 
 def _write_manifest(rows: dict[int, dict], path: Path) -> pd.DataFrame:

@@ -1,0 +1,1 @@
+"""Shared Stable Diffusion helpers: pipelines, seeded sampling, resumable image sets."""

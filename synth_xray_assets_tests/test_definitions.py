@@ -1,0 +1,95 @@
+"""The graph is made from the settings object alone: partitions, automation, deps, groups."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.settings import DemoSettings, Settings, load_settings
+
+PACKAGE = Path(__file__).resolve().parents[1] / "synth_xray_assets"
+
+
+@pytest.fixture
+def hostile_env(monkeypatch):
+    """Environment variables that would change the graph if anything but load_settings read them."""
+    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "full")
+    monkeypatch.setenv("SYNTH_XRAY_CLASSIFIER__SEEDS", "[7, 8, 9]")
+    monkeypatch.setenv("SYNTH_XRAY_AUTOMATION__EAGER_THROUGH", "reports")
+
+
+def test_other_experiments_and_seeds_are_the_classifier_partitions(tmp_path, hostile_env):
+    s = Settings.for_profile(
+        "demo",
+        tmp_path,
+        {"classifier": {"experiments": {"alpha": (1.0, 0), "beta": (0.5, 8)}, "seeds": (3, 11)}},
+    )
+    job = build_defs(s).resolve_job_def("classifier_job")
+    assert sorted(job.partitions_def.get_partition_keys()) == ["alpha|11", "alpha|3", "beta|11", "beta|3"]
+    default = build_defs(Settings.for_profile("demo", tmp_path)).resolve_job_def("classifier_job")
+    assert "baseline|0" in default.partitions_def.get_partition_keys()
+
+
+def _eager(defs: dg.Definitions) -> set[str]:
+    graph = defs.resolve_asset_graph()
+    return {
+        k.to_user_string()
+        for k in graph.get_all_asset_keys()
+        if graph.get(k).is_materializable and graph.get(k).automation_condition is not None
+    }
+
+
+def test_eager_through_changes_the_automation_conditions(tmp_path, hostile_env):
+    through_evaluation = _eager(build_defs(Settings.for_profile("demo", tmp_path)))
+    assert "fid_scores" in through_evaluation and "classifier_experiment" not in through_evaluation
+    only_dataset = _eager(
+        build_defs(Settings.for_profile("demo", tmp_path, {"automation": {"eager_through": "dataset"}}))
+    )
+    assert only_dataset == {"chest_xray_dataset"}
+    none = _eager(
+        build_defs(Settings.for_profile("demo", tmp_path, {"automation": {"eager_through": "none"}}))
+    )
+    assert none == set()
+
+
+def test_base_model_depends_on_the_dataset_only_when_tiny(tmp_path):
+    def parents(s: Settings) -> set[str]:
+        graph = build_defs(s).resolve_asset_graph()
+        return {k.to_user_string() for k in graph.get(dg.AssetKey("base_model")).parent_keys}
+
+    assert parents(Settings.for_profile("demo", tmp_path)) == {"chest_xray_dataset"}
+    assert parents(Settings.for_profile("full", tmp_path)) == set()
+
+
+def test_group_names_are_the_domain_folders(tmp_path):
+    defs = build_defs(Settings.for_profile("demo", tmp_path))
+    folders = {p.name for p in PACKAGE.iterdir() if (p / "assets.py").is_file()}
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        group = graph.get(key).group_name
+        assert group in folders, (key, group)
+        if graph.get(key).is_materializable:
+            module = defs.resolve_assets_def(key).op.compute_fn.decorated_fn.__module__
+            assert module == f"synth_xray_assets.{group}.assets", (key, module)
+
+
+def test_load_settings_reads_nested_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "demo")
+    monkeypatch.setenv("SYNTH_XRAY_DATA", str(tmp_path))
+    monkeypatch.setenv("SYNTH_XRAY_DREAMBOOTH__METHOD", "lora")
+    monkeypatch.setenv("SYNTH_XRAY_CLASSIFIER__EXPERIMENTS", '{"only": [1.0, 0]}')
+    s = load_settings()
+    assert isinstance(s, DemoSettings) and s.data_dir == tmp_path
+    assert s.dreambooth.method == "lora" and s.dreambooth.resolution == 64  # the demo's value stays
+    assert s.classifier.experiments == {"only": (1.0, 0)}  # a dict is replaced whole
+    monkeypatch.setenv("SYNTH_XRAY_DREAMBOOTH__METOD", "lora")
+    with pytest.raises(ValueError, match="dreambooth.metod"):
+        load_settings()
+
+
+def test_for_profile_reads_no_environment(monkeypatch, tmp_path, hostile_env):
+    s = Settings.for_profile("demo", tmp_path)
+    assert s.profile == "demo" and s.classifier.seeds == (0,) and s.automation.eager_through == "evaluation"
+    with pytest.raises(ValueError, match="unknown profile"):
+        Settings.for_profile("huge", tmp_path)
