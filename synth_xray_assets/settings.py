@@ -231,8 +231,10 @@ class ClassifierSettings(_Section):
     ci_level: float = 0.95
 
     def all_experiments(self) -> list[str]:
-        """The study's experiments, then the balance controls (the classifier partitions)."""
-        return list(self.experiments) + [c for c in self.balance_controls if c not in self.experiments]
+        """The study's experiments, then the balance controls of those among them (the classifier
+        partitions)."""
+        controls = [c for c, mix in self.balance_controls.items() if mix in self.experiments]
+        return list(self.experiments) + [c for c in controls if c not in self.experiments]
 
 
 class AutomationSettings(_Section):

@@ -221,3 +221,19 @@ def test_the_mirror_parquet_keeps_file_names_through_the_source_loader(tmp_path)
     dsd = load_source(resolve_source(s), s)
     first = [r.source_id for _, r in zip(range(3), iter_records(dsd, "train", s.dataset.class_names))]
     assert all(patient_id(file_name) for file_name in (sid.split(":", 1)[1] for sid in first)), first
+
+
+def test_matched_generators_partition_every_per_generator_asset(tmp_path):
+    from synth_xray_assets.definitions import build_defs
+
+    keys = ["normal", "pneumonia", "normal-r10", "pneumonia-r10", "normal-r25", "pneumonia-r25"]
+    d = build_defs(Settings.for_profile("demo", tmp_path, {"dreambooth": {"generators": "matched"}}))
+    for name in ("dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization", "class_fidelity"):
+        assert d.resolve_assets_def(name).partitions_def.get_partition_keys() == keys, name
+    assert d.resolve_job_def("per_class_job").partitions_def.get_partition_keys() == keys
+    checks = d.get_repository_def().asset_checks_defs_by_key
+    for key, check in checks.items():
+        if key.name in ("checkpoint_loads", "no_blank_samples"):
+            assert check.partitions_def.get_partition_keys() == keys, key
+    study = build_defs(Settings.for_profile("demo", tmp_path))
+    assert study.resolve_assets_def("fid_scores").partitions_def.get_partition_keys() == keys[:2]

@@ -31,6 +31,7 @@ from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
     class_partitions,
+    generator_partitions,
     with_generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
@@ -284,20 +285,28 @@ def dreambooth_checkpoint(
     )
 
 
-@dg.asset_check(
-    asset=dreambooth_checkpoint,
-    partitions_def=class_partitions,
-    blocking=True,
-    pool="gpu",
-    description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
-)
-def checkpoint_loads(
-    context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
-) -> dg.AssetCheckResult:
-    s = settings.get()
-    key = context.partition_key
-    result = check_checkpoint(s, key, compute.resolve_device())
-    return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+def checkpoint_loads_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """``checkpoint_loads`` on the generator partitions ``partitions_def``."""
+
+    @dg.asset_check(
+        asset=dreambooth_checkpoint,
+        name="checkpoint_loads",
+        partitions_def=partitions_def,
+        blocking=True,
+        pool="gpu",
+        description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+    )
+    def checkpoint_loads(
+        context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
+    ) -> dg.AssetCheckResult:
+        s = settings.get()
+        result = check_checkpoint(s, context.partition_key, compute.resolve_device())
+        return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+
+    return checkpoint_loads
+
+
+checkpoint_loads = checkpoint_loads_check(class_partitions)
 
 
 def check_checkpoint(s, key: str, device: str) -> dict:
@@ -336,5 +345,5 @@ def build_defs(s: Settings) -> dg.Definitions:
         )
     return dg.Definitions(
         assets=[base, prior_class_images, *with_generator_partitions([dreambooth_checkpoint], s)],
-        asset_checks=[checkpoint_loads],
+        asset_checks=[checkpoint_loads_check(generator_partitions(s))],
     )

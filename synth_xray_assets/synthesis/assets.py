@@ -11,6 +11,7 @@ from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
     class_partitions,
+    generator_partitions,
     with_generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
@@ -91,19 +92,27 @@ def synthetic_images(
     )
 
 
-@dg.asset_check(
-    asset=synthetic_images,
-    partitions_def=class_partitions,
-    blocking=True,
-    description="The image count equals the setting; no blank or NaN images; sizes match the resolution.",
-)
-def no_blank_samples(
-    context: dg.AssetCheckExecutionContext, settings: SettingsResource
-) -> dg.AssetCheckResult:
-    s = settings.get()
-    key = context.partition_key
-    found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, key)), s)
-    return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
+def no_blank_samples_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """``no_blank_samples`` on the generator partitions ``partitions_def``."""
+
+    @dg.asset_check(
+        asset=synthetic_images,
+        name="no_blank_samples",
+        partitions_def=partitions_def,
+        blocking=True,
+        description="The image count equals the setting; no blank or NaN images; sizes match the resolution.",
+    )
+    def no_blank_samples(
+        context: dg.AssetCheckExecutionContext, settings: SettingsResource
+    ) -> dg.AssetCheckResult:
+        s = settings.get()
+        found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, context.partition_key)), s)
+        return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
+
+    return no_blank_samples
+
+
+no_blank_samples = no_blank_samples_check(class_partitions)
 
 
 def check_synthetic_set(images: SyntheticImages, s) -> dict:
@@ -126,5 +135,6 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
 def build_defs(s: Settings) -> dg.Definitions:
     """The synthesis domain's definitions: one partition per generator of ``s``."""
     return dg.Definitions(
-        assets=with_generator_partitions([synthetic_images], s), asset_checks=[no_blank_samples]
+        assets=with_generator_partitions([synthetic_images], s),
+        asset_checks=[no_blank_samples_check(generator_partitions(s))],
     )
