@@ -6,10 +6,21 @@ export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 
 .PHONY: install demo dev test lint bench
 
+# uv installs the same pins from the same sources as pip (pip's indexes, find-links and
+# constraints passed on by tools/uv_pip_args.py) in a fraction of the time: benchmarks/install.py.
+# pip is the fallback when uv cannot be installed or fails; `make install INSTALLER=pip` forces it.
+INSTALLER ?= uv
+UV_VERSION := 0.13.9
+UV_FLAGS ?=
+
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	if [ "$(INSTALLER)" = uv ] && $(PY) -m pip install -q uv==$(UV_VERSION) \
+	  && $(VENV)/bin/uv pip install -q $(UV_FLAGS) --python $(PY) $$($(PY) tools/uv_pip_args.py) -e '.[dev]'; \
+	then echo "installed with uv $(UV_VERSION)"; \
+	else echo "installing with pip"; \
+	  $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -e '.[dev]'; \
+	fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,7 +6,7 @@ the folder it reads or writes. Inside its folder, each store module owns its own
 ``images/``, ``manifest.parquet``; ...). The tree::
 
     sources/demo-phantoms/                 the demo's phantom radiographs (Hub parquet layout)
-    dataset/                               standardized images, arrays, manifest, skipped.csv
+    dataset/                               standardized images, arrays, manifest, skipped.csv, dropped.csv
     models/hub/                            the Hub cache of the full profile's base model
     models/base/                           the demo's tiny base model (diffusers layout)
     models/base_model.json                 which folder base_model made, and its version

@@ -53,6 +53,9 @@ class DatasetSettings(_Section):
     max_image_pixels: int = 178_956_970  # PIL's decompression-bomb limit (2x its warning)
     workers: int = 2  # processes for standardization
     observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
+    # Drop train images identical (same bytes) to a test image, listed in dropped.csv; off: the
+    # blocking no_train_test_overlap check stops the pipeline and names the files instead.
+    drop_train_test_duplicates: bool = False
 
 
 class PhantomSettings(_Section):
@@ -129,6 +132,11 @@ class DreamBoothSettings(_Section):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
+    # GPU memory presets (issue 11; dreambooth/presets.py): "auto" picks by free GPU memory on CUDA
+    # (study >= 50 GiB: the 80 GB cards; memory-saving = gradient checkpointing + 8-bit Adam, 24-40 GB
+    # cards; lora below), "none" keeps these settings, or name one. Minimums are estimates.
+    memory_preset: Literal["auto", "none", "study", "memory-saving", "lora"] = "auto"
+    preset_min_free_gib: dict[str, float] = {"study": 50.0, "memory-saving": 20.0, "lora": 8.0}
     sample_images: int = 8  # for the UI grid
     sample_steps: int = 25
     # Which generators exist (issue 10). "study": one per class, fine-tuned on real train minus the
@@ -147,6 +155,12 @@ class GenerationSettings(_Section):
     batch_size: int = 8
     seed_offset: int = 0  # image i of set "name" uses seed seed_offset + crc32(name) * seed_stream_stride + i
     seed_stream_stride: int = 2**20  # each set (normal, pneumonia, prior, ...) its own seed stream
+    # GPU memory per image at 512 px in fp16, scaled by area (estimates from SD 2.1's architecture):
+    # the batch is cut to what the free memory holds; the VAE decodes one image at a time when
+    # the whole batch would not fit (VAE slicing). Used for prior images too.
+    generation_weights_gib: float = 3.0
+    gib_per_image_512: float = 0.5  # UNet with classifier-free guidance (2 latents per image)
+    vae_decode_gib_per_image_512: float = 1.5
 
 
 class EvaluationSettings(_Section):
@@ -192,7 +206,9 @@ class ClassifierSettings(_Section):
 
     resolution: int = 224
     resize: int = 256
-    batch_size: int = 512
+    # Images per optimizer step: the article says 512, the author's notebook used 256. 512 at
+    # 224 px in fp32 needs about 64 GiB of activations; 256 with mixed precision fits 24 GB cards.
+    batch_size: int = 256
     epochs: int = 20
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
@@ -208,7 +224,12 @@ class ClassifierSettings(_Section):
     split_seed: int = 42  # the one validation split shared by every experiment and seed
     selection: Literal["validation", "test"] = "validation"  # "test" = the study's own protocol
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    num_workers: int = 2
+    num_workers: int | None = None  # augmentation processes on the CPU path; None: the cores left free
+    # GPU (issue 11): autocast "auto" = bf16 where the card supports it, else fp16 + GradScaler;
+    # "no" = fp32. The CPU always runs fp32. channels_last speeds up convolutions on tensor cores.
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    channels_last: bool = True
+    gpu_augmentation: bool = True  # augment on the GPU when training on one (no CPU workers)
     bootstrap_samples: int = 2000
     # experiment -> (fraction of real train, number of synthetic images, class-balanced)
     experiments: dict[str, tuple[float, int]] = {

@@ -131,12 +131,62 @@ def markdown_table(frame: Any, index: bool = False) -> str:
     return "\n".join(lines)
 
 
-def folder_version(
-    folder: str | Path, patterns: Sequence[str] = ("**/*.safetensors", "**/*config*.json", "model_index.json")
-) -> str:
-    """A content hash of a model folder's weights and configs (its data version)."""
-    folder = Path(folder)
+MODEL_FILE_PATTERNS = ("**/*.safetensors", "**/*config*.json", "model_index.json")
+VERSION_FILE = ".content-version.json"  # inside a model folder: its hash, its files' sizes and times
+
+
+def _model_files(folder: Path, patterns: Sequence[str]) -> list[Path]:
     files = sorted({p for pat in patterns for p in folder.glob(pat) if p.is_file()})
     if not files:
         raise FileNotFoundError(f"no model files in {folder}")
+    return files
+
+
+def _listing(folder: Path, files: list[Path]) -> dict[str, list[int]]:
+    """Each file's size and modification time: what must be unchanged for a stored hash to hold."""
+    out = {}
+    for p in files:
+        st = p.stat()
+        out[str(p.relative_to(folder))] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def _hash_files(folder: Path, files: list[Path]) -> str:
     return combined_hash([f"{p.relative_to(folder)}:{sha256_file(p)}" for p in files])[:16]
+
+
+def write_folder_version(folder: str | Path, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> str:
+    """Hash a model folder's weights and configs once and store the hash in it (``VERSION_FILE``).
+
+    Call it where the folder is written (inside its atomic write): later readers get the hash
+    from :func:`folder_version` without re-reading gigabytes of weights.
+    """
+    folder = Path(folder)
+    files = _model_files(folder, patterns)
+    record = {
+        "version": _hash_files(folder, files),
+        "patterns": list(patterns),
+        "files": _listing(folder, files),
+    }
+    write_json_atomic(folder / VERSION_FILE, record)
+    return record["version"]
+
+
+def folder_version(folder: str | Path, patterns: Sequence[str] = MODEL_FILE_PATTERNS) -> str:
+    """A content hash of a model folder's weights and configs (its data version).
+
+    Read from the folder's ``VERSION_FILE`` when its files still have the recorded sizes and
+    modification times; otherwise hashed (and stored, where the folder is writable).
+    """
+    folder = Path(folder)
+    files = _model_files(folder, patterns)
+    try:
+        record = json.loads((folder / VERSION_FILE).read_text())
+        if record.get("patterns") == list(patterns) and record.get("files") == _listing(folder, files):
+            return str(record["version"])
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return write_folder_version(folder, patterns)
+    except OSError:  # a read-only folder: hash without storing
+        return _hash_files(folder, files)

@@ -14,9 +14,9 @@ from synth_xray_assets.dataset.phantoms import generate_phantom_split, write_pha
 from synth_xray_assets.dataset.sources import (
     SourceError,
     check_splits_and_classes,
-    iter_records,
     load_source,
     resolve_source,
+    source_records,
 )
 from synth_xray_assets.dataset.standardize import resize_center_crop, standardize_bytes, standardize_many
 from synth_xray_assets.dataset.store import StandardizedDataset, build_standardized_dataset
@@ -49,7 +49,7 @@ def build(settings: Settings):
     resolved = resolve_source(settings)
     dsd = load_source(resolved, settings)
     check_splits_and_classes(dsd, settings, resolved.location)
-    records = {s: iter_records(dsd, s, settings.dataset.class_names) for s in settings.dataset.splits}
+    records = source_records(dsd, resolved, settings)
     return build_standardized_dataset(
         records, settings.dataset, settings.data_dir / "dataset", log=lambda m: None
     )
@@ -328,3 +328,88 @@ def test_skipped_list_is_saved_beside_the_manifest(tmp_path):
     build(s)
     skipped = pd.read_csv(s.data_dir / "dataset" / "skipped.csv")
     assert len(skipped) == 4 and set(skipped.columns) == {"split", "source_id", "reason"}
+
+
+# --- awkward input: EXIF orientation, hidden files, duplicates across splits ----------------
+
+
+def test_jpeg_with_an_exif_orientation_is_stored_upright():
+    upright = np.full((80, 40), 20, np.uint8)  # tall; bright top half
+    upright[:40] = 200
+    sideways = Image.fromarray(upright).rotate(90, expand=True)  # as a camera stores it: 80 x 40
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    buf = io.BytesIO()
+    sideways.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    tagged, plain = standardize_bytes(buf.getvalue(), 32), standardize_bytes(encode(sideways, "JPEG"), 32)
+    assert tagged.original_size == (40, 80) and plain.original_size == (80, 40)
+    top, bottom = tagged.pixels[:12].mean(), tagged.pixels[-12:].mean()
+    assert top > 150 and bottom < 70, (top, bottom)  # upright: bright on top
+    left, right = plain.pixels[:, :12].mean(), plain.pixels[:, -12:].mean()
+    assert abs(plain.pixels[:12].mean() - plain.pixels[-12:].mean()) < 20 and left > right  # sideways
+
+
+def test_hidden_files_in_class_folders_are_listed_as_skipped(tmp_path):
+    folder = make_image_folder(tmp_path / "folder", bad=False)
+    (folder / "validation").rename(folder / "val")  # datasets reads "val" as the validation split
+    normal_0 = (folder / "train" / "NORMAL" / "NORMAL_0.jpeg").read_bytes()
+    (folder / "train" / "NORMAL" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "train" / "PNEUMONIA" / "._PNEUMONIA_0.jpeg").write_bytes(normal_0)
+    (folder / "val" / "NORMAL" / ".ipynb_checkpoints").mkdir()
+    (folder / "val" / "NORMAL" / ".ipynb_checkpoints" / "NORMAL_9.jpeg").write_bytes(normal_0)
+    report = build(tiny_settings(tmp_path, source=str(folder)))
+    assert report.manifest.groupby(["split", "class_name"]).size().eq(3).all()  # nothing hidden read
+    hidden = report.skipped.set_index("source_id")
+    assert set(hidden.index) == {
+        "train/NORMAL/.DS_Store",
+        "train/PNEUMONIA/._PNEUMONIA_0.jpeg",
+        "val/NORMAL/.ipynb_checkpoints/NORMAL_9.jpeg",
+    }
+    assert hidden.loc["val/NORMAL/.ipynb_checkpoints/NORMAL_9.jpeg", "split"] == "validation"
+    assert hidden.reason.str.startswith("hidden file").all()
+
+
+def leaky_folder(tmp_path: Path) -> Path:
+    """An image folder whose test split holds two copies of one train image under other names."""
+    folder = make_image_folder(tmp_path / "folder", bad=False)
+    leak = (folder / "train" / "NORMAL" / "NORMAL_0.jpeg").read_bytes()
+    (folder / "test" / "NORMAL" / "leak.jpeg").write_bytes(leak)
+    (folder / "test" / "NORMAL" / "leak-again.jpeg").write_bytes(leak)
+    return folder
+
+
+def test_train_test_overlap_names_the_files_on_each_side(tmp_path):
+    folder = leaky_folder(tmp_path)
+    overrides = f'{{"dataset": {{"source": "{folder}", "resolution": 32, "workers": 1}}}}'
+    result = materialize_dataset(SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides))
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["no_train_test_overlap"]
+    assert not check.passed and check.metadata["num_shared"].value == 1
+    (row,) = [r.data for r in check.metadata["shared (train and test files with the same content)"].records]
+    assert row["train"].endswith(":NORMAL_0.jpeg")
+    assert "leak.jpeg" in row["test"] and "leak-again.jpeg" in row["test"]
+    assert check.metadata["train_duplicates_of_test_dropped"].value == 0
+
+
+def test_drop_train_test_duplicates_drops_them_from_train_and_records_them(tmp_path):
+    folder = leaky_folder(tmp_path)
+    overrides = (
+        f'{{"dataset": {{"source": "{folder}", "resolution": 32, "workers": 1, '
+        '"drop_train_test_duplicates": true}}'
+    )
+    result = materialize_dataset(SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides))
+    assert result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["no_train_test_overlap"].passed
+    assert checks["no_train_test_overlap"].metadata["train_duplicates_of_test_dropped"].value == 1
+    assert checks["all_source_images_readable"].passed  # a deliberate drop is not a bad file
+    md = result.asset_materializations_for_node("chest_xray_dataset")[0].metadata
+    assert md["train_duplicates_of_test_dropped"].value == 1
+    (dropped_row,) = [r.data for r in md["dropped"].records]
+    assert dropped_row["source_id"].endswith(":NORMAL_0.jpeg") and "leak.jpeg" in dropped_row["duplicate_of"]
+    ds = StandardizedDataset.open(tmp_path / "data" / "dataset")
+    train = ds.rows("train")
+    assert (train.class_name == "NORMAL").sum() == 2 and not train.source_id.str.contains("NORMAL_0").any()
+    assert len(ds.images("train")) == len(train) == 5
+    assert len(ds.rows("test")) == 8  # test keeps both copies
+    dropped = pd.read_csv(ds.root / "dropped.csv")
+    assert list(dropped.columns) == ["split", "source_id", "sha256", "duplicate_of"] and len(dropped) == 1

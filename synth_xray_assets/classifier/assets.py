@@ -124,6 +124,9 @@ def classifier_experiment(
         "train_images_per_s": dg.MetadataValue.float(round(result.train_images_per_s, 2)),
         "resumed_from_epoch": result.resumed_from_epoch,
         "device": device,
+        "precision": result.precision,
+        "micro_batch": result.compute.get("micro_batch", 0),  # < batch_size after out-of-memory
+        "compute": dg.MetadataValue.json(result.compute),
         "checkpoint": dg.MetadataValue.path(result.weights_path),
         "last_epoch_checkpoint": dg.MetadataValue.path(result.last_weights_path),
         "run_dir": dg.MetadataValue.path(str(folder)),

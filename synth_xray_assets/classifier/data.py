@@ -378,27 +378,33 @@ def augment_batch(
     ``1 +- brightness`` / ``1 +- contrast`` (contrast around the image mean), as torchvision's
     RandomHorizontalFlip, RandomRotation and ColorJitter do on PIL images. The result stays
     uint8, like PIL's, so a worker hands back a quarter of a float batch; the training step
-    normalises it with :func:`normalize_batch` on its device.
+    normalises it with :func:`normalize_batch` on its device. Runs on ``batch``'s device (the GPU
+    when training on one), with the same draws from ``generator`` (a CPU one) everywhere.
     """
     x = batch.float().unsqueeze(1)
     b, _, h, w = x.shape
+    dev = x.device  # the random draws stay on the CPU generator: the same on every device
+
+    def uniform() -> torch.Tensor:
+        return (torch.rand(b, generator=generator) * 2 - 1).to(dev)
+
     flip = torch.rand(b, generator=generator) < 0.5 if settings.hflip else torch.zeros(b, dtype=torch.bool)
-    angle = torch.zeros(b)
+    angle = torch.zeros(b, device=dev)
     if settings.rotation_degrees > 0:
-        angle = (torch.rand(b, generator=generator) * 2 - 1) * math.radians(settings.rotation_degrees)
+        angle = uniform() * math.radians(settings.rotation_degrees)
     if settings.hflip or settings.rotation_degrees > 0:
         # Where each output pixel samples the input: rotate, then mirror x (normalised coordinates).
-        gx = ((torch.arange(w) * 2 + 1) / w - 1).view(1, 1, w)
-        gy = ((torch.arange(h) * 2 + 1) / h - 1).view(1, h, 1)
+        gx = ((torch.arange(w, device=dev) * 2 + 1) / w - 1).view(1, 1, w)
+        gy = ((torch.arange(h, device=dev) * 2 + 1) / h - 1).view(1, h, 1)
         cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
-        sign = torch.where(flip, -1.0, 1.0).view(b, 1, 1)
+        sign = torch.where(flip, -1.0, 1.0).to(dev).view(b, 1, 1)
         grid = torch.stack([sign * (cos * gx - sin * gy), sin * gx + cos * gy], dim=-1)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if settings.brightness > 0:
-        factor = 1 + (torch.rand(b, generator=generator) * 2 - 1) * settings.brightness
+        factor = 1 + uniform() * settings.brightness
         x = (x * factor.view(b, 1, 1, 1)).clamp(0, 255)
     if settings.contrast > 0:
-        factor = (1 + (torch.rand(b, generator=generator) * 2 - 1) * settings.contrast).view(b, 1, 1, 1)
+        factor = (1 + uniform() * settings.contrast).view(b, 1, 1, 1)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * factor + mean).clamp(0, 255)
     return x[:, 0].round().to(torch.uint8)

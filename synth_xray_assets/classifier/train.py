@@ -1,4 +1,9 @@
-"""Training one DenseNet-121 classifier: the epoch loop, selection on validation (or test), resume."""
+"""Training one DenseNet-121 classifier: the epoch loop, selection on validation (or test), resume.
+
+The loop only: one optimizer step (mixed precision, channels_last, the out-of-memory fallback)
+is ``step.MicroBatchStep``; the files (best / last weights, the resumable state) are
+``checkpoint.CheckpointSaver``'s.
+"""
 
 from __future__ import annotations
 
@@ -13,18 +18,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
-from synth_xray_assets.classifier.data import make_train_loader, normalize_batch, prepare_images
-from synth_xray_assets.classifier.model import build_densenet121, classifier_metadata, save_classifier
+from synth_xray_assets.classifier.checkpoint import (  # noqa: F401 (file names re-exported)
+    BEST_WEIGHTS,
+    LAST_WEIGHTS,
+    STATE_FILE,
+    CheckpointSaver,
+    Progress,
+    TrainingParts,
+)
+from synth_xray_assets.classifier.data import (
+    EpochBatchSampler,
+    make_train_loader,
+    normalize_batch,
+    prepare_images,
+)
+from synth_xray_assets.classifier.model import build_densenet121
 from synth_xray_assets.classifier.stats import binary_metrics, roc_auc  # noqa: F401 (re-exported)
+from synth_xray_assets.classifier.step import (
+    MicroBatchStep,
+    choose_precision,
+    oom_note,
+    prepare_model,
+    use_channels_last,
+)
+from synth_xray_assets.hardware import loader_workers, require_free_space
 from synth_xray_assets.settings import ClassifierSettings
-from synth_xray_assets.storage import atomic_path
 
-BEST_WEIGHTS = "best.safetensors"
-LAST_WEIGHTS = "last.safetensors"
-STATE_FILE = "train_state.pt"
 SELECTION_LABELS = {
     "validation": "best epoch by accuracy on the validation split (the test set never seen)",
     "test": "best epoch by accuracy on the TEST set (the study's protocol: optimistic)",
@@ -64,6 +85,10 @@ class RunResult:
     device: str
     settings: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"  # fp32, bf16 or fp16 (+ GradScaler): autocast on CUDA only
+    # batch_size, micro_batch, gradient_accumulation, oom_events, batchnorm_note, channels_last,
+    # augmentation ("gpu" or "N workers")
+    compute: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (NaN kept as float NaN)."""
@@ -82,15 +107,25 @@ def _jsonable(value: Any) -> Any:
 
 
 def predict_proba(
-    model: nn.Module, images: torch.Tensor, labels: np.ndarray | None, batch_size: int, device: str
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: np.ndarray | None,
+    batch_size: int,
+    device: str,
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """PNEUMONIA probabilities of cached uint8 images ``[N, r, r]`` and the mean loss (NaN without labels)."""
+    """PNEUMONIA probabilities of cached uint8 images ``[N, r, r]`` and the mean loss (NaN without labels).
+
+    Always fp32 (no activations are kept, so it is cheap; probabilities keep their resolution for AUC).
+    """
     model.eval()
     probs, loss_sum = [], 0.0
     y = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             x = normalize_batch(images[start : start + batch_size].to(device))
+            x = x.contiguous(memory_format=memory_format)
             logits = model(x).float()
             if y is not None:
                 target = y[start : start + batch_size].to(device)
@@ -115,7 +150,7 @@ def _as_prepared(
 
 
 # Settings that do not change what one run computes.
-_NOT_IN_FINGERPRINT = {"num_workers", "seeds", "bootstrap_samples", "experiments"}
+_NOT_IN_FINGERPRINT = {"num_workers", "seeds", "bootstrap_samples", "experiments", "gpu_augmentation"}
 
 
 def _fingerprint(settings: ClassifierSettings, seed: int, *arrays: Any) -> str:
@@ -135,9 +170,137 @@ def _better(key: tuple[float, float], best: tuple[float, float] | None) -> bool:
     return best is None or key[0] > best[0] or (key[0] == best[0] and key[1] < best[1])
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+class TrainBatches:
+    """Training batches of one epoch, on the device: uint8 images, labels, and the augmentation seed.
+
+    On CUDA with ``gpu_augmentation`` the cached images move to the GPU once and each batch is
+    augmented there by the step (seed given); otherwise worker processes augment (seed None).
+    Either way the batches and their augmentation follow ``(seed, epoch)`` only.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: np.ndarray,
+        settings: ClassifierSettings,
+        seed: int,
+        device: str,
+        num_workers: int | None,
+    ) -> None:
+        self.device = device
+        self.on_device = device.startswith("cuda") and settings.gpu_augmentation
+        if self.on_device:
+            self.images = images.to(device)
+            self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=device)
+            self.sampler = EpochBatchSampler(len(images), settings.batch_size, seed)
+            self.loader = None
+            self.description = "gpu"
+            return
+        workers = num_workers if num_workers is not None else settings.num_workers
+        if workers is None:
+            workers = loader_workers(torch.get_num_threads())
+        self.loader, self.sampler = make_train_loader(
+            images, labels, settings, seed, num_workers=workers, pin_memory=device.startswith("cuda")
+        )
+        self.description = f"{workers} workers"
+
+    def epoch(self, epoch: int):
+        """Yield ``(x, y, augment_seed)`` for every batch of ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        if self.loader is None:
+            for batch_seed, indices in self.sampler:
+                idx = torch.as_tensor(indices, device=self.device)
+                yield self.images[idx], self.labels[idx], batch_seed
+            return
+        for x, y in self.loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
+
+
+@dataclass
+class _Splits:
+    """Prepared uint8 images and int64 labels of the three splits."""
+
+    train_x: torch.Tensor
+    train_y: np.ndarray
+    val_x: torch.Tensor
+    val_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: np.ndarray
+
+
+def _splits(arrays: tuple, settings: ClassifierSettings, prepared: bool) -> _Splits:
+    train_x, train_y, val_x, val_y, test_x, test_y = arrays
+    ys = [np.asarray(a).astype(np.int64) for a in (train_y, val_y, test_y)]
+    xs = [_as_prepared(a, settings, prepared) for a in (train_x, val_x, test_x)]
+    for name, x, y in zip(("train", "val", "test"), xs, ys):
+        if len(x) != len(y):
+            raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
+    if len(xs[0]) < 2 or len(xs[1]) == 0:
+        raise ValueError(f"need >= 2 training and >= 1 validation images, got {len(xs[0])} and {len(xs[1])}")
+    return _Splits(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
+
+
+def _run_epoch(step: MicroBatchStep, batches: TrainBatches, epoch: int) -> dict[str, Any]:
+    """One pass over the training batches: loss, accuracy, images and seconds."""
+    t0 = time.perf_counter()
+    step.model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y, augment_seed in batches.epoch(epoch):
+        out = step(x, y, augment_seed)
+        loss_sum, correct, seen = loss_sum + out.loss_sum, correct + out.correct, seen + out.images
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_accuracy": correct / max(seen, 1),
+        "train_images": seen,
+        "train_seconds": time.perf_counter() - t0,
+    }
+
+
+def _evaluate_epoch(
+    model: nn.Module, data: _Splits, settings: ClassifierSettings, device: str, record: dict[str, Any]
+) -> tuple[float, float]:
+    """Add validation (and, under the study's protocol, test) scores to ``record``; the selection key."""
+    cl = use_channels_last(settings, device)
+    val_prob, val_loss = predict_proba(model, data.val_x, data.val_y, settings.batch_size, device, cl)
+    record["val_loss"] = val_loss
+    record["val_accuracy"] = float(((val_prob > 0.5) == data.val_y).mean())
+    if settings.selection != "test":
+        return record["val_accuracy"], val_loss
+    test_prob, test_loss = predict_proba(model, data.test_x, data.test_y, settings.batch_size, device, cl)
+    record["test_loss"] = test_loss
+    record["test_accuracy"] = float(((test_prob > 0.5) == data.test_y).mean())
+    return record["test_accuracy"], test_loss
+
+
+def _train_epochs(
+    parts: TrainingParts,
+    step: MicroBatchStep,
+    batches: TrainBatches,
+    data: _Splits,
+    saver: CheckpointSaver,
+    progress: Progress,
+    label: str,
+) -> Progress:
+    """Epochs ``progress.epoch + 1 ..`` : train, score, keep the best weights, save the state."""
+    settings = step.settings
+    for epoch in range(progress.epoch, settings.epochs):
+        lr = parts.optimizer.param_groups[0]["lr"]
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **_run_epoch(step, batches, epoch)}
+        parts.scheduler.step()
+        key = _evaluate_epoch(parts.model, data, settings, parts.device, record)
+        progress.history.append(record)
+        progress.epoch = epoch + 1
+        if _better(key, progress.best_key):
+            progress.best_key, progress.best_epoch = key, epoch + 1
+            saver.save_best(parts.model, epoch + 1)
+        saver.save_state(parts, progress)
+        step.log(
+            f"{label} epoch {epoch + 1}/{settings.epochs}: "
+            f"loss {record['train_loss']:.4f}, val acc {record['val_accuracy']:.3f}"
+            + (f", test acc {record['test_accuracy']:.3f}" if "test_accuracy" in record else "")
+            + f" ({record['train_images'] / max(record['train_seconds'], 1e-9):.1f} img/s)"
+        )
+    return progress
 
 
 def train_classifier(
@@ -169,32 +332,32 @@ def train_classifier(
     After each epoch the full training state goes to ``out_dir/train_state.pt``; a later call
     with the same settings, seed and data resumes after the last finished epoch and ends as an
     uninterrupted run would. The state file is removed at the end unless ``keep_state``.
-    ``num_workers`` overrides ``settings.num_workers`` (augmentation processes).
+    ``num_workers`` overrides ``settings.num_workers`` (augmentation processes; None: from the
+    cores available). On CUDA: mixed precision (``settings.mixed_precision``), channels_last,
+    augmentation on the GPU, and an out-of-memory error halves the micro-batch (see ``step.py``).
     """
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    train_y, val_y, test_y = (np.asarray(a).astype(np.int64) for a in (train_y, val_y, test_y))
-    train_t, val_t, test_t = (_as_prepared(a, settings, prepared) for a in (train_x, val_x, test_x))
-    for name, x, y in (("train", train_t, train_y), ("val", val_t, val_y), ("test", test_t, test_y)):
-        if len(x) != len(y):
-            raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
-    if len(train_t) < 2 or len(val_t) == 0:
-        raise ValueError(
-            f"need >= 2 training and >= 1 validation images, got {len(train_t)} and {len(val_t)}"
-        )
-    use_test_for_selection = settings.selection == "test"
+    data = _splits((train_x, train_y, val_x, val_y, test_x, test_y), settings, prepared)
+    selection_arrays = (data.test_x, data.test_y) if settings.selection == "test" else ()
     fingerprint = _fingerprint(
-        settings, seed, train_t, train_y, val_t, val_y, *((test_t, test_y) if use_test_for_selection else ())
+        settings, seed, data.train_x, data.train_y, data.val_x, data.val_y, *selection_arrays
     )
-    state_path, best_path, last_path = out_dir / STATE_FILE, out_dir / BEST_WEIGHTS, out_dir / LAST_WEIGHTS
-    meta = {"experiment": experiment, "seed": str(seed), "selection": settings.selection}
+    label = f"{experiment or 'run'} seed {seed}"
+    precision = choose_precision(device, settings.mixed_precision)
 
     cuda = device.startswith("cuda")
     rng_devices = [torch.device(device).index or 0] if cuda else []
     with torch.random.fork_rng(devices=rng_devices, device_type="cuda" if cuda else "cpu"):
         torch.manual_seed(seed)
-        model = build_densenet121(settings).to(device)
+        model = prepare_model(build_densenet121(settings), device, use_channels_last(settings, device))
+        # best + last weights (4 bytes a weight each) and the state (weights + AdamW's 2 moments)
+        n_weights = sum(p.numel() for p in model.parameters())
+        require_free_space(out_dir, n_weights * 4 * 5, f"classifier training of {label}")
+        saver = CheckpointSaver(
+            out_dir,
+            fingerprint,
+            {"experiment": experiment, "seed": str(seed), "selection": settings.selection},
+        )
         optimizer = torch.optim.AdamW(
             model.parameters(),
             lr=settings.learning_rate,
@@ -202,133 +365,95 @@ def train_classifier(
             foreach=True,  # CUDA's default; on the CPU too it steps DenseNet's 364 tensors faster
         )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-        history: list[dict[str, Any]] = []
-        best_key: tuple[float, float] | None = None
-        best_epoch = 0
-        start_epoch = 0
-        if state_path.is_file():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
-            # The best weights are written before the state: after a crash between the two, the
-            # file on disk is a later epoch than the state's best, and the run starts afresh.
-            best_matches = best_path.is_file() and classifier_metadata(best_path).get("epoch") == str(
-                state.get("best_epoch")
-            )
-            if state.get("fingerprint") == fingerprint and best_matches:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                scheduler.load_state_dict(state["scheduler"])
-                torch.set_rng_state(state["rng_cpu"])
-                if cuda and state.get("rng_cuda") is not None:
-                    torch.cuda.set_rng_state(state["rng_cuda"], device)
-                history = list(state["history"])
-                best_key, best_epoch = tuple(state["best_key"]), int(state["best_epoch"])
-                start_epoch = int(state["epoch"])
-                log(f"resuming {experiment or 'run'} seed {seed} after epoch {start_epoch}/{settings.epochs}")
-            else:
-                log(f"starting afresh: {state_path} is for other settings/seed/data or lacks weights")
-
-        loader, sampler = make_train_loader(
-            train_t, train_y, settings, seed, num_workers=num_workers, pin_memory=cuda
-        )
-        for epoch in range(start_epoch, settings.epochs):
-            t0 = time.perf_counter()
-            sampler.set_epoch(epoch)
-            model.train()
-            loss_sum, correct, seen = 0.0, 0, 0
-            for x, y in loader:
-                x = normalize_batch(x.to(device, non_blocking=True))
-                y = y.to(device, non_blocking=True)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += float(loss.detach()) * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            train_seconds = time.perf_counter() - t0
-            val_prob, val_loss = predict_proba(model, val_t, val_y, settings.batch_size, device)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_accuracy": correct / max(seen, 1),
-                "val_loss": val_loss,
-                "val_accuracy": float(((val_prob > 0.5) == val_y).mean()),
-                "train_images": seen,
-                "train_seconds": train_seconds,
-            }
-            if use_test_for_selection:
-                test_prob, test_loss = predict_proba(model, test_t, test_y, settings.batch_size, device)
-                record["test_loss"] = test_loss
-                record["test_accuracy"] = float(((test_prob > 0.5) == test_y).mean())
-                key = (record["test_accuracy"], test_loss)
-            else:
-                key = (record["val_accuracy"], val_loss)
-            history.append(record)
-            if _better(key, best_key):
-                best_key, best_epoch = key, epoch + 1
-                save_classifier(model, best_path, {**meta, "epoch": str(epoch + 1)})
-            _save_state(
-                state_path,
-                {
-                    "fingerprint": fingerprint,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state(device) if cuda else None,
-                    "history": history,
-                    "best_key": list(best_key),
-                    "best_epoch": best_epoch,
-                },
-            )
-            log(
-                f"{experiment or 'run'} seed {seed} epoch {epoch + 1}/{settings.epochs}: "
-                f"loss {record['train_loss']:.4f}, val acc {record['val_accuracy']:.3f}"
-                + (f", test acc {record['test_accuracy']:.3f}" if use_test_for_selection else "")
-                + f" ({seen / max(train_seconds, 1e-9):.1f} img/s)"
-            )
-        del loader
+        step = MicroBatchStep(model, optimizer, settings, precision, device, log)
+        parts = TrainingParts(model, optimizer, scheduler, step, device)
+        progress = saver.resume(parts, log)
+        resumed_from = progress.epoch
+        if resumed_from:
+            log(f"resuming {label} after epoch {resumed_from}/{settings.epochs}")
+        batches = TrainBatches(data.train_x, data.train_y, settings, seed, device, num_workers)
+        log(f"{label}: precision {precision.label}, augmentation on {batches.description}")
+        progress = _train_epochs(parts, step, batches, data, saver, progress, label)
+        description = batches.description
+        del batches
 
     # Only now, with the epoch chosen, does the test set come in (under "validation").
-    save_classifier(model, last_path, {**meta, "epoch": str(settings.epochs)})
-    last_prob, _ = predict_proba(model, test_t, test_y, settings.batch_size, device)
-    model.load_state_dict(load_file(str(best_path), device=device))
-    sel_test_prob, _ = predict_proba(model, test_t, test_y, settings.batch_size, device)
-    sel_val_prob, _ = predict_proba(model, val_t, val_y, settings.batch_size, device)
+    probs = _final_scores(model, saver, data, settings, device)
     if not keep_state:
-        state_path.unlink(missing_ok=True)
+        saver.clear_state()
+    info = _RunInfo(experiment, seed, device, started, resumed_from, dict(extra or {}), precision.label)
+    compute = {
+        **oom_note(step),
+        "channels_last": use_channels_last(settings, device),
+        "augmentation": description,
+    }
+    return _run_result(info, settings, data, progress, saver, probs, compute)
+
+
+def _final_scores(
+    model: nn.Module, saver: CheckpointSaver, data: _Splits, settings: ClassifierSettings, device: str
+) -> dict[str, np.ndarray]:
+    """Save the last epoch's weights; test probabilities at the last and the selected epoch, and the
+    selected epoch's validation probabilities (the model ends holding the selected weights)."""
+    bs, cl = settings.batch_size, use_channels_last(settings, device)
+    saver.save_last(model, settings.epochs)
+    last, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
+    saver.load_best(model, device)
+    test, _ = predict_proba(model, data.test_x, data.test_y, bs, device, cl)
+    val, _ = predict_proba(model, data.val_x, data.val_y, bs, device, cl)
+    return {"last": last, "test": test, "val": val}
+
+
+@dataclass
+class _RunInfo:
+    experiment: str
+    seed: int
+    device: str
+    started: float
+    resumed_from: int
+    extra: dict[str, Any]
+    precision: str
+
+
+def _run_result(
+    info: _RunInfo,
+    settings: ClassifierSettings,
+    data: _Splits,
+    progress: Progress,
+    saver: CheckpointSaver,
+    probs: dict[str, np.ndarray],
+    compute: dict[str, Any],
+) -> RunResult:
+    history = progress.history
     train_time = float(sum(h["train_seconds"] for h in history))
     n_images = int(sum(h["train_images"] for h in history))
     return RunResult(
-        experiment=experiment,
-        seed=seed,
+        experiment=info.experiment,
+        seed=info.seed,
         selection=settings.selection,
         selection_note=SELECTION_LABELS[settings.selection],
         epochs=settings.epochs,
-        selected_epoch=best_epoch,
+        selected_epoch=progress.best_epoch,
         history=history,
-        val_selected=binary_metrics(val_y, sel_val_prob),
-        test_selected=binary_metrics(test_y, sel_test_prob),
-        test_last=binary_metrics(test_y, last_prob),
-        test_labels=test_y.tolist(),
-        test_prob_selected=sel_test_prob.tolist(),
-        test_prob_last=last_prob.tolist(),
-        n_train=len(train_y),
-        n_train_per_class=np.bincount(train_y, minlength=2).tolist(),
-        n_val=len(val_y),
-        n_test=len(test_y),
-        weights_path=str(best_path),
-        last_weights_path=str(last_path),
-        resumed_from_epoch=start_epoch,
-        wall_time_s=time.perf_counter() - started,
+        val_selected=binary_metrics(data.val_y, probs["val"]),
+        test_selected=binary_metrics(data.test_y, probs["test"]),
+        test_last=binary_metrics(data.test_y, probs["last"]),
+        test_labels=data.test_y.tolist(),
+        test_prob_selected=probs["test"].tolist(),
+        test_prob_last=probs["last"].tolist(),
+        n_train=len(data.train_y),
+        n_train_per_class=np.bincount(data.train_y, minlength=2).tolist(),
+        n_val=len(data.val_y),
+        n_test=len(data.test_y),
+        weights_path=str(saver.best_path),
+        last_weights_path=str(saver.last_path),
+        resumed_from_epoch=info.resumed_from,
+        wall_time_s=time.perf_counter() - info.started,
         train_time_s=train_time,
         train_images_per_s=n_images / train_time if train_time > 0 else 0.0,
-        device=device,
+        device=info.device,
         settings=settings.model_dump(mode="json"),
-        extra=dict(extra or {}),
+        extra=info.extra,
+        precision=info.precision,
+        compute=compute,
     )

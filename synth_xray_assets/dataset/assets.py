@@ -5,17 +5,19 @@ import numpy as np
 
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
-    iter_records,
     load_source,
     resolve_source,
     source_fingerprint,
+    source_records,
 )
 from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.dataset.store import (
+    DROPPED_FILE,
     SKIPPED_FILE,
     STANDARDIZE_VERSION,
     StandardizedDataset,
     build_standardized_dataset,
+    train_test_duplicates,
 )
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.resources import SettingsResource
@@ -68,7 +70,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
     context.log.info(f"dataset source: {resolved.kind} {resolved.location}")
     dsd = load_source(resolved, s, settings.hf_token)
     check_splits_and_classes(dsd, s, resolved.location)
-    records = {split: iter_records(dsd, split, s.dataset.class_names) for split in s.dataset.splits}
+    records = source_records(dsd, resolved, s)
     out = s.layout.dataset
     report = build_standardized_dataset(records, s.dataset, out, log=context.log.info)
     for row in report.skipped.itertuples():
@@ -106,6 +108,8 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
             "skipped": metadata_table(report.skipped.head(50)),
+            "train_duplicates_of_test_dropped": len(report.dropped),
+            "dropped": metadata_table(report.dropped.head(50)),
             "reused_from_previous_run": report.reused,
             "decoded": report.decoded,
             "thumbnails (top NORMAL, bottom PNEUMONIA)": dg.MetadataValue.md(
@@ -149,14 +153,25 @@ def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
 @dg.asset_check(
     asset=chest_xray_dataset,
     blocking=True,
-    description="No image (by content hash) is in both train and test.",
+    description=(
+        "No image (by content hash) is in both train and test. The metadata names the files on each "
+        "side; dataset.drop_train_test_duplicates drops such train images (listed as dropped)."
+    ),
 )
 def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
-    m = StandardizedDataset.open(settings.get().layout.dataset).manifest
-    shared = set(m.loc[m.split == "train", "sha256"]) & set(m.loc[m.split == "test", "sha256"])
+    import pandas as pd
+
+    ds = StandardizedDataset.open(settings.get().layout.dataset)
+    shared = train_test_duplicates(ds.manifest)
+    dropped_csv = ds.root / DROPPED_FILE
+    dropped = pd.read_csv(dropped_csv) if dropped_csv.exists() else pd.DataFrame()
     return dg.AssetCheckResult(
-        passed=not shared,
-        metadata={"num_shared": len(shared), "shared_hashes": ", ".join(sorted(shared)[:20]) or "none"},
+        passed=shared.empty,
+        metadata={
+            "num_shared": len(shared),
+            "shared (train and test files with the same content)": metadata_table(shared.head(50)),
+            "train_duplicates_of_test_dropped": len(dropped),
+        },
     )
 
 

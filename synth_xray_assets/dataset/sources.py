@@ -7,7 +7,9 @@ A source is one of:
 - an image folder ``{split}/{NORMAL,PNEUMONIA}/*``;
 - ``"demo"``: the project's synthetic phantoms, generated into ``data/sources/``.
 
-Images are read undecoded (bytes), so that one bad file is reported, not fatal. Problems with
+Images are read undecoded (bytes), so that one bad file is reported, not fatal. Hidden files in
+an image folder (a name starting with ``.``, or inside such a folder), which ``datasets`` passes
+over silently, come back as records with a ``skip_reason``, so they are listed. Problems with
 the source as a whole (missing, unreadable, a split or a class absent) raise ``SourceError``
 naming the problem and the path.
 """
@@ -17,12 +19,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import combined_hash, sha256_file
 
+# The folder names ``datasets``' imagefolder reads as each split (its SPLIT_KEYWORDS).
+SPLIT_FOLDERS = {
+    "train": ("train", "training"),
+    "validation": ("validation", "valid", "dev", "val"),
+    "test": ("test", "testing", "eval", "evaluation"),
+}
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
 
@@ -45,6 +54,7 @@ class SourceRecord:
     label_name: str
     source_id: str
     data: bytes
+    skip_reason: str | None = None  # set: not an image to read (listed as skipped with this reason)
 
 
 def resolve_source(settings: Settings) -> ResolvedSource:
@@ -136,6 +146,33 @@ def iter_records(dsd: Any, split: str, class_names: tuple[str, ...]) -> Iterator
                 data = b""
                 source_id += f" (unreadable: {exc})"
         yield SourceRecord(split, label, name, source_id, data or b"")
+
+
+def source_records(
+    dsd: Any, resolved: ResolvedSource, settings: Settings
+) -> dict[str, Iterator[SourceRecord]]:
+    """Every split's records: its images, then its hidden files (listed, not read)."""
+    names = settings.dataset.class_names
+    return {
+        split: chain(iter_records(dsd, split, names), hidden_records(resolved, split))
+        for split in settings.dataset.splits
+    }
+
+
+def hidden_records(resolved: ResolvedSource, split: str) -> Iterator[SourceRecord]:
+    """The hidden files of an image folder's split, which ``datasets`` skips without a word."""
+    if resolved.kind != "imagefolder":
+        return
+    root = Path(resolved.location)
+    folder = next((root / n for n in SPLIT_FOLDERS.get(split, (split,)) if (root / n).is_dir()), None)
+    if folder is None:
+        return
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and any(part.startswith(".") for part in rel.parts):
+            label_name = rel.parts[0] if len(rel.parts) > 1 else ""
+            reason = "hidden file (its name or a folder's starts with '.'): not read"
+            yield SourceRecord(split, None, label_name, f"{folder.name}/{rel}", b"", skip_reason=reason)
 
 
 def _label_names(ds: Any) -> list[str]:

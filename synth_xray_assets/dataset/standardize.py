@@ -1,5 +1,6 @@
 """Standardize chest X-rays as the study did: shorter side to the target resolution with the
-aspect ratio kept, then a center crop to a square, in one consistent mode.
+aspect ratio kept, then a center crop to a square, in one consistent mode. An image with an EXIF
+orientation tag (a phone photo of a film, a rotated JPEG) is turned upright first.
 
 Each image is decoded once; JPEGs much larger than the target are decoded at reduced size
 (``Image.draft``: the JPEG decoder's DCT scaling), and batches use both cores. Bad input
@@ -15,12 +16,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from synth_xray_assets.storage import sha256_bytes
 
 # Never let PIL fill a truncated file with grey silently.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+EXIF_ORIENTATION = 0x0112
+TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # the upright image's width and height are swapped
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class StandardizeResult:
 
     sha256: str
     pixels: np.ndarray | None
-    original_size: tuple[int, int] | None
+    original_size: tuple[int, int] | None  # upright (after the EXIF orientation), as stored
     original_mode: str | None
     reason: str | None = None
 
@@ -77,10 +80,13 @@ def standardize_bytes(
                     digest, None, (w, h), img.mode, f"over the pixel limit: {w}x{h} > {max_pixels} pixels"
                 )
             original_mode = img.mode
+            if img.getexif().get(EXIF_ORIENTATION) in TRANSPOSING_ORIENTATIONS:
+                w, h = h, w
             if img.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale while still >= size
                 img.draft(mode if img.mode in ("L", "RGB") else None, (size, size))
             img.load()
-            out = resize_center_crop(to_mode(img, mode), size)
+            upright = ImageOps.exif_transpose(img)  # no tag: an unchanged copy
+            out = resize_center_crop(to_mode(upright, mode), size)
             return StandardizeResult(digest, np.asarray(out, dtype=np.uint8), (w, h), original_mode)
     except Image.DecompressionBombError as exc:
         return StandardizeResult(digest, None, None, None, f"over the pixel limit: {exc}")

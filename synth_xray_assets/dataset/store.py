@@ -7,6 +7,9 @@ Layout under ``data/dataset/``::
     manifest.parquet                           split, label, class_name, source_id, sha256,
                                                orig_width, orig_height, orig_mode, path
     skipped.csv                                bad input: split, source_id, reason
+    dropped.csv                                train images identical to a test image, dropped
+                                               (dataset.drop_train_test_duplicates): split,
+                                               source_id, sha256, duplicate_of
     version.json                               data version and what it was made from
 
 The data version is a content hash (image hashes, labels, splits, resolution, mode), so an
@@ -38,9 +41,12 @@ from synth_xray_assets.storage import (
     write_parquet_atomic,
 )
 
-STANDARDIZE_VERSION = "standardize-v1"  # bump when the standardization changes its pixels
+# Bump when the standardization changes its pixels (v2: EXIF orientation applied).
+STANDARDIZE_VERSION = "standardize-v2"
 
 SKIPPED_FILE = "skipped.csv"  # bad input: split, source_id, reason
+DROPPED_FILE = "dropped.csv"  # train images identical to a test image (drop_train_test_duplicates)
+DROPPED_COLUMNS = ["split", "source_id", "sha256", "duplicate_of"]
 
 
 @dataclass
@@ -48,6 +54,7 @@ class BuildReport:
     version: str
     manifest: pd.DataFrame
     skipped: pd.DataFrame
+    dropped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=DROPPED_COLUMNS))
     reused: int = 0
     decoded: int = 0
     extra: dict = field(default_factory=dict)
@@ -74,6 +81,9 @@ def build_standardized_dataset(
         arrays[split] = []
         todo: list[SourceRecord] = []
         for rec in split_records:
+            if rec.skip_reason:
+                skipped.append({"split": split, "source_id": rec.source_id, "reason": rec.skip_reason})
+                continue
             if rec.label is None:
                 skipped.append(
                     {
@@ -126,6 +136,10 @@ def build_standardized_dataset(
                 }
             )
         log(f"{split}: {len(arrays[split])} images standardized to {settings.resolution} px")
+    dropped: list[dict] = []
+    if settings.drop_train_test_duplicates:
+        rows, arrays, dropped = _drop_duplicates_of_test(rows, arrays)
+        log(f"train: {len(dropped)} images identical to a test image dropped (drop_train_test_duplicates)")
     manifest = pd.DataFrame(
         rows,
         columns=[
@@ -150,6 +164,8 @@ def build_standardized_dataset(
         stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
     write_bytes_atomic(out_dir / SKIPPED_FILE, skipped_df.to_csv(index=False).encode())
+    dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
+    write_bytes_atomic(out_dir / DROPPED_FILE, dropped_df.to_csv(index=False).encode())
     write_parquet_atomic(manifest, out_dir / "manifest.parquet")
     write_json_atomic(
         out_dir / "version.json",
@@ -160,7 +176,45 @@ def build_standardized_dataset(
             "standardize": STANDARDIZE_VERSION,
         },
     )
-    return BuildReport(version, manifest, skipped_df, reused=reused, decoded=decoded)
+    return BuildReport(version, manifest, skipped_df, dropped_df, reused=reused, decoded=decoded)
+
+
+def _drop_duplicates_of_test(
+    rows: list[dict], arrays: dict[str, list[np.ndarray]]
+) -> tuple[list[dict], dict[str, list[np.ndarray]], list[dict]]:
+    """``rows`` and ``arrays`` without the train images identical to a test image, and those dropped."""
+    dropped = _duplicates_of_test(rows)
+    gone = {d["source_id"] for d in dropped}  # source ids are unique within a split
+    train_rows = [r for r in rows if r["split"] == "train"]
+    kept = [a for a, r in zip(arrays.get("train", []), train_rows) if r["source_id"] not in gone]
+    rows = [r for r in rows if not (r["split"] == "train" and r["source_id"] in gone)]
+    return rows, {**arrays, "train": kept} if "train" in arrays else arrays, dropped
+
+
+def _duplicates_of_test(rows: list[dict]) -> list[dict]:
+    """Train rows whose source bytes equal a test image's, each with the test files it duplicates."""
+    test_files: dict[str, list[str]] = {}
+    for r in rows:
+        if r["split"] == "test":
+            test_files.setdefault(r["sha256"], []).append(r["source_id"])
+    return [
+        {
+            **{k: r[k] for k in ("split", "source_id", "sha256")},
+            "duplicate_of": "; ".join(test_files[r["sha256"]]),
+        }
+        for r in rows
+        if r["split"] == "train" and r["sha256"] in test_files
+    ]
+
+
+def train_test_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Images in both train and test (same source bytes): the content hash and the files on each side."""
+    split_files = manifest.groupby(["sha256", "split"]).source_id.agg("; ".join).unstack()
+    columns = ["sha256", "train", "test"]
+    if not {"train", "test"} <= set(split_files.columns):
+        return pd.DataFrame(columns=columns)
+    shared = split_files.dropna(subset=["train", "test"]).reset_index()
+    return shared[columns].sort_values("sha256").reset_index(drop=True)
 
 
 def _save_png_with_origin(result: StandardizeResult, path: Path) -> None:

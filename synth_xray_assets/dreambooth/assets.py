@@ -22,11 +22,13 @@ from synth_xray_assets.diffusion.pipelines import (
 )
 from synth_xray_assets.dreambooth import store
 from synth_xray_assets.dreambooth.base_model import fetch_base_model
+from synth_xray_assets.dreambooth.presets import generation_plan, resolve_preset, with_plan
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
+from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
@@ -140,8 +142,12 @@ def prior_class_images(
     base_path = store.base_model_path(s.data_dir)
     base_version = folder_version(base_path)
     device = compute.resolve_device()
+    plan = generation_plan(db.class_image_batch_size, db.resolution, free_gpu_memory(device), s.generation)
+    require_free_space(
+        store.prior_dir(s.data_dir), db.num_class_images * db.resolution**2, "prior images (PNG, at most raw)"
+    )
     report = generate_set(
-        lambda: load_pipeline(base_path, device, _dtype(device)),
+        lambda: with_plan(load_pipeline(base_path, device, _dtype(device)), plan),
         store.prior_dir(s.data_dir),
         db.num_class_images,
         Recipe(
@@ -151,7 +157,7 @@ def prior_class_images(
             db.resolution,
             seed_offset=seed_stream_offset(s.generation, "prior"),
         ),
-        batch_size=db.class_image_batch_size,
+        batch_size=plan.batch_size,
         extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
     )
@@ -161,6 +167,8 @@ def prior_class_images(
             "num_images": len(report.manifest),
             "made_this_run": len(report.generated),
             "kept_from_earlier_runs": report.reused,
+            "batch_size": plan.batch_size,  # from free GPU memory, at most class_image_batch_size
+            "vae_slicing": plan.vae_slicing,
             "prompt": db.class_prompt,
             "base_model_version": base_version,
             "path": dg.MetadataValue.path(str(store.prior_dir(s.data_dir))),
@@ -211,14 +219,16 @@ def dreambooth_checkpoint(
     class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
     base_path = store.base_model_path(s.data_dir)
     device = compute.resolve_device()
-    settings_used = db.model_copy(
+    # The memory preset from the free GPU memory (or a clear error naming the options), before any work.
+    preset = resolve_preset(db, free_gpu_memory(device), context.log.info)
+    settings_used = preset.settings.model_copy(
         update={"mixed_precision": compute.precision_for(device, db.mixed_precision)}
     )
     prompt = db.instance_prompts[class_key_of(key)]
     out = store.checkpoint_dir(s.data_dir, key)
     context.log.info(
         f"{key}: {len(instance_images)} instance images, {num_train_steps(len(instance_images), db)} steps, "
-        f"method {db.method}, device {device}"
+        f"method {settings_used.method}, device {device}"
     )
     result = train_dreambooth(
         base_path,
@@ -244,11 +254,19 @@ def dreambooth_checkpoint(
     real = instance_images[: db.sample_images]
     smooth = smoothed(result.losses)
     curve = loss_curve(
-        result.losses, f"DreamBooth {key} ({db.method})", result.prior_losses, result.resumed_from_step
+        result.losses,
+        f"DreamBooth {key} ({settings_used.method})",
+        result.prior_losses,
+        result.resumed_from_step,
     )
     return dg.MaterializeResult(
         metadata={
-            "method": db.method,
+            "method": settings_used.method,
+            "memory_preset": preset.name,
+            "memory_preset_reason": preset.reason,
+            "gradient_checkpointing": settings_used.gradient_checkpointing,
+            "use_8bit_adam": settings_used.use_8bit_adam,
+            "disk_needed_gib": round(result.disk_needed_bytes / 2**30, 3),
             "instance_prompt": prompt,
             "num_instance_images": len(instance_images),
             "instance_images": (

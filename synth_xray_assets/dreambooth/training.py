@@ -1,26 +1,23 @@
-"""DreamBooth fine-tuning of Stable Diffusion on one class of chest X-rays.
+"""DreamBooth fine-tuning of Stable Diffusion on one class of chest X-rays: the loop.
 
-Read top to bottom:
+By concern:
 
-* ``dreambooth_loss``: the loss. The batch is ``[instance images; class images]``; the
-  instance half teaches the new concept, the class half (images the base model made from the
-  class prompt) keeps the model's prior, weighted by ``prior_loss_weight`` (study: 0.5).
-* ``train_dreambooth``: the loop. Full fine-tuning (UNet and text encoder) or LoRA, accelerate
-  for mixed precision, atomic checkpoints every ``checkpointing_steps`` and exact resume.
-* the trained model loads back with ``diffusion.pipelines.load_trained_pipeline``.
-
-The small helpers above them (images to tensors, latents, noise) are shared with the tiny
-model's pre-training in ``tiny.py``: the same diffusion loss code trains both.
+* ``loss.py``: the loss (``dreambooth_loss``) and its schedule (steps, micro-batches per step).
+* ``checkpoints.py``: resumable checkpoints (save, find, prune), the final model
+  (it loads back with ``diffusion.pipelines.load_trained_pipeline``).
+* ``presets.py``: memory presets chosen from the free GPU memory; 8-bit Adam's requirement.
+* this file: the small diffusion helpers shared with the tiny model's pre-training in
+  ``tiny.py`` (images to tensors, latents, noise), then ``train_dreambooth``, the loop: full
+  fine-tuning (UNet and text encoder) or LoRA, accelerate for mixed precision, a disk
+  preflight, checkpoints every ``checkpointing_steps`` and exact resume.
 """
 
 from __future__ import annotations
 
+import gc
 import math
-import re
 import resource
-import shutil
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,22 +26,41 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 
-from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeline
+from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeline  # noqa: F401
+from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exported)
+    CHECKPOINT_STATE_NAME,
+    TRAINING_INFO_NAME,
+    RunInputs,
+    latest_checkpoint,
+    list_checkpoints,
+    read_json,
+    register_trainable_only_state_hooks,
+    remove_all_checkpoints,
+    run_fingerprint,
+    save_checkpoint,
+    save_final_model,
+)
+from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
+    dreambooth_loss,
+    num_train_steps,
+    step_micro_batches,
+    steps_per_epoch,
+)
+from synth_xray_assets.dreambooth.presets import BITSANDBYTES_HINT, require_bitsandbytes
+from synth_xray_assets.hardware import GIB, require_free_space
 from synth_xray_assets.settings import DreamBoothSettings
-from synth_xray_assets.storage import atomic_path, sha256_bytes, write_json_atomic
 
-TRAINING_INFO_NAME = "dreambooth.json"  # beside the saved model: method, base, prompt, steps
-CHECKPOINT_STATE_NAME = "training_state.json"  # inside each checkpoint-<step> folder
 UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 MEMORY_OPTIONS_HINT = (
-    "reduce memory with the DreamBooth settings gradient_checkpointing=true, use_8bit_adam=true "
-    "(needs bitsandbytes), a smaller train_batch_size (raise gradient_accumulation_steps to keep the "
-    "effective batch), mixed_precision='fp16' or 'bf16', or method='lora'"
+    "reduce memory with dreambooth.memory_preset='memory-saving' (gradient checkpointing + 8-bit "
+    "Adam, needs bitsandbytes) or 'lora', or the settings gradient_checkpointing=true, "
+    "use_8bit_adam=true, a smaller train_batch_size (raise gradient_accumulation_steps to keep the "
+    "effective batch), mixed_precision='fp16' or 'bf16', method='lora'"
 )
 
 
@@ -138,82 +154,7 @@ def step_generator(seed: int, *keys: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------------------------------
-# The DreamBooth loss
-# ---------------------------------------------------------------------------------------------
-
-
-def dreambooth_loss(
-    model_pred: torch.Tensor,
-    target: torch.Tensor,
-    prior_loss_weight: float,
-    with_prior_preservation: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """DreamBooth's loss: (total, instance term, prior term or None).
-
-    With prior preservation the batch is ``[instance; class]`` in equal halves:
-    ``total = mse(instance) + prior_loss_weight * mse(class)``. Without it, plain MSE.
-    """
-    model_pred, target = model_pred.float(), target.float()
-    if not with_prior_preservation:
-        loss = F.mse_loss(model_pred, target)
-        return loss, loss, None
-    pred_instance, pred_prior = model_pred.chunk(2)
-    target_instance, target_prior = target.chunk(2)
-    instance_loss = F.mse_loss(pred_instance, target_instance)
-    prior_loss = F.mse_loss(pred_prior, target_prior)
-    return instance_loss + prior_loss_weight * prior_loss, instance_loss, prior_loss
-
-
-# ---------------------------------------------------------------------------------------------
-# Step counts and data order
-# ---------------------------------------------------------------------------------------------
-
-
-def steps_per_epoch(num_instance_images: int, train_batch_size: int, gradient_accumulation_steps: int) -> int:
-    """Optimizer steps in one pass over the instance images (the last step may be short)."""
-    return math.ceil(num_instance_images / (train_batch_size * gradient_accumulation_steps))
-
-
-def num_train_steps(num_instance_images: int, settings: DreamBoothSettings) -> int:
-    """``max_train_steps`` or ceil(n / (batch * accumulation)) * epochs: 672 NORMAL, 1944 PNEUMONIA."""
-    if settings.max_train_steps is not None:
-        return settings.max_train_steps
-    per_epoch = steps_per_epoch(
-        num_instance_images, settings.train_batch_size, settings.gradient_accumulation_steps
-    )
-    return per_epoch * settings.num_train_epochs
-
-
-def step_micro_batches(
-    step: int, n_instance: int, n_class: int, settings: DreamBoothSettings
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The (instance indices, class indices) of each micro-batch of optimizer step ``step`` (0-based).
-
-    Epoch e shuffles the instance images with seed (seed, e); class images are shuffled too and
-    cycled to pair one class image with each instance image. A pure function of the step, so a
-    resumed run skips exactly the batches already done.
-    """
-    per_epoch = steps_per_epoch(n_instance, settings.train_batch_size, settings.gradient_accumulation_steps)
-    epoch, step_in_epoch = divmod(step, per_epoch)
-    order = np.random.default_rng([settings.seed, epoch]).permutation(n_instance)
-    if n_class:
-        class_perm = np.random.default_rng([settings.seed, epoch, 1]).permutation(n_class)
-        class_order = np.resize(class_perm, n_instance)
-    else:
-        class_order = np.zeros(n_instance, dtype=np.int64)
-    batch = settings.train_batch_size
-    first = step_in_epoch * settings.gradient_accumulation_steps * batch
-    out = []
-    for k in range(settings.gradient_accumulation_steps):
-        start = first + k * batch
-        if start >= n_instance:
-            break
-        out.append((order[start : start + batch], class_order[start : start + batch]))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
+# The loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -232,6 +173,7 @@ class TrainResult:
     steps_run: list[int] = field(default_factory=list)  # the 1-based steps this call computed
     instance_losses: list[float] = field(default_factory=list)
     prior_losses: list[float] = field(default_factory=list)
+    disk_needed_bytes: int = 0  # the preflight's estimate of what the run writes
 
 
 def train_dreambooth(
@@ -252,46 +194,84 @@ def train_dreambooth(
     and saves a whole diffusers pipeline to ``output_dir``; "lora" trains LoRA adapters and saves
     ``pytorch_lora_weights.safetensors``. Checkpoints go to ``work_dir/checkpoint-<step>``; a new
     call resumes from the latest one made with the same settings and data. ``on_step(step, metrics)``
-    is called after each optimizer step (1-based).
+    is called after each optimizer step (1-based). Before any write, the disk the run needs is
+    compared with what is free (``OSError`` naming both when short); ``use_8bit_adam`` without
+    bitsandbytes is a ``RuntimeError`` before any work.
     """
-    base_model_dir, output_dir, work_dir = Path(base_model_dir), Path(output_dir), Path(work_dir)
     if settings.with_prior_preservation and (class_images is None or len(class_images) == 0):
         raise ValueError("with_prior_preservation needs class images (made by the base model)")
     if len(instance_images) == 0:
         raise ValueError("no instance images to train on")
-    class_images = class_images if settings.with_prior_preservation else None
-    started = time.perf_counter()
+    require_bitsandbytes(settings)
+    inputs = RunInputs(
+        Path(base_model_dir),
+        instance_images,
+        class_images if settings.with_prior_preservation else None,
+        instance_prompt,
+    )
+    run = _Run(settings, Path(output_dir), Path(work_dir), log, on_step, time.perf_counter())
     try:
-        return _train(
-            base_model_dir,
-            instance_images,
-            class_images,
-            instance_prompt,
-            settings,
-            output_dir,
-            work_dir,
-            device,
-            log,
-            on_step,
-            started,
-        )
+        return _train(inputs, run, device)
     except torch.OutOfMemoryError as exc:
         raise RuntimeError(f"DreamBooth ran out of memory on {device}: {MEMORY_OPTIONS_HINT}") from exc
 
 
-def _train(
-    base_model_dir: Path,
-    instance_images: np.ndarray,
-    class_images: np.ndarray | None,
-    instance_prompt: str,
-    settings: DreamBoothSettings,
-    output_dir: Path,
-    work_dir: Path,
-    device: str,
-    log: Callable[[str], None],
-    on_step: Callable[[int, dict[str, float]], None] | None,
-    started: float,
-) -> TrainResult:
+@dataclass
+class _Run:
+    """Where a run writes, how it reports, and when it started."""
+
+    settings: DreamBoothSettings
+    output_dir: Path
+    work_dir: Path
+    log: Callable[[str], None]
+    on_step: Callable[[int, dict[str, float]], None] | None
+    started: float
+
+
+@dataclass
+class _Models:
+    """The pipeline's parts on the device; ``trained`` = the UNet (and the text encoder)."""
+
+    accelerator: Any
+    tokenizer: Any
+    text_encoder: torch.nn.Module | None  # None once a frozen one has encoded the prompts
+    vae: torch.nn.Module | None  # None once the images are encoded
+    unet: torch.nn.Module
+    noise_scheduler: Any
+    weight_dtype: torch.dtype
+    trained: list[torch.nn.Module]
+    lora: bool
+    train_text: bool
+
+
+@dataclass
+class _Data:
+    """Every image's VAE posterior (computed once) and the two prompts' token ids / embeddings."""
+
+    inst_mean: torch.Tensor
+    inst_std: torch.Tensor
+    cls_mean: torch.Tensor | None
+    cls_std: torch.Tensor | None
+    prompt_ids: torch.Tensor
+    fixed_embeds: torch.Tensor | None
+    scaling: float
+
+    @property
+    def n_class(self) -> int:
+        return 0 if self.cls_mean is None else len(self.cls_mean)
+
+
+@dataclass
+class _Optimization:
+    optimizer: Any
+    lr_scheduler: Any
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    per_epoch: int
+
+
+def _load_models(base_model_dir: Path, settings: DreamBoothSettings, device: str) -> _Models:
+    """The base pipeline's parts, frozen or trainable as the method says, on the device."""
     accelerator = _make_accelerator(device, settings)
     device_t = accelerator.device
     if device_t.type == "cuda":
@@ -299,14 +279,10 @@ def _train(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         accelerator.mixed_precision, torch.float32
     )
-    lora = settings.method == "lora"
-    train_text = settings.train_text_encoder
-
-    # Models: the base pipeline's parts, seeded so LoRA's random init is reproducible.
-    torch.manual_seed(settings.seed)
+    lora, train_text = settings.method == "lora", settings.train_text_encoder
+    torch.manual_seed(settings.seed)  # LoRA's random init is reproducible
     base = load_pipeline(base_model_dir, "cpu", torch.float32)
-    tokenizer, text_encoder, vae, unet = base.tokenizer, base.text_encoder, base.vae, base.unet
-    noise_scheduler = DDPMScheduler.from_config(base.scheduler.config)
+    text_encoder, vae, unet = base.text_encoder, base.vae, base.unet
     vae.requires_grad_(False)
     unet.requires_grad_(not lora)
     text_encoder.requires_grad_(train_text and not lora)
@@ -325,170 +301,251 @@ def _train(
             enable = getattr(text_encoder, "activation_checkpointing_enable", None)
             (enable or text_encoder.gradient_checkpointing_enable)()
     # Attention uses diffusers' default processor, torch's scaled_dot_product_attention.
-
-    # Data: the VAE posterior of every image, once; token ids of the two prompts.
-    scaling = float(vae.config.scaling_factor)
-    inst_mean, inst_std = encode_latent_distribution(
-        vae, instance_images, settings.resolution, settings.train_batch_size
+    return _Models(
+        accelerator,
+        base.tokenizer,
+        text_encoder,
+        vae,
+        unet,
+        DDPMScheduler.from_config(base.scheduler.config),
+        weight_dtype,
+        trained,
+        lora,
+        train_text,
     )
-    if class_images is not None:
-        cls_mean, cls_std = encode_latent_distribution(
-            vae, class_images, settings.resolution, settings.train_batch_size
-        )
-    prompt_ids = tokenize_prompts(tokenizer, [instance_prompt, settings.class_prompt])
-    if not train_text:
+
+
+def _encode_data(models: _Models, inputs: RunInputs, settings: DreamBoothSettings) -> _Data:
+    res, batch = settings.resolution, settings.train_batch_size
+    inst_mean, inst_std = encode_latent_distribution(models.vae, inputs.instance_images, res, batch)
+    cls_mean = cls_std = None
+    if inputs.class_images is not None:
+        cls_mean, cls_std = encode_latent_distribution(models.vae, inputs.class_images, res, batch)
+    prompt_ids = tokenize_prompts(models.tokenizer, [inputs.instance_prompt, settings.class_prompt])
+    fixed_embeds = None
+    if not models.train_text:
         with torch.no_grad():
-            fixed_embeds = encode_tokens(text_encoder, prompt_ids)
+            fixed_embeds = encode_tokens(models.text_encoder, prompt_ids)
+    scaling = float(models.vae.config.scaling_factor)
+    # The VAE (and a frozen text encoder) did their part: drop them for the loop's sake (SD 2.1:
+    # 0.3 + 1.4 GB); the final model takes them from the base model's folder.
+    models.vae = None
+    if not models.train_text:
+        models.text_encoder = None
+    gc.collect()
+    return _Data(inst_mean, inst_std, cls_mean, cls_std, prompt_ids, fixed_embeds, scaling)
 
-    # Optimizer, schedule, accelerate.
-    params = [p for m in trained for p in m.parameters() if p.requires_grad]
-    optimizer = _make_optimizer(params, settings, log)
-    total_steps = num_train_steps(len(instance_images), settings)
-    per_epoch = steps_per_epoch(
-        len(instance_images), settings.train_batch_size, settings.gradient_accumulation_steps
-    )
+
+def _prepare_optimization(models: _Models, settings: DreamBoothSettings, n_instance: int) -> _Optimization:
+    """Optimizer and schedule, handed to accelerate with the trained models."""
+    params = [p for m in models.trained for p in m.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(params, settings)
+    total_steps = num_train_steps(n_instance, settings)
+    per_epoch = steps_per_epoch(n_instance, settings.train_batch_size, settings.gradient_accumulation_steps)
     lr_scheduler = get_scheduler(
         settings.lr_scheduler,
         optimizer=optimizer,
         num_warmup_steps=settings.lr_warmup_steps,
         num_training_steps=total_steps,
     )
-    prepared = accelerator.prepare(*trained, optimizer, lr_scheduler)
-    trained, optimizer, lr_scheduler = list(prepared[: len(trained)]), prepared[-2], prepared[-1]
-    unet = trained[0]
-    if train_text:
-        text_encoder = trained[1]
-    _register_trainable_only_state_hooks(accelerator)
+    prepared = models.accelerator.prepare(*models.trained, optimizer, lr_scheduler)
+    models.trained = list(prepared[: len(models.trained)])
+    models.unet = models.trained[0]
+    if models.train_text:
+        models.text_encoder = models.trained[1]
+    register_trainable_only_state_hooks(models.accelerator)
+    return _Optimization(prepared[-2], prepared[-1], params, total_steps, per_epoch)
 
-    # Resume from the latest checkpoint of this very configuration.
-    fingerprint = _run_fingerprint(
-        base_model_dir, instance_images, class_images, instance_prompt, settings, accelerator
-    )
+
+def estimate_disk_bytes(models: _Models, optim: _Optimization, settings: DreamBoothSettings) -> int:
+    """What the run writes at its peak: the checkpoints that coexist (trained weights in fp32 plus
+    the optimizer's two moments, 8 bytes a weight for AdamW, 2 for 8-bit Adam; ``limit`` of them,
+    two while a limit of 1 replaces the old one) and the final model (the whole pipeline in fp32,
+    or the LoRA weights)."""
+    trained = sum(p.numel() for p in optim.params)
+    per_checkpoint = trained * (4 + (2 if settings.use_8bit_adam else 8))
+    limit = settings.checkpoints_total_limit
+    made = optim.total_steps // settings.checkpointing_steps if settings.checkpointing_steps else 0
+    # A limit of 1 writes the new checkpoint, then removes the old one: two for a moment.
+    n_checkpoints = min(made, 2 if limit <= 1 else limit)
+    if models.lora:
+        final = trained * 4
+    else:
+        final = 4 * sum(
+            p.numel() for m in (models.unet, models.text_encoder, models.vae) for p in m.parameters()
+        )
+    return per_checkpoint * n_checkpoints + final
+
+
+def _resume(models: _Models, run: _Run, fingerprint: str, total_steps: int) -> tuple[int, dict[str, list]]:
+    """The step to continue from and the loss history, from this configuration's latest checkpoint."""
     history: dict[str, list[float]] = {"losses": [], "instance_losses": [], "prior_losses": []}
-    resumed_from = 0
-    checkpoint = latest_checkpoint(work_dir, fingerprint, log)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = _read_json(checkpoint / CHECKPOINT_STATE_NAME)
-        resumed_from = int(state["global_step"])
-        history = {k: list(state[k]) for k in history}
-        log(f"resumed from {checkpoint.name}: continuing at step {resumed_from + 1} of {total_steps}")
+    checkpoint = latest_checkpoint(run.work_dir, fingerprint, run.log)
+    if checkpoint is None:
+        return 0, history
+    models.accelerator.load_state(str(checkpoint))
+    state = read_json(checkpoint / CHECKPOINT_STATE_NAME)
+    resumed_from = int(state["global_step"])
+    run.log(f"resumed from {checkpoint.name}: continuing at step {resumed_from + 1} of {total_steps}")
+    return resumed_from, {k: list(state[k]) for k in history}
 
-    n_class = 0 if class_images is None else len(class_images)
+
+def _train_step(
+    models: _Models, data: _Data, optim: _Optimization, settings: DreamBoothSettings, global_step: int
+) -> dict[str, float]:
+    """One optimizer step (0-based ``global_step``) over its micro-batches; the step's losses and lr."""
+    device_t = models.accelerator.device
+    micro_batches = step_micro_batches(global_step, len(data.inst_mean), data.n_class, settings)
+    n_images = sum(len(i) for i, _ in micro_batches)
+    model_dtype = models.weight_dtype if models.lora else torch.float32
+    totals = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
+    for k, (inst_idx, cls_idx) in enumerate(micro_batches):
+        gen = step_generator(settings.seed, global_step, k)
+        mean, std = data.inst_mean[inst_idx], data.inst_std[inst_idx]
+        if data.cls_mean is not None:
+            mean = torch.cat([mean, data.cls_mean[cls_idx]])
+            std = torch.cat([std, data.cls_std[cls_idx]])
+        latents = sample_latents(mean, std, data.scaling, gen)
+        noisy, timesteps, target = noisy_latents_and_target(latents, models.noise_scheduler, gen)
+        embeds = (
+            encode_tokens(models.text_encoder, data.prompt_ids) if models.train_text else data.fixed_embeds
+        )
+        counts = torch.tensor([len(inst_idx), len(cls_idx) if data.cls_mean is not None else 0])
+        encoder_states = embeds.repeat_interleave(counts.to(embeds.device), dim=0)
+        pred = models.unet(
+            noisy.to(device_t, model_dtype), timesteps.to(device_t), encoder_states.to(model_dtype)
+        ).sample
+        loss, instance_loss, prior_loss = dreambooth_loss(
+            pred, target.to(device_t), settings.prior_loss_weight, data.cls_mean is not None
+        )
+        share = len(inst_idx) / n_images  # micro-batches of unequal size weigh by images
+        models.accelerator.backward(loss * share)
+        totals["loss"] += loss.item() * share
+        totals["instance_loss"] += instance_loss.item() * share
+        totals["prior_loss"] += (prior_loss.item() if prior_loss is not None else 0.0) * share
+    if settings.max_grad_norm:
+        models.accelerator.clip_grad_norm_(optim.params, settings.max_grad_norm)
+    optim.optimizer.step()
+    optim.lr_scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    return {**totals, "lr": float(optim.lr_scheduler.get_last_lr()[0])}
+
+
+def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
+    settings, log = run.settings, run.log
+    models = _load_models(inputs.base_model_dir, settings, device)
+    optim = _prepare_optimization(models, settings, len(inputs.instance_images))
+    disk_needed = estimate_disk_bytes(models, optim, settings)
+    require_free_space(run.work_dir, disk_needed, f"DreamBooth {settings.method} (checkpoints + final model)")
+    data = _encode_data(models, inputs, settings)
+    fingerprint = run_fingerprint(inputs, settings, models.accelerator.mixed_precision)
+    resumed_from, history = _resume(models, run, fingerprint, optim.total_steps)
     log(
-        f"DreamBooth {settings.method}: {len(instance_images)} instance / {n_class} class images, "
-        f"{total_steps} steps ({per_epoch} per epoch), batch {settings.train_batch_size} x "
-        f"{settings.gradient_accumulation_steps} accumulation, precision {accelerator.mixed_precision}, "
-        f"device {device_t}"
+        f"DreamBooth {settings.method}: {len(inputs.instance_images)} instance / {data.n_class} class "
+        f"images, {optim.total_steps} steps ({optim.per_epoch} per epoch), batch "
+        f"{settings.train_batch_size} x {settings.gradient_accumulation_steps} accumulation, precision "
+        f"{models.accelerator.mixed_precision}, device {models.accelerator.device}, "
+        f"disk needed {disk_needed / GIB:.2f} GiB"
     )
-    log_every = max(1, total_steps // 10)
+    log_every = max(1, optim.total_steps // 10)
     steps_run: list[int] = []
-    for model in trained:
+    for model in models.trained:
         model.train()
     global_step = resumed_from
-    while global_step < total_steps:
-        micro_batches = step_micro_batches(global_step, len(instance_images), n_class, settings)
-        n_images = sum(len(i) for i, _ in micro_batches)
-        step_loss = step_instance = step_prior = 0.0
-        for k, (inst_idx, cls_idx) in enumerate(micro_batches):
-            gen = step_generator(settings.seed, global_step, k)
-            mean, std = inst_mean[inst_idx], inst_std[inst_idx]
-            if class_images is not None:
-                mean = torch.cat([mean, cls_mean[cls_idx]])
-                std = torch.cat([std, cls_std[cls_idx]])
-            latents = sample_latents(mean, std, scaling, gen)
-            noisy, timesteps, target = noisy_latents_and_target(latents, noise_scheduler, gen)
-            embeds = encode_tokens(text_encoder, prompt_ids) if train_text else fixed_embeds
-            counts = torch.tensor([len(inst_idx), len(cls_idx) if class_images is not None else 0])
-            encoder_states = embeds.repeat_interleave(counts.to(embeds.device), dim=0)
-            model_dtype = weight_dtype if lora else torch.float32
-            pred = unet(
-                noisy.to(device_t, model_dtype),
-                timesteps.to(device_t),
-                encoder_states.to(model_dtype),
-            ).sample
-            loss, instance_loss, prior_loss = dreambooth_loss(
-                pred,
-                target.to(device_t),
-                settings.prior_loss_weight,
-                class_images is not None,
-            )
-            share = len(inst_idx) / n_images  # micro-batches of unequal size weigh by images
-            accelerator.backward(loss * share)
-            step_loss += loss.item() * share
-            step_instance += instance_loss.item() * share
-            step_prior += (prior_loss.item() if prior_loss is not None else 0.0) * share
-        if settings.max_grad_norm:
-            accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    while global_step < optim.total_steps:
+        metrics = _train_step(models, data, optim, settings, global_step)
         global_step += 1
         steps_run.append(global_step)
-        history["losses"].append(step_loss)
-        history["instance_losses"].append(step_instance)
-        history["prior_losses"].append(step_prior)
-        metrics = {
-            "loss": step_loss,
-            "instance_loss": step_instance,
-            "prior_loss": step_prior,
-            "lr": float(lr_scheduler.get_last_lr()[0]),
-        }
-        if global_step % log_every == 0 or global_step in (1, total_steps):
+        for key, name in (
+            ("losses", "loss"),
+            ("instance_losses", "instance_loss"),
+            ("prior_losses", "prior_loss"),
+        ):
+            history[key].append(metrics[name])
+        if global_step % log_every == 0 or global_step in (1, optim.total_steps):
             log(
-                f"step {global_step}/{total_steps} loss {step_loss:.4f} "
-                f"(instance {step_instance:.4f}, prior {step_prior:.4f}) lr {metrics['lr']:.2e}"
+                f"step {global_step}/{optim.total_steps} loss {metrics['loss']:.4f} (instance "
+                f"{metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) lr {metrics['lr']:.2e}"
             )
         if settings.checkpointing_steps and global_step % settings.checkpointing_steps == 0:
-            _save_checkpoint(
-                accelerator,
-                work_dir,
-                global_step,
-                {"global_step": global_step, "fingerprint": fingerprint, **history},
-                settings.checkpoints_total_limit,
+            state = {"global_step": global_step, "fingerprint": fingerprint, **history}
+            save_checkpoint(
+                models.accelerator, run.work_dir, global_step, state, settings.checkpoints_total_limit
             )
             log(f"saved checkpoint-{global_step}")
-        if on_step is not None:
-            on_step(global_step, metrics)
+        if run.on_step is not None:
+            run.on_step(global_step, metrics)
+    return _finish(
+        models,
+        inputs,
+        run,
+        _Progress(global_step, resumed_from, steps_run, history, fingerprint, optim, disk_needed),
+    )
 
+
+@dataclass
+class _Progress:
+    global_step: int
+    resumed_from: int
+    steps_run: list[int]
+    history: dict[str, list[float]]
+    fingerprint: str
+    optim: _Optimization
+    disk_needed: int
+
+
+def _finish(models: _Models, inputs: RunInputs, run: _Run, progress: _Progress) -> TrainResult:
+    """Save the final model, drop the checkpoints (unless kept), and report."""
+    settings, accelerator = run.settings, models.accelerator
     accelerator.wait_for_everyone()
     info = {
         "method": settings.method,
-        "base_model_dir": str(base_model_dir),
-        "instance_prompt": instance_prompt,
+        "base_model_dir": str(inputs.base_model_dir),
+        "instance_prompt": inputs.instance_prompt,
         "class_prompt": settings.class_prompt,
-        "global_step": global_step,
-        "lora_rank": settings.lora_rank if lora else None,
-        "train_text_encoder": train_text,
-        "fingerprint": fingerprint,
+        "global_step": progress.global_step,
+        "lora_rank": settings.lora_rank if models.lora else None,
+        "train_text_encoder": models.train_text,
+        "fingerprint": progress.fingerprint,
     }
-    unwrapped = [accelerator.unwrap_model(m) for m in trained]
-    _save_final(unwrapped, base_model_dir, output_dir, info, settings)
-    log(f"saved the {settings.method} DreamBooth model to {output_dir}")
+    _drop_optimizer_state(progress.optim)  # twice the trained weights, no longer needed
+    unwrapped = [accelerator.unwrap_model(m) for m in models.trained]
+    save_final_model(unwrapped, inputs.base_model_dir, run.output_dir, info, settings.method)
+    run.log(f"saved the {settings.method} DreamBooth model to {run.output_dir}")
     if not settings.keep_checkpoints:
-        for _, path in _checkpoints(work_dir):
-            shutil.rmtree(path, ignore_errors=True)
-
+        remove_all_checkpoints(run.work_dir)
+    device_t = accelerator.device
     peak = (
         torch.cuda.max_memory_allocated(device_t)
         if device_t.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS (Linux: KiB)
     )
     accelerator.free_memory()
+    history = progress.history
     return TrainResult(
-        global_step=global_step,
-        epochs=math.ceil(total_steps / per_epoch),
+        global_step=progress.global_step,
+        epochs=math.ceil(progress.optim.total_steps / progress.optim.per_epoch),
         losses=history["losses"],
-        wall_s=time.perf_counter() - started,
+        wall_s=time.perf_counter() - run.started,
         peak_memory_bytes=int(peak),
-        resumed_from_step=resumed_from,
-        output_dir=output_dir,
+        resumed_from_step=progress.resumed_from,
+        output_dir=run.output_dir,
         method=settings.method,
-        steps_run=steps_run,
+        steps_run=progress.steps_run,
         instance_losses=history["instance_losses"],
         prior_losses=history["prior_losses"],
+        disk_needed_bytes=progress.disk_needed,
     )
+
+
+def _drop_optimizer_state(optim: _Optimization) -> None:
+    """Free the optimizer's moments and the gradients before the final model is written."""
+    inner = getattr(optim.optimizer, "optimizer", optim.optimizer)  # accelerate's wrapper
+    inner.zero_grad(set_to_none=True)
+    inner.state.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _make_accelerator(device: str, settings: DreamBoothSettings) -> Any:
@@ -526,22 +583,19 @@ def _add_lora_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | No
         )
 
 
-def _make_optimizer(
-    params: list[torch.nn.Parameter], settings: DreamBoothSettings, log: Callable[[str], None]
-) -> torch.optim.Optimizer:
+def _make_optimizer(params: list[torch.nn.Parameter], settings: DreamBoothSettings) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW with ``use_8bit_adam`` (a clear error without it)."""
     optimizer_cls: Any = torch.optim.AdamW
     if settings.use_8bit_adam:
         try:
             import bitsandbytes as bnb
-
-            optimizer_cls = bnb.optim.AdamW8bit
-        except ImportError:
-            message = "use_8bit_adam is set but bitsandbytes is not installed: using plain AdamW"
-            warnings.warn(message, stacklevel=3)
-            log(f"WARNING: {message}")
+        except ImportError as exc:
+            raise RuntimeError(f"bitsandbytes is not installed: {BITSANDBYTES_HINT}") from exc
+        optimizer_cls = bnb.optim.AdamW8bit
     lr = settings.lora_learning_rate if settings.method == "lora" else settings.learning_rate
-    # One kernel per op over all tensors instead of a loop per tensor (torch's CPU default).
-    extra = {"foreach": True} if optimizer_cls is torch.optim.AdamW else {}
+    # Fused AdamW (CPU and CUDA): one kernel over all tensors and no temporary copies of the
+    # parameters (foreach's temporaries are another 3.5 GB on SD 2.1's UNet).
+    extra = {"fused": True} if optimizer_cls is torch.optim.AdamW else {}
     return optimizer_cls(
         params,
         **extra,
@@ -550,149 +604,3 @@ def _make_optimizer(
         weight_decay=settings.adam_weight_decay,
         eps=settings.adam_epsilon,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------
-
-
-def _trainable_names(model: torch.nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _register_trainable_only_state_hooks(accelerator: Any) -> None:
-    """Checkpoints hold only the trained weights: all of them for full fine-tuning, the adapters for
-    LoRA (megabytes instead of the whole frozen UNet). The rest comes from the base model."""
-    from safetensors.torch import load_file
-
-    def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
-            names = _trainable_names(model)
-            weights[i] = {k: v for k, v in weights[i].items() if k in names}
-
-    def load_hook(models: list, input_dir: str) -> None:
-        for i, model in enumerate(list(models)):
-            path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
-            state = load_file(str(path))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            lost = _trainable_names(model) & set(missing)
-            if lost or unexpected:
-                raise RuntimeError(
-                    f"checkpoint {input_dir} does not match the model: missing {sorted(lost)[:5]}, "
-                    f"unexpected {sorted(unexpected)[:5]}"
-                )
-        models.clear()  # loaded here; accelerate loads optimizer, scheduler and RNG state
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
-def _run_fingerprint(
-    base_model_dir: Path,
-    instance_images: np.ndarray,
-    class_images: np.ndarray | None,
-    instance_prompt: str,
-    settings: DreamBoothSettings,
-    accelerator: Any,
-) -> str:
-    """What a checkpoint must share with this run to be resumed: data, prompt, base and the settings
-    that change the numbers (not checkpointing or memory options that leave them alone)."""
-    ignored = {"checkpointing_steps", "checkpoints_total_limit", "gradient_checkpointing", "sample_images"}
-    ignored |= {"sample_steps", "num_class_images", "class_image_steps", "class_image_guidance"}
-    ignored |= {"class_image_batch_size", "instance_prompts", "keep_checkpoints"}
-    parts = {
-        "settings": {k: v for k, v in settings.model_dump(mode="json").items() if k not in ignored},
-        "precision": accelerator.mixed_precision,
-        "base": str(base_model_dir.resolve()),
-        "prompt": instance_prompt,
-        "instance": sha256_bytes(np.ascontiguousarray(instance_images).tobytes()),
-        "class": None if class_images is None else sha256_bytes(np.ascontiguousarray(class_images).tobytes()),
-    }
-    return sha256_bytes(repr(sorted(parts.items())).encode())[:16]
-
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _checkpoints(work_dir: Path) -> list[tuple[int, Path]]:
-    if not work_dir.is_dir():
-        return []
-    found = []
-    for path in work_dir.iterdir():
-        match = _CHECKPOINT_RE.match(path.name)
-        if match and (path / CHECKPOINT_STATE_NAME).is_file():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(work_dir: Path, fingerprint: str, log: Callable[[str], None] = print) -> Path | None:
-    """The newest complete ``checkpoint-<step>`` in ``work_dir`` made by a run with ``fingerprint``."""
-    for _step, path in reversed(_checkpoints(Path(work_dir))):
-        if _read_json(path / CHECKPOINT_STATE_NAME).get("fingerprint") == fingerprint:
-            return path
-        log(f"ignoring {path.name}: made with other data or settings")
-    return None
-
-
-def _save_checkpoint(accelerator: Any, work_dir: Path, step: int, state: dict, limit: int) -> Path:
-    """``accelerator.save_state`` into a temporary folder renamed to ``checkpoint-<step>``; keep ``limit``."""
-    path = work_dir / f"checkpoint-{step}"
-    with atomic_path(path) as tmp:
-        accelerator.save_state(str(tmp))
-        write_json_atomic(tmp / CHECKPOINT_STATE_NAME, state)
-    # Checkpoints of other data or settings can never be resumed by this run: drop them, then
-    # keep this run's newest ``limit``.
-    ours = []
-    for _, old in _checkpoints(work_dir):
-        if _read_json(old / CHECKPOINT_STATE_NAME).get("fingerprint") == state["fingerprint"]:
-            ours.append(old)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    for old in ours[: -max(limit, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-# ---------------------------------------------------------------------------------------------
-# Final model
-# ---------------------------------------------------------------------------------------------
-
-
-def _save_final(
-    trained: list[torch.nn.Module],
-    base_model_dir: Path,
-    output_dir: Path,
-    info: dict,
-    settings: DreamBoothSettings,
-) -> None:
-    unet = trained[0]
-    text_encoder = trained[1] if len(trained) > 1 else None
-    with atomic_path(output_dir) as tmp:
-        if settings.method == "lora":
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-                state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-                return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-
-            StableDiffusionPipeline.save_lora_weights(
-                tmp,
-                unet_lora_layers=lora_layers(unet),
-                text_encoder_lora_layers=lora_layers(text_encoder) if text_encoder is not None else None,
-                weight_name=LORA_WEIGHTS_NAME,
-            )
-        else:
-            parts: dict[str, Any] = {"unet": unet.float()}
-            if text_encoder is not None:
-                parts["text_encoder"] = text_encoder.float()
-            pipe = load_pipeline(base_model_dir, "cpu", torch.float32, **parts)
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        write_json_atomic(tmp / TRAINING_INFO_NAME, info)

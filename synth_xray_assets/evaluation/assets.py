@@ -18,6 +18,7 @@ from synth_xray_assets.dataset.splits import generator_positions, validation_spl
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.dreambooth.store import base_model_path
 from synth_xray_assets.evaluation.extractor import (
     extractor_dir,
@@ -34,6 +35,7 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
+from synth_xray_assets.hardware import free_gpu_memory
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.partitions import (
     class_key_of,
@@ -137,12 +139,13 @@ def _base_model_images(
         s.dreambooth.resolution,
         seed_offset=seed_stream_offset(g, f"base-{class_key}"),
     )
+    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
     generate_set(
-        lambda: load_pipeline(base, device),
+        lambda: with_plan(load_pipeline(base, device), plan),
         root,
         g.images_per_class,
         recipe,
-        batch_size=g.batch_size,
+        batch_size=plan.batch_size,
         extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
         log=log,
     )
@@ -239,6 +242,8 @@ def cxr_feature_extractor(
             "initial_weights": info["pretrained"],
             "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
             "device": device,
+            "precision": info.get("precision", "fp32"),
+            "micro_batch": info.get("compute", {}).get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
         },
         data_version=dg.DataVersion(info["weights_sha256"][:16]),

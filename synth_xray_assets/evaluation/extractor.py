@@ -99,6 +99,8 @@ def train_cxr_feature_extractor(
         "pretrained": settings.pretrained,
         "seed": evaluation.feature_seed,
         "device": device,
+        "precision": result.precision,
+        "compute": result.compute,  # micro-batch (after any out-of-memory halving), channels_last, ...
         "history": result.history,
     }
     write_json_atomic(out_dir / "extractor.json", info)

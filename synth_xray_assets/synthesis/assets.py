@@ -7,6 +7,8 @@ from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stre
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
+from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
@@ -64,12 +66,16 @@ def synthetic_images(
     prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
     first_seed = seed_stream_offset(g, key)  # this set's own seed stream
+    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
+    require_free_space(
+        out, g.images_per_class * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)"
+    )
     report = generate_set(
-        lambda: load_trained_pipeline(ckpt, base, device),
+        lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
         g.images_per_class,
         Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
-        batch_size=g.batch_size,
+        batch_size=plan.batch_size,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
@@ -79,6 +85,8 @@ def synthetic_images(
             "num_images": len(report.manifest),
             "made_this_run": len(report.generated),
             "kept_from_earlier_runs": report.reused,
+            "batch_size": plan.batch_size,  # from free GPU memory (issue 11), at most generation.batch_size
+            "vae_slicing": plan.vae_slicing,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
             "seeds": f"{first_seed}..{first_seed + g.images_per_class - 1} (this set's own stream)",

@@ -1,0 +1,265 @@
+"""The full profile's GPU work: DreamBooth per memory preset, generation, and the classifier.
+
+With CUDA (the full sizes):
+
+1. DreamBooth on an SD-2.1-base-shaped model (random weights; ``synth_xray_assets_tests/sd21.py``)
+   at 512 px, 8 instance + 8 class images per step, for each memory preset (study,
+   memory-saving, lora): optimizer steps per second and peak GPU memory. Each preset runs in its
+   own process, so its peak is its own.
+2. Generation at 512 px, 50 DPM-Solver steps, guidance 4, fp16, batch from free memory: images/s.
+3. DenseNet-121 at 224 px, batch 256: training images/s in plain fp32 (contiguous, augmentation
+   in CPU workers) against ours (mixed precision, channels_last, augmentation on the GPU), and
+   the largest batch that fits each way (doubling until CUDA runs out of memory).
+
+Without CUDA the same code runs at tiny sizes (the demo's tiny SD at 64 px, DenseNet-121 at
+32 px) so that the script stays working; its figures are not GPU figures.
+
+    .venv/bin/python benchmarks/gpu.py [--tiny] [--steps 6] [--skip dreambooth,generation,classifier]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tests folder holds SD 2.1's configuration
+
+
+@dataclass(frozen=True)
+class Sizes:
+    resolution: int  # DreamBooth and generation
+    instance_batch: int  # + as many class images
+    gen_steps: int
+    gen_images: int
+    clf_resolution: int
+    clf_batch: int
+    clf_steps: int
+    max_batch: int  # the batch search's ceiling
+
+
+FULL = Sizes(512, 8, 50, 16, 224, 256, 10, 4096)
+TINY = Sizes(64, 2, 5, 4, 32, 16, 3, 64)
+
+
+def _base_model(folder: Path, sizes: Sizes, cuda: bool) -> Path:
+    if cuda:
+        from synth_xray_assets_tests.sd21 import build_sd21_shaped
+
+        return build_sd21_shaped(folder)
+    from synth_xray_assets.dreambooth.tiny import build_tiny_pipeline
+    from synth_xray_assets.settings import Settings
+
+    s = Settings.for_profile("demo")
+    build_tiny_pipeline(s.base_model, sizes.resolution).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ---------------------------------------------------------------- DreamBooth per preset
+
+
+def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: mp.Queue) -> None:
+    from synth_xray_assets.dreambooth.presets import PRESET_UPDATES
+    from synth_xray_assets.dreambooth.training import train_dreambooth
+    from synth_xray_assets.settings import DreamBoothSettings
+
+    cuda = torch.cuda.is_available()
+    db = DreamBoothSettings(
+        resolution=sizes.resolution,
+        train_batch_size=sizes.instance_batch,
+        gradient_accumulation_steps=1,
+        max_train_steps=steps,
+        checkpointing_steps=0,
+        lr_warmup_steps=0,
+        memory_preset="none",
+    ).model_copy(update=PRESET_UPDATES[preset])
+    rng = np.random.default_rng(0)
+    shape = (sizes.instance_batch * 2, sizes.resolution, sizes.resolution)
+    inst, cls = rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)
+    times: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_dreambooth(
+            Path(base),
+            inst,
+            cls,
+            db.instance_prompts["normal"],
+            db,
+            Path(tmp) / "out",
+            Path(tmp) / "work",
+            "cuda" if cuda else "cpu",
+            log=lambda m: None,
+            on_step=lambda step, metrics: times.append(time.perf_counter()),
+        )
+    rate = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")  # no warm-up
+    queue.put((rate, result.peak_memory_bytes / 2**30))
+
+
+def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> None:
+    from synth_xray_assets.dreambooth.presets import PRESET_ORDER, PRESET_UPDATES, has_bitsandbytes
+
+    print(
+        f"\nDreamBooth, {sizes.resolution} px, {sizes.instance_batch} instance + "
+        f"{sizes.instance_batch} class images per step, {steps} steps per preset"
+    )
+    print(f"{'preset':16s} {'options':52s} {'steps/s':>8s} {'peak GiB':>9s}")
+    ctx = mp.get_context("spawn")
+    for preset in PRESET_ORDER:
+        options = ", ".join(f"{k}={v}" for k, v in PRESET_UPDATES[preset].items()) or "the study's settings"
+        if PRESET_UPDATES[preset].get("use_8bit_adam") and not has_bitsandbytes():
+            print(f"{preset:16s} {options:52s} {'-':>8s} {'-':>9s}  skipped: bitsandbytes not installed")
+            continue
+        queue: mp.Queue = ctx.Queue()
+        proc = ctx.Process(target=_dreambooth_worker, args=(preset, str(base), sizes, steps, queue))
+        proc.start()
+        proc.join()
+        if proc.exitcode:
+            print(f"{preset:16s} {options:52s} failed (exit {proc.exitcode}; out of memory?)")
+            continue
+        rate, peak = queue.get()
+        print(f"{preset:16s} {options:52s} {rate:8.3f} {peak:9.2f}")
+
+
+# ---------------------------------------------------------------- generation
+
+
+def bench_generation(base: Path, sizes: Sizes) -> None:
+    from synth_xray_assets.diffusion.pipelines import load_pipeline, sample_images, use_dpm_solver
+    from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+    from synth_xray_assets.hardware import free_gpu_memory
+    from synth_xray_assets.settings import GenerationSettings
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = generation_plan(8, sizes.resolution, free_gpu_memory(device), GenerationSettings())
+    pipe = use_dpm_solver(with_plan(load_pipeline(base, device, plan.dtype), plan))
+    sample_images(pipe, "a chest xray image", [0], 2, 4.0, sizes.resolution)  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0, made = time.perf_counter(), 0
+    while made < sizes.gen_images:
+        seeds = list(range(made, min(made + plan.batch_size, sizes.gen_images)))
+        sample_images(pipe, "a chest xray image", seeds, sizes.gen_steps, 4.0, sizes.resolution)
+        made += len(seeds)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    rate = made / (time.perf_counter() - t0)
+    print(
+        f"\nGeneration, {sizes.resolution} px, {sizes.gen_steps} DPM-Solver steps, guidance 4: "
+        f"{rate:.3f} images/s (batch {plan.batch_size}, {str(plan.dtype).removeprefix('torch.')}, "
+        f"VAE slicing {plan.vae_slicing}, {device})"
+    )
+
+
+# ---------------------------------------------------------------- classifier
+
+
+def _classifier_rate(ours: bool, batch: int, sizes: Sizes, steps: int) -> float:
+    """Training images/s of DenseNet-121 over ``steps`` batches after one warm-up batch."""
+    import torch.nn.functional as F
+
+    from synth_xray_assets.classifier.data import make_train_loader, normalize_batch
+    from synth_xray_assets.classifier.model import build_densenet121
+    from synth_xray_assets.classifier.step import MicroBatchStep, choose_precision, prepare_model
+    from synth_xray_assets.classifier.train import TrainBatches
+    from synth_xray_assets.hardware import loader_workers
+    from synth_xray_assets.settings import ClassifierSettings
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    r = sizes.clf_resolution
+    s = ClassifierSettings(resolution=r, resize=r, batch_size=batch, pretrained="none")
+    n = batch * (steps + 1)
+    images = torch.randint(0, 256, (n, r, r), dtype=torch.uint8)
+    labels = np.random.default_rng(0).integers(0, 2, n)
+    if ours:
+        model = prepare_model(build_densenet121(s), device, device == "cuda")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        step = MicroBatchStep(model, opt, s, choose_precision(device, "auto"), device, log=lambda m: None)
+        batches = TrainBatches(images, labels, s, 0, device, None).epoch(0)
+        run = lambda: step(*next(batches))  # noqa: E731
+    else:
+        model = build_densenet121(s).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        loader, sampler = make_train_loader(images, labels, s, 0, num_workers=loader_workers(1))
+        sampler.set_epoch(0)
+        it = iter(loader)
+
+        def run() -> None:
+            x, y = next(it)
+            loss = F.cross_entropy(model(normalize_batch(x.to(device))), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    model.train()
+    run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def _largest_batch(ours: bool, sizes: Sizes) -> str:
+    if not torch.cuda.is_available():
+        return "n/a (CPU)"
+    batch, fits = 64, 0
+    while batch <= sizes.max_batch:
+        try:
+            _classifier_rate(ours, batch, sizes, 1)
+            fits = batch
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+        batch *= 2
+    return f">= {fits}" if fits == sizes.max_batch else str(fits)
+
+
+def bench_classifier(sizes: Sizes) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"\nDenseNet-121 training, {sizes.clf_resolution} px, batch {sizes.clf_batch}, {device}")
+    print(f"{'way':62s} {'images/s':>9s} {'largest batch':>14s}")
+    for ours, name in (
+        (False, "plain: fp32, contiguous, augmentation in CPU workers"),
+        (True, "ours: mixed precision, channels_last, augmentation on the GPU"),
+    ):
+        if ours and device == "cpu":
+            name = "ours on the CPU: fp32, CPU workers (GPU options are CUDA only)"
+        rate = _classifier_rate(ours, sizes.clf_batch, sizes, sizes.clf_steps)
+        print(f"{name:62s} {rate:9.1f} {_largest_batch(ours, sizes):>14s}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes even on a GPU")
+    parser.add_argument("--steps", type=int, default=6, help="DreamBooth steps per preset")
+    parser.add_argument("--skip", default="", help="comma-separated: dreambooth,generation,classifier")
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    sizes = TINY if args.tiny or not cuda else FULL
+    skip = set(filter(None, args.skip.split(",")))
+    card = torch.cuda.get_device_name() if cuda else "no GPU: tiny sizes, CPU figures"
+    print(f"benchmarks/gpu.py on {card}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not {"dreambooth", "generation"} <= skip:
+            base = _base_model(Path(tmp) / "base", sizes, cuda and not args.tiny)
+        if "dreambooth" not in skip:
+            bench_dreambooth(base, sizes, args.steps)
+        if "generation" not in skip:
+            bench_generation(base, sizes)
+    if "classifier" not in skip:
+        bench_classifier(sizes)
+
+
+if __name__ == "__main__":
+    main()
