@@ -1,7 +1,6 @@
 """Dagster resources: the settings of the chosen profile, and the compute device."""
 
 import json
-import os
 
 import dagster as dg
 
@@ -55,7 +54,9 @@ class ComputeResource(dg.ConfigurableResource):
     def resolve_device(self) -> str:
         import torch
 
-        torch.set_num_threads(self.cpu_threads or max(1, (os.cpu_count() or 2) // 2))
+        from synth_xray_assets.hardware import available_cpus  # the pod's CPU limit, not the node's
+
+        torch.set_num_threads(self.cpu_threads or max(1, available_cpus() // 2))
         if self.device != "auto":
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise RuntimeError(

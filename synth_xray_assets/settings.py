@@ -85,9 +85,11 @@ class BaseModelSettings(_Section):
     tiny_text_layers: int = 2
     tiny_layers_per_block: int = 1  # resnet layers per UNet / VAE level (SD 2.1 has 2)
     tiny_vae_steps: int = 300
+    tiny_vae_batch_size: int = 8
+    tiny_vae_learning_rate: float = 2e-3
     tiny_unet_steps: int = 1500
-    tiny_batch_size: int = 16
-    tiny_learning_rate: float = 1e-3
+    tiny_batch_size: int = 16  # the UNet's
+    tiny_learning_rate: float = 1e-3  # the UNet's
     tiny_prompt: str = "a chest xray image"
     tiny_uncond_probability: float = 0.1  # prompt dropped to "" so guidance has an unconditional branch
     seed: int = 42
@@ -150,6 +152,11 @@ class GenerationSettings(_Section):
     """Synthetic images from each class's checkpoint."""
 
     images_per_class: int = 1200
+    # The synthetic counts (images_per_class here, and the experiments' in classifier.experiments)
+    # are the study's, beside its 5,216 real training images: each is scaled by the dataset's real
+    # training images / study_train_size (rounded up), so that the mixes keep the study's
+    # proportions on any source (Synth-100: 2400 synthetic to 5216 real). None: counts as written.
+    study_train_size: int | None = 5216
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     batch_size: int = 8
@@ -278,6 +285,38 @@ class AutomationSettings(_Section):
         return self.groups[: self.groups.index(self.eager_through) + 1]
 
 
+# --- Deployment (issue 12): where the steps run. Fixed when the code loads, like the partitions. ---
+class KubernetesSettings(_Section):
+    """Step pods on Kubernetes (``deployment.executor = "k8s"``): GPU placement and the shared data."""
+
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's resource name
+    gpus_per_step: int = 1
+    gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}  # NVIDIA GPU operator's label
+    gpu_tolerations: tuple[dict[str, str], ...] = (
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    )
+    data_claim: str = "synth-xray-data"  # a ReadWriteMany PersistentVolumeClaim (POSIX: renames, folders)
+    data_mount_path: str = "/data"  # where every run and step pod mounts it; SYNTH_XRAY_DATA points here
+    namespace: str | None = None  # None: the run launcher's (the chart's release namespace)
+
+
+class CelerySettings(_Section):
+    """Steps as Celery tasks on bare GPU servers (``deployment.executor = "celery"``)."""
+
+    broker_env: str = "SYNTH_XRAY_CELERY_BROKER"  # names the variable holding e.g. redis://host:6379/0
+    backend_env: str = "SYNTH_XRAY_CELERY_BACKEND"  # result backend URL (same Redis is fine)
+    gpu_queue: str = "gpu"  # one worker per card, concurrency 1
+    cpu_queue: str = "cpu"
+
+
+class DeploymentSettings(_Section):
+    """Which executor runs the steps: one process per step here, Kubernetes Jobs, or Celery workers."""
+
+    executor: Literal["multiprocess", "k8s", "celery"] = "multiprocess"
+    kubernetes: KubernetesSettings = Field(default_factory=KubernetesSettings)
+    celery: CelerySettings = Field(default_factory=CelerySettings)
+
+
 # The study's published classifier results (fractions; ../shared/STUDY.md). "accuracy", "f1",
 # "auc": the reported figures, best epoch selected on the test set; "last_*": the same run's
 # last epoch. Synth-100 used 2400 synthetic images in the article (2160 in the notebook).
@@ -305,6 +344,7 @@ class Settings(_Section):
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
+    deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
 
     @classmethod
     def for_profile(
@@ -328,6 +368,17 @@ class Settings(_Section):
         """Every folder and file under ``data_dir``."""
         return Layout(self.data_dir)
 
+    def synthetic_count(self, count: int, n_real_train: int) -> int:
+        """A synthetic-image count of the settings (``generation.images_per_class`` or an experiment's)
+        for a dataset of ``n_real_train`` real training images: ``ceil(count * n_real_train /
+        generation.study_train_size)``, or ``count`` itself when that is None."""
+        reference = self.generation.study_train_size
+        if reference is None:
+            return count
+        if reference <= 0 or n_real_train < 0:
+            raise ValueError(f"cannot scale {count} synthetic images to {n_real_train} real / {reference}")
+        return -(-count * n_real_train // reference)
+
     def section_json(self, name: str) -> dict[str, Any]:
         """One section as JSON-able data, for asset metadata."""
         return getattr(self, name).model_dump(mode="json")
@@ -347,29 +398,31 @@ class DemoPhantomSettings(PhantomSettings):
 
 class DemoBaseModelSettings(BaseModelSettings):
     tiny: bool = True
-    tiny_vae_channels: tuple[int, ...] = (16, 32, 64, 64)  # 64 px -> 8x8 latents: SD's factor 8
+    # A factor-4 VAE (64 px -> 16x16 latents): SD's factor 8 left 8x8 latents that decoded to
+    # blurred blobs; 300 L1 steps reconstruct the lung fields and opacities (README, demo).
+    tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
     tiny_unet_channels: tuple[int, ...] = (32, 64)
-    tiny_vae_steps: int = 60
-    tiny_unet_steps: int = 1000
+    tiny_vae_steps: int = 300
+    tiny_unet_steps: int = 800  # the diffusion loss is flat from about 600
 
 
 class DemoDreamBoothSettings(DreamBoothSettings):
     num_class_images: int = 16
-    class_image_steps: int = 10
+    class_image_steps: int = 20
     resolution: int = 64
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 3e-4
+    learning_rate: float = 6e-4  # 3e-4: 35% of NORMAL samples read as NORMAL; 6e-4: 48% (README)
     lora_learning_rate: float = 1e-3
     lr_warmup_steps: int = 5
     num_train_epochs: int = 12
     checkpointing_steps: int = 20
-    sample_steps: int = 15
+    sample_steps: int = 25
 
 
 class DemoGenerationSettings(GenerationSettings):
-    images_per_class: int = 32
-    num_inference_steps: int = 15
+    # images_per_class: the study's 1200, scaled to the demo's real train (study_train_size)
+    num_inference_steps: int = 25
     batch_size: int = 16
 
 
@@ -377,7 +430,9 @@ class DemoEvaluationSettings(EvaluationSettings):
     batch_size: int = 32
     kid_subset_size: int = 16
     feature_resolution: int = 64
-    feature_epochs: int = 5
+    # 6 epochs at batch 16 (the classifier's): the extractor separates the demo's test classes
+    # (5 epochs at batch 32 called half the real NORMAL test images PNEUMONIA).
+    feature_epochs: int = 6
 
 
 class DemoClassifierSettings(ClassifierSettings):
@@ -385,20 +440,12 @@ class DemoClassifierSettings(ClassifierSettings):
     # seven experiments train 5 epochs in about 2 minutes on 2 CPU cores.
     resolution: int = 32
     resize: int = 36
-    batch_size: int = 32
+    batch_size: int = 16  # twice the steps of 32 for the same images: Synth-Only (115 images) learns
     epochs: int = 5
     pretrained: Literal["imagenet", "none"] = "none"
     seeds: tuple[int, ...] = (0,)
     bootstrap_samples: int = 500
-    experiments: dict[str, tuple[float, int]] = {
-        "baseline": (1.0, 0),
-        "synth-25": (1.0, 16),
-        "synth-50": (1.0, 32),
-        "synth-100": (1.0, 64),
-        "limited-10": (0.1, 64),
-        "limited-25": (0.25, 64),
-        "synth-only": (0.0, 64),
-    }
+    # experiments: the study's counts, scaled to the demo's real train by generation.study_train_size
 
 
 class DemoSettings(Settings):

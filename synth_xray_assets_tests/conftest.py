@@ -38,7 +38,12 @@ TINY_MODEL_OVERRIDES = {
         "sample_images": 2,
         "sample_steps": 2,
     },
-    "generation": {"images_per_class": 4, "num_inference_steps": 2, "batch_size": 4},
+    "generation": {
+        "images_per_class": 4,
+        "study_train_size": None,
+        "num_inference_steps": 2,
+        "batch_size": 4,
+    },
 }
 
 

@@ -48,6 +48,7 @@ TINY = {
         "max_side": 80,
     },
     "dataset": {"resolution": 40, "workers": 1},
+    "generation": {"study_train_size": None},  # the counts below as written
     "classifier": {
         "resolution": 32,
         "resize": 36,

@@ -34,7 +34,12 @@ OVERRIDES = {
     },
     "dataset": {"resolution": 32, "workers": 1},
     "dreambooth": {"resolution": 32},
-    "generation": {"images_per_class": N_SYNTHETIC, "num_inference_steps": 2, "batch_size": 8},
+    "generation": {
+        "images_per_class": N_SYNTHETIC,
+        "study_train_size": None,
+        "num_inference_steps": 2,
+        "batch_size": 8,
+    },
     # 25% of each class validates (3 of 12): the held-out FID reference
     "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none", "val_fraction": 0.25},
     "evaluation": {

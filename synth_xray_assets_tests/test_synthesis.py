@@ -3,13 +3,16 @@
 import dagster as dg
 import numpy as np
 from conftest import tiny_overrides_json
+from PIL import Image
 
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set
 from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.synthesis import assets as synthesis_assets
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
 
@@ -104,6 +107,20 @@ def test_dreambooth_chain_materializes_as_assets(tmp_path):
     assert set(checks) == {"checkpoint_loads", "no_blank_samples"}
     images = SyntheticImages.open(synthetic_dir(tmp_path / "data", "normal"))
     assert len(images) == 4
+    synth_meta = result.asset_materializations_for_node("synthetic_images")[0].metadata
+    grid_md = synth_meta["samples (top) and real training images of the class (bottom)"].value
+    assert grid_md.startswith("![synthetic normal above real normal](data:image/png;base64,")
+    grid = synthesis_assets.samples_beside_real(
+        images,
+        SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=tiny_overrides_json()).get(),
+        "normal",
+    )
+    # 4 synthetic images padded to one row of 8, then one row of real NORMAL training images.
+    assert grid.size == (8 * 96, 2 * 96)
+    real = StandardizedDataset.open(tmp_path / "data" / "dataset").images("train", 0)[0]
+    cell = np.asarray(grid.convert("L").crop((0, 96, 96, 192)), dtype=float)
+    resized = np.asarray(Image.fromarray(real).resize((96, 96), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(cell - resized).mean() < 2.0  # the first real NORMAL image opens the bottom row
     assert set(images.manifest.class_key) == {"normal"}
     assert (models.checkpoint_dir(tmp_path / "data", "normal") / "model_index.json").is_file()
 
@@ -122,3 +139,19 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert not result.success
     errors = [str(e.step_failure_data.error) for e in result.all_events if e.is_step_failure]
     assert errors and "no DreamBooth checkpoint for 'pneumonia'" in errors[0]
+
+
+def test_synthetic_counts_follow_the_real_training_set(tmp_path):
+    """The study's counts (1200 per class; Synth-25/50/100 = 600/1200/2400 beside 5,216 real) scale
+    with the dataset's real training split, rounded up; study_train_size None keeps them as written."""
+    full = Settings.for_profile("full", tmp_path)
+    assert [full.synthetic_count(n, 5216) for n in (600, 1200, 2400)] == [600, 1200, 2400]
+    demo = Settings.for_profile("demo", tmp_path)
+    counts = {e: demo.synthetic_count(n, 248) for e, (_, n) in demo.classifier.experiments.items()}
+    assert counts["synth-25"] == 29 and counts["synth-50"] == 58 and counts["synth-100"] == 115
+    per_class = demo.synthetic_count(demo.generation.images_per_class, 248)
+    assert per_class == 58 and 2 * per_class >= max(counts.values())  # enough for every experiment
+    mirror = 4694  # the real 224-px mirror's training images
+    assert demo.synthetic_count(2400, mirror) == 2160
+    absolute = Settings.for_profile("demo", tmp_path, {"generation": {"study_train_size": None}})
+    assert absolute.synthetic_count(2400, 248) == 2400

@@ -210,13 +210,14 @@ def load_experiment_data(
         return x, rows
 
     train_all, train_rows = real("train")
+    n_synthetic = s.synthetic_count(spec.n_synthetic, len(train_rows))  # the study's count, to this dataset
     test_x, test_rows = real("test")
     labels = train_rows.label.to_numpy(np.int64)
     split = shared_validation_split(s, train_rows)
     pool, val_idx = split.keep, split.val
 
     synth_x, synth_y, synth_ids, versions, used = [], [], [], {}, {}
-    if spec.n_synthetic > 0:
+    if n_synthetic > 0:
         for label, key in enumerate(CLASS_KEYS):
             used[key] = generator_for(key, spec.real_fraction, s.dreambooth.generators)
             images = SyntheticImages.open(synthetic_dir(s.data_dir, used[key]))
@@ -235,13 +236,14 @@ def load_experiment_data(
             synth_ids += [f"synthetic/{used[key]}/{i}" for i in images.manifest["index"]]
     synth_y_all = np.concatenate(synth_y) if synth_y else np.zeros(0, np.int64)
     real_sel, synth_idx = compose_experiment(
-        labels[pool], synth_y_all, spec.real_fraction, spec.n_synthetic, seed, subset_seed(s, seed)
+        labels[pool], synth_y_all, spec.real_fraction, n_synthetic, seed, subset_seed(s, seed)
     )
     real_idx = pool[real_sel]
     copies, target = np.zeros(0, np.int64), None
     if spec.balance_like is not None:
         like = experiment_spec(c, spec.balance_like)
-        target = mix_normal_share(labels[pool], like.real_fraction, like.n_synthetic)
+        like_synthetic = s.synthetic_count(like.n_synthetic, len(train_rows))
+        target = mix_normal_share(labels[pool], like.real_fraction, like_synthetic)
         copies = real_idx[oversample_to_share(labels[real_idx], target, seed)]
 
     xs = [train_all[torch.as_tensor(real_idx)], train_all[torch.as_tensor(copies)]]

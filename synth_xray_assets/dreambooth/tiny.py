@@ -33,6 +33,9 @@ from synth_xray_assets.settings import BaseModelSettings, DreamBoothSettings
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 77  # CLIP's context, as in SD 2.1
 VAE_KL_WEIGHT = 1e-6  # keeps the posterior bounded; reconstruction dominates, as for SD's VAE
+# The posterior starts narrow (std e^-3): with the default std 1 the decoder sees mostly noise and
+# learns a blur for hundreds of steps; SD's trained VAE has a narrow posterior too.
+POSTERIOR_LOGVAR_INIT = -6.0
 SCALING_FACTOR_INIT = 0.18215  # SD's value; pre-training sets it from the latents' spread
 
 
@@ -141,6 +144,8 @@ def build_tiny_pipeline(settings: BaseModelSettings, resolution: int) -> StableD
                 pad_token_id=tokenizer.pad_token_id,
             )
         )
+    with torch.no_grad():  # quant_conv outputs (mean, logvar): start the logvar half narrow
+        vae.quant_conv.bias[vae.config.latent_channels :] = POSTERIOR_LOGVAR_INIT
     scheduler = DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -184,18 +189,28 @@ def pretrain_tiny_pipeline(
     batch = min(settings.tiny_batch_size, len(images))
     rng = np.random.default_rng(settings.seed)
 
-    # 1. The VAE: reconstruction (+ a very small KL term), as SD's autoencoder was trained.
+    # 1. The VAE: L1 reconstruction (SD's autoencoder's pixel loss; sharper than MSE) + a very
+    # small KL term, cosine learning-rate schedule.
     vae.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.tiny_learning_rate, foreach=True)
+    vae_batch = min(settings.tiny_vae_batch_size, len(images))
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.tiny_vae_learning_rate, foreach=True)
+    vae_schedule = get_scheduler(
+        "cosine",
+        optimizer,
+        num_warmup_steps=min(10, settings.tiny_vae_steps // 10),
+        num_training_steps=settings.tiny_vae_steps,
+    )
     vae_loss = float("nan")
     for step in range(settings.tiny_vae_steps):
-        x = images_to_tensor(images[rng.choice(len(images), batch, replace=False)], resolution).to(device)
+        idx = rng.choice(len(images), vae_batch, replace=False)
+        x = images_to_tensor(images[idx], resolution).to(device)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=step_generator(settings.seed, 0, step))).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + VAE_KL_WEIGHT * posterior.kl().mean()
+        loss = torch.nn.functional.l1_loss(recon, x) + VAE_KL_WEIGHT * posterior.kl().mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         optimizer.step()
+        vae_schedule.step()
         optimizer.zero_grad(set_to_none=True)
         vae_loss = loss.item()
         if (step + 1) % max(1, settings.tiny_vae_steps // 5) == 0:

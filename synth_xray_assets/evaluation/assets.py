@@ -52,7 +52,7 @@ from synth_xray_assets.storage import (
     write_json_atomic,
     write_parquet_atomic,
 )
-from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
+from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
 SPACES = ("cxr", "inception")
@@ -143,7 +143,7 @@ def _base_model_images(
     generate_set(
         lambda: with_plan(load_pipeline(base, device), plan),
         root,
-        g.images_per_class,
+        images_per_class(s),
         recipe,
         batch_size=plan.batch_size,
         extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
@@ -399,7 +399,7 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
     bad = sorted(k for k, v in values.items() if not math.isfinite(v))
     # the number of images behind each space's score of the synthetic set
     counts = {space: r["scores"]["synthetic"]["n_images"] for space, r in available.items()}
-    expected = s.generation.images_per_class
+    expected = images_per_class(s)
     cxr = available.get("cxr", {}).get("scores", {})
     fine_tuned = cxr.get("synthetic_matched", cxr.get("synthetic", {})).get("fid")
     base = cxr.get("base_model", {}).get("fid")

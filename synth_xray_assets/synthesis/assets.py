@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
@@ -19,7 +20,12 @@ from synth_xray_assets.partitions import (
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
-from synth_xray_assets.synthesis.store import SyntheticImages, manifest_version, synthetic_dir
+from synth_xray_assets.synthesis.store import (
+    SyntheticImages,
+    images_per_class,
+    manifest_version,
+    synthetic_dir,
+)
 
 OWNERS = ["team:synth-xray"]
 
@@ -66,20 +72,19 @@ def synthetic_images(
     prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
     first_seed = seed_stream_offset(g, key)  # this set's own seed stream
+    count = images_per_class(s)
     plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
-    require_free_space(
-        out, g.images_per_class * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)"
-    )
+    require_free_space(out, count * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)")
     report = generate_set(
         lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
-        g.images_per_class,
+        count,
         Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
         batch_size=plan.batch_size,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
-    images = SyntheticImages.open(out).images(limit=16)
+    grid = samples_beside_real(SyntheticImages.open(out), s, key)
     return dg.MaterializeResult(
         metadata={
             "num_images": len(report.manifest),
@@ -89,15 +94,26 @@ def synthetic_images(
             "vae_slicing": plan.vae_slicing,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{first_seed}..{first_seed + g.images_per_class - 1} (this set's own stream)",
+            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream)",
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
             "device": device,
-            "images": dg.MetadataValue.md(png_markdown(image_grid(list(images), 8, 96), f"synthetic {key}")),
+            "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
+                png_markdown(grid, f"synthetic {key} above real {key}")
+            ),
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
+
+
+def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
+    """Two rows of synthetic images of class ``key`` above a row of its real training images, so a
+    glance shows whether the class was learned (as ``dreambooth_checkpoint`` shows its samples)."""
+    synthetic = list(images.images(limit=2 * columns))
+    real = StandardizedDataset.open(s.layout.dataset).images("train", class_label(key))[:columns]
+    blank = np.full((8, 8), 255, np.uint8)  # fills the last synthetic row so real images start a row
+    return image_grid(synthetic + [blank] * (-len(synthetic) % columns) + list(real), columns, 96)
 
 
 def no_blank_samples_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
@@ -108,7 +124,10 @@ def no_blank_samples_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetC
         name="no_blank_samples",
         partitions_def=partitions_def,
         blocking=True,
-        description="The image count equals the setting; no blank or NaN images; sizes match the resolution.",
+        description=(
+            "The image count equals the setting (scaled to the real training split); no blank or NaN "
+            "images; sizes match the resolution."
+        ),
     )
     def no_blank_samples(
         context: dg.AssetCheckExecutionContext, settings: SettingsResource
@@ -127,14 +146,15 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
     """Count, size and blankness of a synthetic set (PNGs hold no NaN: a NaN image decodes blank)."""
     arr = images.images()
     res = s.dreambooth.resolution
-    count_ok = len(arr) == s.generation.images_per_class
+    expected = images_per_class(s)
+    count_ok = len(arr) == expected
     size_ok = arr.ndim == 3 and arr.shape[1:] == (res, res)
     stds = arr.reshape(len(arr), -1).std(axis=1) if len(arr) else np.zeros(0)
     blank = [int(i) for i in np.flatnonzero(stds < 1.0)]  # under one grey level of spread
     return {
         "ok": count_ok and size_ok and not blank,
         "num_images": len(arr),
-        "expected": s.generation.images_per_class,
+        "expected": expected,
         "shape": list(arr.shape),
         "blank_indices": blank[:20],
     }
