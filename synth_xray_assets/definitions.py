@@ -33,9 +33,10 @@ prepare_job = dg.define_asset_job(
 per_class_job = dg.define_asset_job(
     "per_class_job",
     selection=dg.AssetSelection.assets(
-        "dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization"
+        "dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization", "class_fidelity"
     ),
-    description="Per class: the DreamBooth checkpoint, its synthetic images, their scores and memorization.",
+    description="Per generator: the DreamBooth checkpoint, its synthetic images, their scores, memorization "
+    "and class fidelity.",
 )
 classifier_job = dg.define_asset_job(
     "classifier_job",

@@ -10,7 +10,8 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     models/hub/                            the Hub cache of the full profile's base model
     models/base/                           the demo's tiny base model (diffusers layout)
     models/base_model.json                 which folder base_model made, and its version
-    models/dreambooth/{class}/             a fine-tuned pipeline (full) or LoRA weights (lora)
+    models/dreambooth/{class}/             a fine-tuned pipeline (full) or LoRA weights (lora);
+                                           {class} is a generator key (normal, normal-r10, ...)
     models/dreambooth/.work-{class}/       resumable training state (checkpoint-<step>/)
     prior/                                 prior-preservation class images (an image set)
     synthetic/{class}/                     synthetic images (an image set)
@@ -18,6 +19,8 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     evaluation/reference_features/         cached real-image features per dataset version
     evaluation/fid/{class}.json            the scores of fid_scores
     evaluation/memorization/{class}.parquet  nearest real image of every synthetic one
+    evaluation/base_model_images/{class}/  the base model's images at the generation sampler
+    evaluation/class_fidelity/{generator}.json  share of a generator's images called its class
     classifier/cache/                      the classifier's resized image arrays
     classifier/{experiment}/seed-{seed}/   one classifier run
     reports/                               report.md, results.csv, figures, runs.json
@@ -94,6 +97,13 @@ class Layout:
 
     def memorization(self, class_key: str) -> Path:
         return self.root / "evaluation" / "memorization" / f"{class_key}.parquet"
+
+    def base_model_images(self, class_key: str) -> Path:
+        """The base model's images of a class's prompt at the generation sampler (an image set)."""
+        return self.root / "evaluation" / "base_model_images" / class_key
+
+    def class_fidelity(self, generator: str) -> Path:
+        return self.root / "evaluation" / "class_fidelity" / f"{generator}.json"
 
     # ------------------------------------------------------------------ classifier, reports
     @property

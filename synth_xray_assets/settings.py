@@ -141,6 +141,11 @@ class DreamBoothSettings(_Section):
     preset_min_free_gib: dict[str, float] = {"study": 50.0, "memory-saving": 20.0, "lora": 8.0}
     sample_images: int = 8  # for the UI grid
     sample_steps: int = 25
+    # Which generators exist (issue 10). "study": one per class, fine-tuned on real train minus the
+    # classifiers' validation split. "matched": also one per class and limited real fraction of
+    # classifier.experiments (0 < fraction < 1), fine-tuned on exactly that fixed real subset, whose
+    # images feed that fraction's experiments (partition keys "normal-r10", "pneumonia-r25", ...).
+    generators: Literal["study", "matched"] = "study"
 
 
 class GenerationSettings(_Section):
@@ -155,7 +160,8 @@ class GenerationSettings(_Section):
     num_inference_steps: int = 50
     guidance_scale: float = 4.0
     batch_size: int = 8
-    seed_offset: int = 0  # image i uses seed seed_offset + i
+    seed_offset: int = 0  # image i of set "name" uses seed seed_offset + crc32(name) * seed_stream_stride + i
+    seed_stream_stride: int = 2**20  # each set (normal, pneumonia, prior, ...) its own seed stream
     # GPU memory per image at 512 px in fp16, scaled by area (estimates from SD 2.1's architecture):
     # the batch is cut to what the free memory holds; the VAE decodes one image at a time when
     # the whole batch would not fit (VAE slicing). Used for prior images too.
@@ -193,6 +199,13 @@ class EvaluationSettings(_Section):
     # (nearest neighbours, 64 px) is 0.90-0.96, and raw cosine of ReLU features within ~0.002.
     memorization_centered: bool = True
     memorization_pairs_shown: int = 8  # closest pairs in the side-by-side picture
+    # Issue 10: FID also against held-out real images (the classifiers' validation split, never seen
+    # by a generator), with the real-vs-real floor: two disjoint real sets of the reference's size.
+    floor_seed: int = 7
+    # Class fidelity: share of a class's synthetic images the real-trained feature extractor assigns
+    # to that class; the check warns below this share.
+    class_fidelity_threshold: float = 0.8
+    class_fidelity_level: float = 0.95  # Wilson score interval of the share
 
 
 class ClassifierSettings(_Section):
@@ -235,6 +248,21 @@ class ClassifierSettings(_Section):
         "limited-25": (0.25, 2400),
         "synth-only": (0.0, 2400),
     }
+    # Issue 10: real-only balance controls: control -> the mix whose class shares it copies, on the
+    # baseline's real images, by oversampling (seeded duplicates of the under-represented class).
+    balance_controls: dict[str, str] = {
+        "balance-synth-25": "synth-25",
+        "balance-synth-50": "synth-50",
+        "balance-synth-100": "synth-100",
+    }
+    hierarchical_bootstrap: bool = True  # resample seeds, then test images (one seed: images only)
+    ci_level: float = 0.95
+
+    def all_experiments(self) -> list[str]:
+        """The study's experiments, then the balance controls of those among them (the classifier
+        partitions)."""
+        controls = [c for c, mix in self.balance_controls.items() if mix in self.experiments]
+        return list(self.experiments) + [c for c in controls if c not in self.experiments]
 
 
 class AutomationSettings(_Section):

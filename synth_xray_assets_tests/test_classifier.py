@@ -16,12 +16,10 @@ from synth_xray_assets.classifier import assets as classifier_assets
 from synth_xray_assets.classifier.data import (
     EpochBatchSampler,
     augment_batch,
-    class_count,
     compose_experiment,
     load_experiment_data,
     normalize_batch,
     prepare_images,
-    stratified_split,
 )
 from synth_xray_assets.classifier.experiment import RUN_FILE, load_run, run_dir
 from synth_xray_assets.classifier.model import build_densenet121, load_classifier
@@ -35,6 +33,7 @@ from synth_xray_assets.classifier.stats import (
 )
 from synth_xray_assets.classifier.train import STATE_FILE, predict_proba, train_classifier
 from synth_xray_assets.dataset import assets as dataset_assets
+from synth_xray_assets.dataset.splits import class_count, generator_positions, stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import ClassifierSettings, Settings
@@ -82,9 +81,9 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def write_fake_synthetic(data_dir: Path, class_key: str, images: np.ndarray) -> Path:
+def write_fake_synthetic(data_dir: Path, class_key: str, images: np.ndarray, generator: str = "") -> Path:
     """PNGs + manifest.parquet in the ``SyntheticImages`` layout (what ``synthetic_images`` writes)."""
-    root = synthetic_dir(data_dir, class_key)
+    root = synthetic_dir(data_dir, generator or class_key)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i, img in enumerate(images):
@@ -208,6 +207,76 @@ def test_every_experiment_composition_from_the_stores(tiny):
     assert len(set(vals)) == 1  # one validation split for every experiment and seed
     # the prepared arrays are cached per dataset version
     assert any((tiny.data_dir / "classifier" / "cache").glob(f"real-{ds.version}-36-32/train.npy"))
+
+
+def test_balance_control_has_the_mix_class_shares_from_real_images_only(tiny):
+    quiet = lambda m: None  # noqa: E731
+    base = load_experiment_data(tiny, "baseline", 0, log=quiet)
+    for mix_name in ("synth-50", "synth-100"):
+        mix = load_experiment_data(tiny, mix_name, 0, log=quiet)
+        ctl = load_experiment_data(tiny, f"balance-{mix_name}", 0, log=quiet)
+        m, c = mix.counts(), ctl.counts()
+        mix_share = (m["train_real_normal"] + m["train_synthetic_normal"]) / len(mix.train_y)
+        assert abs(ctl.normal_share() - mix_share) <= 1 / len(ctl.train_y), mix_name
+        assert ctl.normal_share() > base.normal_share()  # the mixes add NORMAL share; so does the control
+        assert c["train_synthetic_normal"] == c["train_synthetic_pneumonia"] == 0  # real images only
+        assert c["train_real_copy_normal"] > 0 and c["train_real_copy_pneumonia"] == 0
+        comp, base_comp = ctl.composition, base.composition
+        originals = comp[(comp.role == "train") & (comp.source == "real")]
+        assert set(originals.image_id) == set(
+            base_comp[(base_comp.role == "train") & (base_comp.source == "real")].image_id
+        )
+        copies = comp[comp.source == "real_copy"]
+        assert set(copies.image_id) <= set(originals[originals.label == 0].image_id)
+        assert ctl.target_normal_share == pytest.approx(mix_share)
+
+
+def test_study_protocol_trains_on_all_real_train_without_validation(tiny):
+    study = tiny.model_copy(update={"classifier": tiny.classifier.model_copy(update={"selection": "test"})})
+    d = load_experiment_data(study, "baseline", 0, log=lambda m: None)
+    c = d.counts()
+    ds = StandardizedDataset.open(tiny.data_dir / "dataset")
+    assert (c["train_real_normal"], c["train_real_pneumonia"]) == (20, 40)  # every real training image
+    assert c["val_real_normal"] == c["val_real_pneumonia"] == 0
+    assert d.split.unit == "none" and "no validation split" in d.split.describe()
+    assert set(d.composition[d.composition.role == "train"].image_id) == set(ds.rows("train").sha256)
+    assert np.array_equal(d.val_y, d.test_y)  # the test set stands in for validation, as in the study
+
+
+def test_matched_generators_fix_the_limited_subset_and_supply_its_synthetic_images(tiny):
+    matched = tiny.model_copy(
+        update={"dreambooth": tiny.dreambooth.model_copy(update={"generators": "matched"})}
+    )
+    rng = np.random.default_rng(5)
+    for key in ("normal", "pneumonia"):
+        fake = rng.integers(10, 250, (SYNTH_PER_CLASS, 64, 64), dtype=np.uint8)
+        write_fake_synthetic(tiny.data_dir, key, fake, generator=f"{key}-r10")
+    ds = StandardizedDataset.open(tiny.data_dir / "dataset")
+    rows = ds.rows("train")
+    subsets = []
+    for seed in (0, 1):
+        d = load_experiment_data(matched, "limited-10", seed, log=lambda m: None)
+        comp = d.composition
+        assert d.generators == {"normal": "normal-r10", "pneumonia": "pneumonia-r10"}
+        assert set(comp[comp.source == "synthetic"].image_id.str.split("/").str[1]) == {
+            "normal-r10",
+            "pneumonia-r10",
+        }
+        real = comp[(comp.role == "train") & (comp.source == "real")]
+        subsets.append(set(real.image_id))
+        # exactly the images the matched generators are fine-tuned on
+        for label, key in enumerate(("normal", "pneumonia")):
+            positions, _ = generator_positions(matched, rows, f"{key}-r10")
+            assert set(rows.sha256.to_numpy()[positions]) == set(real[real.label == label].image_id)
+    assert subsets[0] == subsets[1]  # fixed across seeds
+    # the study arrangement draws the subset anew for each seed, from the full generators
+    study = [load_experiment_data(tiny, "limited-25", seed, log=lambda m: None) for seed in (0, 1)]
+    assert study[0].generators == {"normal": "normal", "pneumonia": "pneumonia"}
+    sets = [
+        set(d.composition[(d.composition.role == "train") & (d.composition.source == "real")].image_id)
+        for d in study
+    ]
+    assert sets[0] != sets[1]
 
 
 def test_synthetic_images_are_resized_like_real_ones():
@@ -433,6 +502,9 @@ def test_classifier_experiment_asset_end_to_end(tiny):
     assert md["training_curves"].value.startswith("![")
     assert "| NORMAL |" in md["confusion_matrix (rows true, columns predicted)"].value
     assert "| train, synthetic | 4 | 4 |" in md["composition"].value
+    assert md["validation_split"].value.startswith("per image (the file names carry no patient)")
+    assert md["generators"].value == "study: {'normal': 'normal', 'pneumonia': 'pneumonia'}"
+    assert md["balance_control"].value == "no" and md["normal_share"].value == pytest.approx(20 / 56)
     folder = run_dir(tiny.data_dir, "synth-50", 0)
     assert (
         Path(md["checkpoint"].value) == folder / "best.safetensors" and (folder / "last.safetensors").exists()

@@ -18,10 +18,11 @@ from PIL import Image
 
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.dreambooth.store import prior_dir
+from synth_xray_assets.dreambooth.store import base_model_record
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.evaluation.extractor import extractor_weights
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.storage import write_json_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, MANIFEST_COLUMNS, synthetic_dir
 
 N_SYNTHETIC = 8
@@ -32,8 +33,15 @@ OVERRIDES = {
         "max_side": 80,
     },
     "dataset": {"resolution": 32, "workers": 1},
-    "generation": {"images_per_class": N_SYNTHETIC, "study_train_size": None},
-    "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none"},
+    "dreambooth": {"resolution": 32},
+    "generation": {
+        "images_per_class": N_SYNTHETIC,
+        "study_train_size": None,
+        "num_inference_steps": 2,
+        "batch_size": 8,
+    },
+    # 25% of each class validates (3 of 12): the held-out FID reference
+    "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none", "val_fraction": 0.25},
     "evaluation": {
         "feature_resolution": 32,
         "feature_epochs": 1,
@@ -58,8 +66,10 @@ def write_image_set(root: Path, images: np.ndarray, class_key: str, version: str
 
 
 @pytest.fixture(scope="module")
-def materialized(tmp_path_factory):
+def materialized(tmp_path_factory, tiny_base_model):
     data = tmp_path_factory.mktemp("data")
+    # the base model's images are made by a (random, untrained) tiny Stable Diffusion
+    write_json_atomic(base_model_record(data), {"path": str(tiny_base_model), "version": "base-v1"})
     resources = {
         "settings": SettingsResource(data_dir=str(data), overrides_json=json.dumps(OVERRIDES)),
         "compute": ComputeResource(device="cpu"),
@@ -74,13 +84,8 @@ def materialized(tmp_path_factory):
         synthetic = synthetic.astype(np.uint8)
         synthetic[2] = real[7]  # a planted copy of a training image
         write_image_set(synthetic_dir(data, "normal"), synthetic, "normal", "ckpt-v1")
-        noise = rng.normal(128, 50, (6, 8, 8)).clip(0, 255).astype(np.uint8)
-        base = np.stack(
-            [np.asarray(Image.fromarray(n).resize((32, 32), Image.Resampling.BICUBIC)) for n in noise]
-        )
-        write_image_set(prior_dir(data), base, "prior", "base-v1")
         downstream = dg.materialize(
-            [evaluation.fid_scores, evaluation.memorization],
+            [evaluation.fid_scores, evaluation.memorization, evaluation.class_fidelity],
             instance=instance,
             resources=resources,
             partition_key="normal",
@@ -109,9 +114,10 @@ def test_feature_extractor_is_trained_on_real_train_images_and_saved(materialize
     md = upstream.asset_materializations_for_node("cxr_feature_extractor")[0].metadata
     assert Path(md["path"].value) == extractor_weights(data) and extractor_weights(data).is_file()
     assert md["path"].value.endswith(".safetensors")
-    # 24 real train images less the classifiers' validation split (10% of each class: 1 + 1).
-    assert "validation split, real images only: 22 (NORMAL 11, PNEUMONIA 11)" in md["training_set"].value
-    assert "2 images" in md["selected_epoch"].value
+    # 24 real train images less the classifiers' validation split (25% of each class: 3 + 3).
+    assert "validation split, real images only: 18 (NORMAL 9, PNEUMONIA 9)" in md["training_set"].value
+    assert "6 images" in md["selected_epoch"].value
+    assert "per image (the file names carry no patient)" in md["validation_split"].value
     assert 0.0 <= md["validation_accuracy"].value <= 1.0
     assert md["feature_resolution"].value == 32
 
@@ -120,12 +126,22 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     data, _, downstream, _ = materialized
     assert downstream.success
     md = downstream.asset_materializations_for_node("fid_scores")[0].metadata
-    assert md["n_synthetic"].value == N_SYNTHETIC and md["n_base_model"].value == 6
-    assert md["n_reference"].value == 12
-    assert "all 12 NORMAL images of the chest_xray_dataset train split" in md["reference_set"].value
-    assert md["checkpoint_version"].value == "ckpt-v1" and md["base_model_version"].value == "base-v1"
-    for key in ("fid_cxr", "kid_cxr", "precision_cxr", "fid_cxr_base_model", "fid_cxr_synthetic_matched"):
+    assert md["n_synthetic"].value == N_SYNTHETIC and md["n_base_model"].value == N_SYNTHETIC
+    # the generator's own training images: 12 NORMAL less the 3 that validate
+    assert md["n_reference"].value == 9
+    assert "generator normal's own 9 NORMAL training images" in md["reference_set"].value
+    assert md["checkpoint_version"].value == "ckpt-v1"
+    # held out: the 3 validation images no generator saw; floor: 8 other real NORMAL images
+    assert md["n_held_out_reference"].value == 3
+    assert "classifiers' validation split" in md["held_out_reference_set"].value
+    assert "8 real normal training images outside the held-out set" in md["real_floor_set"].value
+    assert "2 DPM-Solver steps, guidance 4.0" in md["base_model_images"].value  # the fine-tuned sampler
+    for key in ("fid_cxr", "kid_cxr", "precision_cxr", "fid_cxr_base_model"):
         assert math.isfinite(md[key].value), key
+    for key in ("fid_cxr_held_out", "fid_cxr_real_floor_held_out", "fid_cxr_base_model_held_out"):
+        assert math.isfinite(md[key].value), key
+    # the floor is real images against real images: below the untrained base model's noise
+    assert md["fid_cxr_real_floor_held_out"].value < md["fid_cxr_base_model_held_out"].value
     assert md["fid_cxr"].value < md["fid_cxr_base_model"].value
     assert "disabled" in md["inception_unavailable"].value
     assert "fid_inception" not in md
@@ -141,7 +157,10 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     record = json.loads(Path(md["path"].value).read_text())
     assert record["spaces"]["inception"]["available"] is False
     assert record["spaces"]["cxr"]["scores"]["synthetic"]["n_images"] == N_SYNTHETIC
-    assert record["spaces"]["cxr"]["reference_cache"]["hit"] is False  # memorization reuses it
+    assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["n_images"] == 8
+    assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["n_reference"] == 3
+    base_manifest = pd.read_parquet(data / "evaluation" / "base_model_images" / "normal" / MANIFEST)
+    assert set(base_manifest.num_inference_steps) == {2} and set(base_manifest.guidance_scale) == {4.0}
 
     checks = {c.check_name: c for c in downstream.get_asset_check_evaluations()}
     assert checks["scores_are_finite"].passed
@@ -168,3 +187,15 @@ def test_a_missing_or_unreadable_synthetic_set_is_a_clear_error_naming_it(materi
     _, _, _, failures = materialized
     assert "materialize synthetic_images[pneumonia] first" in failures["missing"]
     assert "could not read synthetic_images[pneumonia]" in failures["unreadable"]
+
+
+def test_class_fidelity_is_recorded_with_its_interval_and_check(materialized):
+    data, _, downstream, _ = materialized
+    md = downstream.asset_materializations_for_node("class_fidelity")[0].metadata
+    record = json.loads(Path(md["path"].value).read_text())
+    assert record["n_images"] == N_SYNTHETIC and record["generator"] == "normal"
+    assert record["share"] == pytest.approx(record["n_assigned"] / N_SYNTHETIC)
+    assert record["ci_low"] <= record["share"] <= record["ci_high"]
+    check = {c.check_name: c for c in downstream.get_asset_check_evaluations()}[evaluation.FIDELITY_CHECK]
+    assert check.severity == dg.AssetCheckSeverity.WARN
+    assert check.passed == (record["share"] >= record["threshold"])

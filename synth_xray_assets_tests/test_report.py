@@ -9,20 +9,32 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from synth_xray_assets.classifier.experiment import run_dir, save_run
-from synth_xray_assets.classifier.stats import binary_metrics
+from synth_xray_assets.classifier.experiment import run_dir, save_run, settings_fingerprint
+from synth_xray_assets.classifier.stats import binary_metrics, holm
 from synth_xray_assets.classifier.train import SELECTION_LABELS, RunResult
+from synth_xray_assets.evaluation.fidelity import ClassFidelity, save_fidelity
 from synth_xray_assets.reports import assets as report_assets
-from synth_xray_assets.reports.report import build_report
+from synth_xray_assets.reports.report import ReportOptions, build_report
 from synth_xray_assets.resources import SettingsResource
-from synth_xray_assets.settings import PUBLISHED_RESULTS, ClassifierSettings
+from synth_xray_assets.settings import PUBLISHED_RESULTS, ClassifierSettings, Settings
+from synth_xray_assets.storage import write_json_atomic
+from synth_xray_assets.synthesis.store import MANIFEST_COLUMNS, SyntheticImages, synthetic_dir
 
 N_TEST = 120
 Y = np.r_[np.zeros(48, np.int64), np.ones(72, np.int64)]
 TEST_IDS = [f"sha-{i:03d}" for i in range(N_TEST)]
 
 
-def fake_run(experiment: str, seed: int, accuracy: float, selection: str = "validation") -> RunResult:
+SYNTHETIC_VERSIONS: dict[str, str] = {}  # what the fake synthetic runs were trained on
+
+
+def fake_run(
+    experiment: str,
+    seed: int,
+    accuracy: float,
+    selection: str = "validation",
+    settings: Settings | None = None,
+) -> RunResult:
     """A run whose test predictions are right on about ``accuracy`` of the images."""
     rng = np.random.default_rng([seed, len(experiment), int(accuracy * 1000)])
     right = rng.random(N_TEST) < accuracy
@@ -42,7 +54,8 @@ def fake_run(experiment: str, seed: int, accuracy: float, selection: str = "vali
         }
         for e in range(3)
     ]
-    n_synth = {"baseline": 0, "synth-25": 600, "synth-only": 2400}[experiment]
+    n_synth = {"baseline": 0, "synth-25": 600, "synth-only": 2400, "balance-synth-25": 0}[experiment]
+    settings = settings or Settings.for_profile("demo", "/nonexistent")
     return RunResult(
         experiment=experiment,
         seed=seed,
@@ -75,8 +88,24 @@ def fake_run(experiment: str, seed: int, accuracy: float, selection: str = "vali
             "profile": "demo",
             "initial_weights": "none: random initialisation",
             "dataset_version": "v1",
+            "settings_fingerprint": settings_fingerprint(settings, experiment),
+            "synthetic_versions": dict(SYNTHETIC_VERSIONS) if n_synth else {},
+            "generator_keys": {"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
+            "normal_share": 0.3 if experiment != "balance-synth-25" else 0.34,
+            "balance_like": "synth-25" if experiment == "balance-synth-25" else None,
+            "validation_split": {"describe": "by patient: 90 patients / 100 images train"},
         },
     )
+
+
+def write_fake_synthetic(data_dir: Path, tag: str) -> None:
+    """Manifests of synthetic sets (the report reads only their versions) and the versions recorded."""
+    for label, key in enumerate(("normal", "pneumonia")):
+        rows = [[i, f"images/{i:05d}.png", key, label, i, "p", "ckpt", f"{tag}-{key}-{i}"] for i in range(3)]
+        root = synthetic_dir(data_dir, key)
+        root.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(rows, columns=MANIFEST_COLUMNS).to_parquet(root / "manifest.parquet", index=False)
+        SYNTHETIC_VERSIONS[key] = SyntheticImages.open(root).version()
 
 
 def write_fake_runs(data_dir: Path, runs: list[RunResult]) -> None:
@@ -91,12 +120,18 @@ def as_loaded(r: RunResult) -> dict:
 def test_report_with_two_seeds(tmp_path):
     runs = [
         fake_run(name, seed, acc)
-        for name, acc in [("baseline", 0.80), ("synth-25", 0.93), ("synth-only", 0.70)]
+        for name, acc in [
+            ("baseline", 0.80),
+            ("synth-25", 0.93),
+            ("synth-only", 0.70),
+            ("balance-synth-25", 0.8),
+        ]
         for seed in (0, 1)
     ]
-    result = build_report([as_loaded(r) for r in runs], PUBLISHED_RESULTS, tmp_path, n_boot=200)
+    opts = ReportOptions(n_boot=200, balance_pairs={"balance-synth-25": "synth-25"})
+    result = build_report([as_loaded(r) for r in runs], PUBLISHED_RESULTS, tmp_path, opts)
     t = result.table.set_index("experiment")
-    assert list(t.index) == ["baseline", "synth-25", "synth-only"]  # the study's order
+    assert list(t.index) == ["baseline", "synth-25", "synth-only", "balance-synth-25"]  # the study's order
     assert (t.n_seeds == 2).all()
     base_acc = [r.test_selected["accuracy"] for r in runs[:2]]
     assert t.loc["baseline", "accuracy_mean"] == pytest.approx(np.mean(base_acc))
@@ -105,15 +140,36 @@ def test_report_with_two_seeds(tmp_path):
         assert (
             t.loc[name, "accuracy_ci_low"] <= t.loc[name, "accuracy_mean"] <= t.loc[name, "accuracy_ci_high"]
         )
+    c = result.comparisons.set_index("comparison")
+    assert list(c.index) == [
+        "synth-25 − baseline",
+        "synth-only − baseline",
+        "balance-synth-25 − baseline",
+        "synth-25 − balance-synth-25",
+    ]
     # the better experiment is significantly better, the worse one significantly worse
-    assert t.loc["synth-25", "delta_ci_low"] > 0 and t.loc["synth-25", "p_paired_bootstrap"] < 0.05
-    assert t.loc["synth-only", "delta_ci_high"] < 0
-    assert t.loc["synth-25", "p_mcnemar_median"] < 0.05 and np.isnan(t.loc["baseline", "delta_accuracy"])
+    assert (
+        c.loc["synth-25 − baseline", "delta_ci_low"] > 0
+        and c.loc["synth-25 − baseline", "p_bootstrap"] < 0.05
+    )
+    assert c.loc["synth-only − baseline", "delta_ci_high"] < 0
+    assert c.loc["synth-25 − baseline", "p_delong"] < 0.05
+    # Holm within each family: the three comparisons with the baseline, then the balance pair alone
+    family = c[c.family == "vs baseline"]
+    for column in ("p_bootstrap", "p_seeds", "p_delong"):
+        assert family[f"{column}_holm"].tolist() == pytest.approx(holm(family[column].tolist()), nan_ok=True)
+        assert (family[f"{column}_holm"] >= family[column]).all()
+    balance = c.loc["synth-25 − balance-synth-25"]
+    assert balance.p_bootstrap_holm == balance.p_bootstrap and balance.delta_accuracy > 0
     assert t.loc["synth-25", "published_accuracy"] == 0.894
     md = result.markdown
     assert (tmp_path / "report.md").read_text() == md
     assert "SYNTHETIC PHANTOMS" in md and "over 2 seed(s) (0, 1)" in md
-    assert "| baseline | 100 + 0 | 2 |" in md and "| 88.0 |" in md  # ours beside the study's 88.0
+    assert "seeds drawn with replacement" in md and "trained once" in md
+    assert "| baseline | 100 + 0 | 30.0 |" in md and "| 88.0 |" in md  # ours beside the study's 88.0
+    assert "balance-synth-25 (real, balanced like synth-25)" in md and "oversampling" in md
+    assert "Generators (settings dreambooth.generators): **study**" in md
+    assert "by patient: 90 patients" in md
     assert "None is missing." in md
     for name in ("accuracy_comparison", "training_curves", "confusion_matrices", "metrics_heatmap"):
         path = tmp_path / f"{name}.png"
@@ -121,14 +177,26 @@ def test_report_with_two_seeds(tmp_path):
         with Image.open(path) as im:
             assert im.format == "PNG" and im.size[0] > 300
     csv = pd.read_csv(tmp_path / "results.csv")
-    assert len(csv) == 3 and {"accuracy_ci_low", "auc_ci_high", "p_paired_bootstrap"} <= set(csv.columns)
+    assert len(csv) == 4 and {"accuracy_ci_low", "auc_ci_high", "normal_share"} <= set(csv.columns)
+    assert {"p_bootstrap", "p_bootstrap_holm", "p_delong_holm"} <= set(
+        pd.read_csv(tmp_path / "comparisons.csv")
+    )
+
+
+def test_one_seed_says_the_seed_level_cannot_be_estimated_and_study_protocol_is_labelled(tmp_path):
+    runs = [fake_run("baseline", 0, 0.8, "test"), fake_run("synth-25", 0, 0.85, "test")]
+    result = build_report([as_loaded(r) for r in runs], PUBLISHED_RESULTS, tmp_path, ReportOptions(n_boot=50))
+    assert "seed-level part of the variance cannot be estimated" in result.markdown
+    assert "selected on the TEST set (the study's own protocol: no validation split" in result.markdown
+    assert np.isnan(result.comparisons.p_seeds.iloc[0])  # no test over one seed
+    assert "n/a / n/a" in result.markdown
 
 
 def test_runs_on_different_test_sets_are_refused(tmp_path):
     a, b = as_loaded(fake_run("baseline", 0, 0.8)), as_loaded(fake_run("synth-25", 0, 0.8))
     b["test_labels"] = b["test_labels"][::-1]
     with pytest.raises(ValueError, match="different test sets"):
-        build_report([a, b], PUBLISHED_RESULTS, tmp_path, n_boot=10)
+        build_report([a, b], PUBLISHED_RESULTS, tmp_path, ReportOptions(n_boot=10))
 
 
 def materialize_report(data_dir: Path, seeds=(0, 1)):
@@ -145,28 +213,68 @@ def materialize_report(data_dir: Path, seeds=(0, 1)):
 
 
 def test_study_report_asset_reads_only_existing_runs_and_lists_the_missing(tmp_path):
+    write_fake_synthetic(tmp_path, "v1")
     runs = [fake_run("baseline", s, 0.8) for s in (0, 1)] + [fake_run("synth-25", 0, 0.9)]
     runs.append(fake_run("synth-only", 1, 0.7, selection="test"))  # another protocol: left out
     write_fake_runs(tmp_path, runs)
+    # one generator scored: its FID record and class fidelity, shown beside the experiments using it
+    fid = {"available": True, "scores": {"synthetic": {"fid": 12.5}}}
+    held = {
+        "available": True,
+        "scores": {"synthetic": {"fid": 20.0}, "real_floor": {"fid": 8.0}, "base_model": {"fid": 90.0}},
+    }
+    write_json_atomic(
+        tmp_path / "evaluation" / "fid" / "normal.json",
+        {"spaces": {"cxr": fid}, "held_out": {"reference_set": "held", "spaces": {"cxr": held}}},
+    )
+    save_fidelity(ClassFidelity("normal", "normal", 32, 8, 0.25, 0.13, 0.42, 0.95, 0.8, "x", "v"), tmp_path)
     result = materialize_report(tmp_path)
     assert result.success
     md = result.asset_materializations_for_node("study_report")[0].metadata
-    assert md["num_runs"].value == 3 and md["num_expected"].value == 14  # 7 experiments x 2 seeds
+    assert md["num_runs"].value == 3 and md["num_expected"].value == 20  # (7 experiments + 3 controls) x 2
     missing = md["missing_runs"].value
     assert "synth-25/seed-1" in missing and "limited-10/seed-0" in missing and "baseline" not in missing
+    assert "balance-synth-50/seed-0" in missing
     assert (
         "synth-only/seed-1" in md["excluded_runs"].value and "selected on test" in md["excluded_runs"].value
     )
-    assert md["results"].value.count("\n") == 3  # header, rule, baseline, synth-25
+    assert len(md["results"].value.records) == 2  # baseline, synth-25
+    assert "25% [13, 42] of 32" in md["results"].value.records[1].data["class fidelity of its generators"]
+    quality = md["generator_quality"].value.records[0].data
+    assert quality["generator"] == "normal" and quality["cxr: real floor"] == "8.00"
+    assert quality["cxr: held-out ref"] == "20.00" and quality["FID cxr: own train ref"] == "12.50"
+    assert md["comparisons"].value.records[0].data["comparison"] == "synth-25 − baseline"
     assert md["accuracy_comparison"].value.startswith("![accuracy_comparison](data:image/png;base64,")
     report = (tmp_path / "reports" / "report.md").read_text()
-    assert "3 of 14 expected runs" in report and "**Missing (not yet materialized): 10**" in report
+    assert "3 of 20 expected runs" in report and "**Missing (not yet materialized): 16**" in report
     assert "synth-only/seed-1: selected on test" in report
+    assert "| normal | 25% [13, 42] of 32 | 12.50 | 20.00 | 8.00 | 90.00 |" in report
     for name in ("accuracy_comparison", "training_curves", "confusion_matrices", "metrics_heatmap"):
         assert (tmp_path / "reports" / f"{name}.png").stat().st_size > 1000
     check = result.get_asset_check_evaluations()[0]
     assert check.check_name == "every_run_reported" and not check.passed
     assert check.severity == dg.AssetCheckSeverity.WARN
+
+
+def test_stale_runs_are_excluded_and_listed_with_the_reason(tmp_path):
+    write_fake_synthetic(tmp_path, "v1")
+    other = Settings.for_profile("demo", tmp_path, {"classifier": {"learning_rate": 0.5}})
+    runs = [
+        fake_run("baseline", 0, 0.8),
+        fake_run("baseline", 1, 0.8, settings=other),  # other classifier settings
+        fake_run("synth-25", 0, 0.9),  # trained on the v1 synthetic images
+    ]
+    write_fake_runs(tmp_path, runs)
+    write_fake_synthetic(tmp_path, "v2")  # the synthetic images were made again since
+    result = materialize_report(tmp_path)
+    assert result.success
+    md = result.asset_materializations_for_node("study_report")[0].metadata
+    assert md["num_runs"].value == 1
+    excluded = md["excluded_runs"].value
+    assert "baseline/seed-1 (trained under other settings (fingerprint" in excluded
+    assert "synth-25/seed-0 (trained on synthetic images normal version" in excluded
+    report = (tmp_path / "reports" / "report.md").read_text()
+    assert "**Left out: 2** (stale" in report and "- baseline/seed-1: trained under other settings" in report
 
 
 def test_study_report_without_runs_fails_clearly(tmp_path):

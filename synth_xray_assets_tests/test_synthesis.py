@@ -98,6 +98,9 @@ def test_dreambooth_chain_materializes_as_assets(tmp_path):
     assert result.success
     meta = result.asset_materializations_for_node("dreambooth_checkpoint")[0].metadata
     assert meta["steps"].value == 3 and meta["method"].value == "full"
+    # DreamBooth never sees the classifiers' validation split: 6 NORMAL in train, 1 carved off (10%)
+    assert meta["num_instance_images"].value == 5
+    assert "less the classifiers' validation split" in meta["instance_images"].value
     assert np.isfinite(meta["final_loss"].value)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["checkpoint_loads"].passed

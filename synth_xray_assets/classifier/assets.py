@@ -14,7 +14,7 @@ from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import png_markdown
 
 OWNERS = ["team:synth-xray"]
-CLASSIFIER_VERSION = "classifier-v1"  # bump when training, composition or scoring changes
+CLASSIFIER_VERSION = "classifier-v2"  # bump when training, composition or scoring changes
 LEAKAGE_CHECK = "no_test_leakage"
 FINITE_CHECK = "metrics_are_finite"
 
@@ -82,6 +82,7 @@ def classifier_experiment(
                 f"| {label} | {counts[f'{key}_normal']} | {counts[f'{key}_pneumonia']} |"
                 for label, key in [
                     ("train, real", "train_real"),
+                    ("train, real copies (balance control)", "train_real_copy"),
                     ("train, synthetic", "train_synthetic"),
                     ("validation (real train)", "val_real"),
                     ("test", "test_real"),
@@ -102,6 +103,17 @@ def classifier_experiment(
             f"| PNEUMONIA | {fn} | {tp} |"
         ),
         "composition": dg.MetadataValue.md(composition),
+        "validation_split": data.split.describe(),
+        "validation_split_counts": dg.MetadataValue.json(data.split.summary()),
+        "generators": f"{s.dreambooth.generators}: {data.generators or 'no synthetic images'}",
+        "normal_share": dg.MetadataValue.float(data.normal_share()),
+        "balance_control": (
+            f"real only, oversampled to {data.spec.balance_like}'s NORMAL share "
+            f"{data.target_normal_share:.3f}"
+            if data.spec.balance_like
+            else "no"
+        ),
+        "settings_fingerprint": result.extra["settings_fingerprint"],
         "n_train": result.n_train,
         "n_real": result.extra["n_real"],
         "n_synthetic": result.extra["n_synthetic"],

@@ -21,9 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from synth_xray_assets.dataset.splits import class_count, stratified_split  # noqa: F401 (stratified_split re-exported)
+from synth_xray_assets.dataset.splits import (
+    ValidationSplit,
+    class_count,
+    real_subset,
+    shared_validation_split,
+    subset_seed,
+)
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.layout import Layout
+from synth_xray_assets.partitions import generator_for
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
 from synth_xray_assets.storage import save_numpy_atomic
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -36,6 +43,59 @@ REAL, SYNTHETIC = "real", "synthetic"
 
 # ---------------------------------------------------------------- composition
 
+REAL_COPY = "real_copy"  # a duplicate of a real training image (the balance control's oversampling)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One classifier experiment: ``real_fraction`` of the real pool plus ``n_synthetic`` images,
+    or (``balance_like`` set) a real-only control with the class shares of that mix."""
+
+    name: str
+    real_fraction: float
+    n_synthetic: int
+    balance_like: str | None = None
+
+
+def experiment_spec(c: ClassifierSettings, name: str) -> ExperimentSpec:
+    """The spec of ``name`` (an experiment or a balance control) under the classifier settings."""
+    if name in c.experiments:
+        fraction, n_synthetic = c.experiments[name]
+        return ExperimentSpec(name, float(fraction), int(n_synthetic))
+    if name in c.balance_controls:
+        like = c.balance_controls[name]
+        if like not in c.experiments:
+            raise KeyError(f"balance control {name!r} copies {like!r}, which is not an experiment")
+        return ExperimentSpec(name, 1.0, 0, balance_like=like)
+    raise KeyError(f"unknown experiment {name!r}; the settings define {c.all_experiments()}")
+
+
+def mix_normal_share(pool_labels: np.ndarray, real_fraction: float, n_synthetic: int) -> float:
+    """The NORMAL share of a mix's training set (real fraction of the pool + class-balanced synthetic)."""
+    labels = np.asarray(pool_labels)
+    n_real = [class_count(int((labels == c).sum()), real_fraction) for c in range(NUM_CLASSES)]
+    synth = (n_synthetic // 2, n_synthetic - n_synthetic // 2)
+    total = sum(n_real) + sum(synth)
+    return (n_real[0] + synth[0]) / total if total else float("nan")
+
+
+def oversample_to_share(labels: np.ndarray, normal_share: float, seed: int) -> np.ndarray:
+    """Positions (with repeats, sorted) to add to ``labels`` so that NORMAL makes ``normal_share`` of
+    the whole: seeded draws with replacement from the under-represented class."""
+    labels = np.asarray(labels)
+    if not 0.0 < normal_share < 1.0:
+        raise ValueError(f"the NORMAL share to reach must be in (0, 1), got {normal_share}")
+    n, n_normal = len(labels), int((labels == 0).sum())
+    if n_normal / n <= normal_share:  # add NORMAL copies: (n_normal + k) / (n + k) = share
+        cls, k = 0, (normal_share * n - n_normal) / (1 - normal_share)
+    else:  # add PNEUMONIA copies: n_normal / (n + k) = share
+        cls, k = 1, n_normal / normal_share - n
+    idx = np.flatnonzero(labels == cls)
+    k = int(round(k))
+    if k <= 0 or len(idx) == 0:
+        return np.zeros(0, np.int64)
+    return np.sort(np.random.default_rng([seed, 2, cls]).choice(idx, size=k, replace=True)).astype(np.int64)
+
 
 def compose_experiment(
     real_labels: np.ndarray,
@@ -43,26 +103,24 @@ def compose_experiment(
     real_fraction: float,
     n_synthetic: int,
     seed: int,
+    subset_seed: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sorted indices ``(real_idx, synth_idx)`` of one experiment's training set.
 
-    Real: ``real_fraction`` of each class (stratified, rounded half up). Synthetic:
-    class-balanced, ``n_synthetic // 2`` NORMAL and the rest PNEUMONIA. Both are drawn with
-    ``seed`` as prefixes of one permutation per (source, class), so for a given seed a smaller
-    subset lies inside a larger one (Limited-10 within Limited-25, Synth-25 within Synth-50).
-    Raises ``ValueError`` when a class has too few synthetic images.
+    Real: ``real_fraction`` of each class (stratified, rounded half up), drawn with ``subset_seed``
+    (default ``seed``; matched generators fix it across seeds). Synthetic: class-balanced,
+    ``n_synthetic // 2`` NORMAL and the rest PNEUMONIA, drawn with ``seed``. Both are prefixes of
+    one permutation per (source, class), so a smaller subset lies inside a larger one (Limited-10
+    within Limited-25, Synth-25 within Synth-50). Raises ``ValueError`` when a class has too few
+    synthetic images.
     """
-    if not 0.0 <= real_fraction <= 1.0:
-        raise ValueError(f"real_fraction must be in [0, 1], got {real_fraction}")
     if n_synthetic < 0:
         raise ValueError(f"n_synthetic must be >= 0, got {n_synthetic}")
-    real_labels, synthetic_labels = np.asarray(real_labels), np.asarray(synthetic_labels)
-    real, synth = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    real = real_subset(real_labels, real_fraction, seed if subset_seed is None else subset_seed)
+    synthetic_labels = np.asarray(synthetic_labels)
+    synth = [np.zeros(0, np.int64)]
     wanted = (n_synthetic // 2, n_synthetic - n_synthetic // 2)
     for cls in range(NUM_CLASSES):
-        idx = np.flatnonzero(real_labels == cls)
-        k = class_count(len(idx), real_fraction)
-        real.append(np.random.default_rng([seed, 0, cls]).permutation(idx)[:k])
         idx = np.flatnonzero(synthetic_labels == cls)
         if wanted[cls] > len(idx):
             raise ValueError(
@@ -71,7 +129,7 @@ def compose_experiment(
                 "the experiment's synthetic count"
             )
         synth.append(np.random.default_rng([seed, 1, cls]).permutation(idx)[: wanted[cls]])
-    return np.sort(np.concatenate(real)).astype(np.int64), np.sort(np.concatenate(synth)).astype(np.int64)
+    return real, np.sort(np.concatenate(synth)).astype(np.int64)
 
 
 @dataclass
@@ -94,6 +152,10 @@ class ExperimentData:
     composition: pd.DataFrame
     dataset_version: str
     synthetic_versions: dict[str, str] = field(default_factory=dict)
+    split: ValidationSplit | None = None
+    spec: ExperimentSpec | None = None
+    generators: dict[str, str] = field(default_factory=dict)  # class -> generator key used
+    target_normal_share: float | None = None  # balance controls: the mix's NORMAL share
 
     def counts(self) -> dict[str, int]:
         """Images per role, source and class, e.g. ``train_real_normal``."""
@@ -105,7 +167,16 @@ class ExperimentData:
                     n = int(((c.role == role) & (c.source == source) & (c.label == label)).sum())
                     if role == "train" or source == REAL:
                         out[f"{role}_{source}_{key}"] = n
+            if role == "train":
+                for label, key in enumerate(CLASS_KEYS):
+                    out[f"train_real_copy_{key}"] = int(
+                        ((c.role == role) & (c.source == REAL_COPY) & (c.label == label)).sum()
+                    )
         return out
+
+    def normal_share(self) -> float:
+        """The NORMAL share of the training set (copies included)."""
+        return float((self.train_y == 0).mean()) if len(self.train_y) else float("nan")
 
 
 def classifier_cache_dir(data_dir: str | Path) -> Path:
@@ -118,17 +189,15 @@ def load_experiment_data(
 ) -> ExperimentData:
     """Compose ``experiment`` for ``seed`` from the standardized dataset and the synthetic images.
 
-    Validation: ``val_fraction`` of each class of real train, drawn with ``split_seed`` (the same
-    split for every experiment and seed). The real training pool is the rest of real train; the
-    experiment takes its real fraction of that pool. The dataset's own tiny "validation" split is
-    not used. Test: the whole test split, for final scores only.
+    Validation: :func:`shared_validation_split` of real train (by patient, ``val_fraction`` of each class,
+    drawn with ``split_seed``: the same for every experiment and seed). The real training pool is
+    the rest of real train; the experiment takes its real fraction of that pool. Under
+    ``selection="test"`` (the study's protocol) nothing is carved: the pool is all of real train
+    and the test set is what selects the epoch. Balance controls take the whole pool and oversample
+    it to the class shares of their mix. Test: the whole test split, for scores only.
     """
     c = s.classifier
-    if experiment not in c.experiments:
-        raise KeyError(f"unknown experiment {experiment!r}; the settings define {sorted(c.experiments)}")
-    real_fraction, n_synthetic = c.experiments[experiment]
-    if c.val_fraction <= 0:
-        raise ValueError("classifier.val_fraction must be > 0: the model is selected on that split")
+    spec = experiment_spec(c, experiment)
     ds = StandardizedDataset.open(s.layout.dataset)
     cache = classifier_cache_dir(s.data_dir)
     size = f"{c.resize}-{c.resolution}"
@@ -141,57 +210,82 @@ def load_experiment_data(
         return x, rows
 
     train_all, train_rows = real("train")
-    n_synthetic = s.synthetic_count(n_synthetic, len(train_rows))  # the study's count, to this dataset
+    n_synthetic = s.synthetic_count(spec.n_synthetic, len(train_rows))  # the study's count, to this dataset
     test_x, test_rows = real("test")
     labels = train_rows.label.to_numpy(np.int64)
-    pool, val_idx = stratified_split(labels, c.val_fraction, c.split_seed)
+    split = shared_validation_split(s, train_rows)
+    pool, val_idx = split.keep, split.val
 
-    synth_x, synth_y, synth_ids, versions = [], [], [], {}
+    synth_x, synth_y, synth_ids, versions, used = [], [], [], {}, {}
     if n_synthetic > 0:
         for label, key in enumerate(CLASS_KEYS):
-            images = SyntheticImages.open(synthetic_dir(s.data_dir, key))
+            used[key] = generator_for(key, spec.real_fraction, s.dreambooth.generators)
+            images = SyntheticImages.open(synthetic_dir(s.data_dir, used[key]))
             if (images.manifest.label != label).any():
                 raise ValueError(f"{images.root}: manifest labels other than {label} for class {key!r}")
-            versions[key] = images.version()
+            versions[used[key]] = images.version()
             synth_x.append(
                 cached_prepared_images(
-                    cache / f"synthetic-{key}-{versions[key]}-{size}.npy", len(images), c, images.images
+                    cache / f"synthetic-{used[key]}-{versions[used[key]]}-{size}.npy",
+                    len(images),
+                    c,
+                    images.images,
                 )
             )
             synth_y.append(np.full(len(images), label, np.int64))
-            synth_ids += [f"synthetic/{key}/{i}" for i in images.manifest["index"]]
+            synth_ids += [f"synthetic/{used[key]}/{i}" for i in images.manifest["index"]]
     synth_y_all = np.concatenate(synth_y) if synth_y else np.zeros(0, np.int64)
-    real_sel, synth_idx = compose_experiment(labels[pool], synth_y_all, real_fraction, n_synthetic, seed)
+    real_sel, synth_idx = compose_experiment(
+        labels[pool], synth_y_all, spec.real_fraction, n_synthetic, seed, subset_seed(s, seed)
+    )
     real_idx = pool[real_sel]
+    copies, target = np.zeros(0, np.int64), None
+    if spec.balance_like is not None:
+        like = experiment_spec(c, spec.balance_like)
+        like_synthetic = s.synthetic_count(like.n_synthetic, len(train_rows))
+        target = mix_normal_share(labels[pool], like.real_fraction, like_synthetic)
+        copies = real_idx[oversample_to_share(labels[real_idx], target, seed)]
 
-    xs = [train_all[torch.as_tensor(real_idx)]]
+    xs = [train_all[torch.as_tensor(real_idx)], train_all[torch.as_tensor(copies)]]
     if len(synth_idx):
         xs.append(torch.cat(synth_x)[torch.as_tensor(synth_idx)])
-    train_y = np.concatenate([labels[real_idx], synth_y_all[synth_idx]]).astype(np.int64)
+    train_y = np.concatenate([labels[real_idx], labels[copies], synth_y_all[synth_idx]]).astype(np.int64)
+    sha = train_rows.sha256.to_numpy()
     frames = [
-        _rows("train", REAL, labels[real_idx], train_rows.sha256.to_numpy()[real_idx], real_idx),
+        _rows("train", REAL, labels[real_idx], sha[real_idx], real_idx),
+        _rows("train", REAL_COPY, labels[copies], sha[copies], copies),
         _rows("train", SYNTHETIC, synth_y_all[synth_idx], np.asarray(synth_ids)[synth_idx], synth_idx),
-        _rows("val", REAL, labels[val_idx], train_rows.sha256.to_numpy()[val_idx], val_idx),
+        _rows("val", REAL, labels[val_idx], sha[val_idx], val_idx),
         _rows(
             "test", REAL, test_rows.label.to_numpy(), test_rows.sha256.to_numpy(), np.arange(len(test_rows))
         ),
     ]
+    # The study's protocol: no validation split; the test set stands in for it (labelled as such).
+    val_x, val_y = (
+        (train_all[torch.as_tensor(val_idx)], labels[val_idx])
+        if len(val_idx)
+        else (test_x, test_rows.label.to_numpy(np.int64))
+    )
     log(
-        f"{experiment} seed {seed}: train {len(real_idx)} real + {len(synth_idx)} synthetic, "
-        f"validation {len(val_idx)} (real train), test {len(test_rows)}"
+        f"{experiment} seed {seed}: train {len(real_idx)} real (+{len(copies)} copies) + "
+        f"{len(synth_idx)} synthetic, validation {len(val_idx)} ({split.describe()}), test {len(test_rows)}"
     )
     return ExperimentData(
         experiment=experiment,
         seed=seed,
         train_x=torch.cat(xs),
         train_y=train_y,
-        val_x=train_all[torch.as_tensor(val_idx)],
-        val_y=labels[val_idx],
+        val_x=val_x,
+        val_y=val_y,
         test_x=test_x,
         test_y=test_rows.label.to_numpy(np.int64),
         composition=pd.concat(frames, ignore_index=True),
         dataset_version=ds.version,
         synthetic_versions=versions,
+        split=split,
+        spec=spec,
+        generators=used,
+        target_normal_share=target,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +23,34 @@ import numpy as np
 import pandas as pd
 
 from synth_xray_assets.classifier.curves import run_curves
-from synth_xray_assets.classifier.data import ExperimentData, load_experiment_data
+from synth_xray_assets.classifier.data import ExperimentData, experiment_spec, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
 from synth_xray_assets.classifier.train import RunResult, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import write_json_atomic, write_parquet_atomic
+from synth_xray_assets.storage import sha256_bytes, write_json_atomic, write_parquet_atomic
 
 RUN_FILE = "run.json"
 PREDICTIONS_FILE = "predictions.parquet"
 COMPOSITION_FILE = "composition.parquet"
 CURVES_FILE = "curves.png"
 _PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last")
+
+
+# Classifier settings that do not change what one run computes (which runs exist, how they are reported).
+_NOT_IN_FINGERPRINT = ("seeds", "experiments", "balance_controls", "num_workers", "bootstrap_samples")
+
+
+def settings_fingerprint(s: Settings, experiment: str) -> str:
+    """A hash of everything in the settings that shapes one experiment's run: the classifier
+    recipe and split, this experiment's own spec, and the generator arrangement."""
+    c = s.classifier
+    spec = experiment_spec(c, experiment)
+    recipe = {k: v for k, v in c.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
+    payload = {"classifier": recipe, "spec": asdict(spec), "generators": s.dreambooth.generators}
+    if spec.balance_like:
+        payload["balance_like"] = asdict(experiment_spec(c, spec.balance_like))
+    return sha256_bytes(json.dumps(payload, sort_keys=True).encode())[:16]
 
 
 def run_dir(data_dir: str | Path, experiment: str, seed: int | str) -> Path:
@@ -72,7 +89,14 @@ def run_experiment(
             "n_real": counts["train_real_normal"] + counts["train_real_pneumonia"],
             "n_synthetic": counts["train_synthetic_normal"] + counts["train_synthetic_pneumonia"],
             "counts": counts,
-            "real_fraction": s.classifier.experiments[experiment][0],
+            "real_fraction": data.spec.real_fraction,
+            "balance_like": data.spec.balance_like,
+            "target_normal_share": data.target_normal_share,
+            "normal_share": data.normal_share(),
+            "generators": s.dreambooth.generators,
+            "generator_keys": data.generators,
+            "validation_split": {**data.split.summary(), "describe": data.split.describe()},
+            "settings_fingerprint": settings_fingerprint(s, experiment),
             "dataset_version": data.dataset_version,
             "synthetic_versions": data.synthetic_versions,
             "initial_weights": describe_weights(s.classifier),

@@ -4,8 +4,10 @@ PNEUMONIA (label 1) is the positive class; an image is called PNEUMONIA when its
 exceeds 0.5 (the argmax of the two logits).
 
 Probabilities may be one run ``[N]`` or several seeds of the same experiment ``[S, N]`` on the
-same test images; with seeds, the statistic is the mean over seeds and the bootstrap resamples
-test images (the same resample for every seed), so it covers both sources of noise.
+same test images; with seeds, the statistic is the mean over seeds and the bootstrap is two-level
+(hierarchical): seeds with replacement, then test images with replacement, so the intervals
+cover both sources of noise. Paired tests: the paired two-level bootstrap, a paired t-test over
+seeds, DeLong's test for AUC; Holm's adjustment for a family of comparisons.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.stats import binomtest, rankdata
+from scipy.stats import binomtest, norm, rankdata
+from scipy.stats import t as student_t
 
 METRICS = ("accuracy", "f1", "auc", "precision", "recall", "specificity")
 
@@ -94,6 +97,24 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
+def _hierarchical_draws(n_seeds: int, n_images: int, n_boot: int, seed: int, resample_seeds: bool):
+    """``n_boot`` pairs ``(seed_idx [S], image_idx [N])``: seeds drawn with replacement (when asked and
+    there are two or more), then test images with replacement, the same images for every seed."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds) if resample_seeds and n_seeds > 1 else np.arange(n_seeds)
+        yield seeds, rng.integers(0, n_images, n_images)
+
+
+def _quantiles(stats: np.ndarray, level: float) -> tuple[float, float]:
+    stats = stats[~np.isnan(stats)]
+    if stats.size == 0:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     prob: np.ndarray,
@@ -101,24 +122,134 @@ def bootstrap_ci(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    resample_seeds: bool = True,
 ) -> tuple[float, float, float]:
-    """``(estimate, low, high)``: percentile bootstrap CI of ``metric`` over test images.
+    """``(estimate, low, high)``: two-level (hierarchical) percentile bootstrap CI of ``metric``.
 
-    ``prob`` is ``[N]`` or ``[S, N]`` (the seed-mean is recomputed on every resample).
+    ``prob`` is ``[N]`` or ``[S, N]``; the statistic is the mean over seeds. Each resample draws
+    ``S`` seeds with replacement, then ``N`` test images with replacement (the same for every
+    drawn seed), so the interval covers seed-to-seed and test-image variance. With one seed
+    (or ``resample_seeds=False``) only test images are resampled.
     """
     y = np.asarray(y_true).astype(np.int64)
     runs = _as_runs(prob)
     estimate = metric_value(y, runs, metric)
-    rng = np.random.default_rng(seed)
     stats = np.array(
-        [metric_value(y[idx], runs[:, idx], metric) for idx in rng.integers(0, len(y), (n_boot, len(y)))]
+        [
+            metric_value(y[idx], runs[np.ix_(seeds, idx)], metric)
+            for seeds, idx in _hierarchical_draws(len(runs), len(y), n_boot, seed, resample_seeds)
+        ]
     )
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
-        return estimate, float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    low, high = np.quantile(stats, [alpha, 1 - alpha])
-    return estimate, float(low), float(high)
+    return (estimate, *_quantiles(stats, level))
+
+
+def paired_bootstrap_diff(
+    y_true: np.ndarray,
+    prob_baseline: np.ndarray,
+    prob_other: np.ndarray,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+    metric: str = "accuracy",
+    resample_seeds: bool = True,
+) -> dict[str, float]:
+    """``metric`` of ``other`` minus ``baseline`` with a two-level paired bootstrap CI and p-value.
+
+    ``[S, N]`` inputs are paired by seed (row) and by test image: every resample draws the same
+    seeds and the same images for both. The p-value is twice the smaller share of resampled
+    differences on either side of zero, clipped to ``[1 / n_boot, 1]`` (its resolution).
+    """
+    y = np.asarray(y_true).astype(np.int64)
+    base, other = _as_runs(prob_baseline), _as_runs(prob_other)
+    if base.shape != other.shape:
+        raise ValueError(f"paired runs differ in shape: {base.shape} vs {other.shape}")
+    diff = metric_value(y, other, metric) - metric_value(y, base, metric)
+    diffs = np.array(
+        [
+            metric_value(y[idx], other[np.ix_(seeds, idx)], metric)
+            - metric_value(y[idx], base[np.ix_(seeds, idx)], metric)
+            for seeds, idx in _hierarchical_draws(len(base), len(y), n_boot, seed, resample_seeds)
+        ]
+    )
+    low, high = _quantiles(diffs, level)
+    diffs = diffs[~np.isnan(diffs)]
+    p = (
+        min(1.0, max(1.0 / n_boot, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+        if diffs.size
+        else float("nan")
+    )
+    return {"diff": float(diff), "ci_low": low, "ci_high": high, "p_value": float(p)}
+
+
+def paired_seed_test(values_baseline: Sequence[float], values_other: Sequence[float]) -> dict[str, float]:
+    """Paired t-test over seeds of a per-seed figure (e.g. test accuracy): mean difference, its
+    t statistic and two-sided p-value; NaN with fewer than two paired seeds (or no variation)."""
+    a, b = np.asarray(values_baseline, np.float64), np.asarray(values_other, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired seeds differ in count: {a.shape} vs {b.shape}")
+    d = b - a
+    if d.size < 2 or not np.isfinite(d).all():
+        return {
+            "diff": float(d.mean()) if d.size else float("nan"),
+            "t": float("nan"),
+            "p_value": float("nan"),
+        }
+    sd = d.std(ddof=1)
+    if sd == 0:
+        return {"diff": float(d.mean()), "t": float("nan"), "p_value": 1.0 if d.mean() == 0 else 0.0}
+    t = d.mean() / (sd / np.sqrt(d.size))
+    return {"diff": float(d.mean()), "t": float(t), "p_value": float(2 * student_t.sf(abs(t), d.size - 1))}
+
+
+def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUCs ``[K]`` and DeLong's structural components ``V10 [K, m]`` (positives) and ``V01 [K, n]``
+    (negatives) of ``K`` score vectors, from mid-ranks (Sun and Xu's fast form)."""
+    pos, neg = y == 1, y == 0
+    m, n = int(pos.sum()), int(neg.sum())
+    aucs, v10, v01 = [], [], []
+    for s in scores:
+        r_all, r_pos, r_neg = rankdata(s), rankdata(s[pos]), rankdata(s[neg])
+        v10.append((r_all[pos] - r_pos) / n)  # share of negatives below each positive (ties half)
+        v01.append(1.0 - (r_all[neg] - r_neg) / m)  # share of positives above each negative
+        aucs.append(v10[-1].mean())
+    return np.array(aucs), np.array(v10), np.array(v01)
+
+
+def delong_test(y_true: np.ndarray, score_a: np.ndarray, score_b: np.ndarray) -> dict[str, float]:
+    """DeLong's test of two correlated AUCs on the same images: ``auc_b - auc_a``, its variance,
+    z and two-sided p-value. ``score_*`` may be ``[N]`` or ``[S, N]`` (seeds paired by row): then
+    the difference is the mean over seeds and its variance the mean of the per-seed variances, an
+    upper bound of the mean's test-image variance (seeds share the test images)."""
+    y = np.asarray(y_true).astype(np.int64)
+    a, b = _as_runs(score_a), _as_runs(score_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired runs differ in shape: {a.shape} vs {b.shape}")
+    if (y == 1).sum() < 2 or (y == 0).sum() < 2:
+        return {"diff": float("nan"), "var": float("nan"), "z": float("nan"), "p_value": float("nan")}
+    diffs, variances = [], []
+    for sa, sb in zip(a, b):
+        aucs, v10, v01 = _delong_components(y, np.stack([sa, sb]))
+        cov = np.cov(v10) / v10.shape[1] + np.cov(v01) / v01.shape[1]
+        diffs.append(aucs[1] - aucs[0])
+        variances.append(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1])
+    diff, var = float(np.mean(diffs)), float(np.mean(variances))
+    if var <= 0:
+        return {"diff": diff, "var": var, "z": float("nan"), "p_value": 1.0 if diff == 0 else 0.0}
+    z = diff / np.sqrt(var)
+    return {"diff": diff, "var": var, "z": float(z), "p_value": float(2 * norm.sf(abs(z)))}
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN entries are left out and stay NaN)."""
+    p = np.asarray(p_values, np.float64)
+    out = np.full(p.shape, np.nan)
+    idx = np.flatnonzero(~np.isnan(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    running, k = 0.0, len(order)
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (k - rank) * p[i]))
+        out[i] = running
+    return out.tolist()
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:
@@ -133,31 +264,3 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any
     b, c = int((a & ~b_).sum()), int((~a & b_).sum())
     p = 1.0 if b + c == 0 else float(binomtest(b, b + c, 0.5, alternative="two-sided").pvalue)
     return {"only_a_correct": b, "only_b_correct": c, "p_value": p}
-
-
-def paired_bootstrap_diff(
-    y_true: np.ndarray,
-    prob_baseline: np.ndarray,
-    prob_other: np.ndarray,
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, float]:
-    """Accuracy of ``other`` minus ``baseline`` with a paired bootstrap CI and two-sided p-value.
-
-    Both are resampled with the same test images; ``[S, N]`` inputs are paired by seed (row) and
-    averaged. The p-value is twice the smaller share of bootstrap differences on either side of
-    zero, clipped to ``[1 / n_boot, 1]`` (its resolution).
-    """
-    y = np.asarray(y_true).astype(np.int64)
-    base, other = _as_runs(prob_baseline), _as_runs(prob_other)
-    if base.shape != other.shape:
-        raise ValueError(f"paired runs differ in shape: {base.shape} vs {other.shape}")
-    # Per image: mean over seeds of (other correct - baseline correct).
-    delta = (((other > 0.5) == y).astype(np.float64) - ((base > 0.5) == y).astype(np.float64)).mean(0)
-    rng = np.random.default_rng(seed)
-    diffs = delta[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(diffs, [alpha, 1 - alpha])
-    p = min(1.0, max(1.0 / n_boot, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
-    return {"diff": float(delta.mean()), "ci_low": float(low), "ci_high": float(high), "p_value": float(p)}

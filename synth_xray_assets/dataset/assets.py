@@ -10,6 +10,7 @@ from synth_xray_assets.dataset.sources import (
     source_fingerprint,
     source_records,
 )
+from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.dataset.store import (
     DROPPED_FILE,
     SKIPPED_FILE,
@@ -100,6 +101,8 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "num_images": len(m),
             "counts_by_split_and_class": metadata_table(counts, index=True),
             "train_class_balance": dg.MetadataValue.json(balance),
+            # the classifiers' validation split (by patient where the file names carry one)
+            "validation_split": shared_validation_split(s, ds.rows("train")).describe(),
             "original_width_range": f"{int(m.orig_width.min())}-{int(m.orig_width.max())}" if len(m) else "-",
             "original_height_range": f"{int(m.orig_height.min())}-{int(m.orig_height.max())}"
             if len(m)

@@ -2,13 +2,15 @@
 
 ``generate_set``
 fills a folder with ``count`` images: image ``i`` uses seed ``seed_offset + i`` through its own
-generator, so it does not depend on the batch it was made in, and a re-run after an interruption
+generator (each set its own ``seed_offset``: :func:`seed_stream_offset`), so it does not depend
+on the batch it was made in, and a re-run after an interruption
 makes only the images that are missing. Used for the synthetic images and the prior-preservation
 class images alike.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,18 @@ from PIL import Image
 
 from synth_xray_assets.diffusion.image_sets import MANIFEST
 from synth_xray_assets.diffusion.pipelines import sample_images, use_dpm_solver
+from synth_xray_assets.settings import GenerationSettings
 from synth_xray_assets.storage import save_png_atomic, sha256_bytes, write_parquet_atomic
+
+
+def seed_stream_offset(settings: GenerationSettings, set_name: str) -> int:
+    """The first seed of image set ``set_name``'s own stream: image ``i`` uses this + ``i``.
+
+    Each set (``normal``, ``pneumonia``, ``prior``, ``normal-r10``, ...) starts at
+    ``seed_offset + crc32(set_name) * seed_stream_stride``, so no two sets share a starting noise
+    (the study gave image ``i`` of every set seed ``i``).
+    """
+    return settings.seed_offset + zlib.crc32(set_name.encode()) * settings.seed_stream_stride
 
 
 @dataclass(frozen=True)

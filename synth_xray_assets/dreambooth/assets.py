@@ -10,8 +10,9 @@ import dagster as dg
 import numpy as np
 
 from synth_xray_assets.dataset.assets import chest_xray_dataset
+from synth_xray_assets.dataset.splits import generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.diffusion.generate import Recipe, generate_set
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.image_sets import manifest_version
 from synth_xray_assets.diffusion.pipelines import (
     load_pipeline,
@@ -29,7 +30,13 @@ from synth_xray_assets.dreambooth.training import (
 )
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.operations.locks import one_writer
-from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    generator_partitions,
+    with_generator_partitions,
+)
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
@@ -133,7 +140,7 @@ base_model = base_model_asset(depends_on_dataset=False)
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
-    code_version="prior-images-v1",
+    code_version="prior-images-v2",
     retry_policy=RETRY,
     description=(
         "Prior-preservation class images: what the base model makes of dreambooth.class_prompt "
@@ -159,7 +166,13 @@ def prior_class_images(
         lambda: with_plan(load_pipeline(base_path, device, _dtype(device)), plan),
         store.prior_dir(s.data_dir),
         db.num_class_images,
-        Recipe(db.class_prompt, db.class_image_steps, db.class_image_guidance, db.resolution),
+        Recipe(
+            db.class_prompt,
+            db.class_image_steps,
+            db.class_image_guidance,
+            db.resolution,
+            seed_offset=seed_stream_offset(s.generation, "prior"),
+        ),
         batch_size=plan.batch_size,
         extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
@@ -194,7 +207,7 @@ def _dtype(device: str):
     kinds={"pytorch", "diffusers", "accelerate"},
     owners=OWNERS,
     pool="gpu",
-    code_version="dreambooth-v1",
+    code_version="dreambooth-v2",
     retry_policy=RETRY,
     description=(
         "DreamBooth fine-tuning of the base model on one class's real training images (full "
@@ -213,9 +226,13 @@ def dreambooth_checkpoint(
     key = context.partition_key
     label = class_label(key)
     dataset = StandardizedDataset.open(s.layout.dataset)
-    instance_images = dataset.images("train", label)
+    # Real train less the classifiers' validation split (or, matched, the limited subset).
+    positions, split = generator_positions(s, dataset.rows("train"), key)
+    instance_images = dataset.images("train")[positions]
     if len(instance_images) == 0:
-        raise ValueError(f"no {s.dataset.class_names[label]} training images in {dataset.root}")
+        raise ValueError(
+            f"no {s.dataset.class_names[label]} training images for generator {key!r} in {dataset.root}"
+        )
     class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
     base_path = store.base_model_path(s.data_dir)
     device = compute.resolve_device()
@@ -224,7 +241,7 @@ def dreambooth_checkpoint(
     settings_used = preset.settings.model_copy(
         update={"mixed_precision": compute.precision_for(device, db.mixed_precision)}
     )
-    prompt = db.instance_prompts[key]
+    prompt = db.instance_prompts[class_key_of(key)]
     out = store.checkpoint_dir(s.data_dir, key)
     context.log.info(
         f"{key}: {len(instance_images)} instance images, {num_train_steps(len(instance_images), db)} steps, "
@@ -269,6 +286,16 @@ def dreambooth_checkpoint(
             "disk_needed_gib": round(result.disk_needed_bytes / 2**30, 3),
             "instance_prompt": prompt,
             "num_instance_images": len(instance_images),
+            "instance_images": (
+                f"{len(instance_images)} real {s.dataset.class_names[label]} training images: "
+                + (
+                    "real train less the classifiers' validation split"
+                    if key == class_key_of(key)
+                    else f"the fixed real subset of generator {key} (matched generators)"
+                )
+                + f"; validation split {split.describe()}"
+            ),
+            "generators": s.dreambooth.generators,
             "num_class_images": 0 if class_images is None else len(class_images),
             "steps": result.global_step,
             "epochs": result.epochs,
@@ -293,20 +320,28 @@ def dreambooth_checkpoint(
     )
 
 
-@dg.asset_check(
-    asset=dreambooth_checkpoint,
-    partitions_def=class_partitions,
-    blocking=True,
-    pool="gpu",
-    description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
-)
-def checkpoint_loads(
-    context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
-) -> dg.AssetCheckResult:
-    s = settings.get()
-    key = context.partition_key
-    result = check_checkpoint(s, key, compute.resolve_device())
-    return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+def checkpoint_loads_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """``checkpoint_loads`` on the generator partitions ``partitions_def``."""
+
+    @dg.asset_check(
+        asset=dreambooth_checkpoint,
+        name="checkpoint_loads",
+        partitions_def=partitions_def,
+        blocking=True,
+        pool="gpu",
+        description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+    )
+    def checkpoint_loads(
+        context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
+    ) -> dg.AssetCheckResult:
+        s = settings.get()
+        result = check_checkpoint(s, context.partition_key, compute.resolve_device())
+        return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+
+    return checkpoint_loads
+
+
+checkpoint_loads = checkpoint_loads_check(class_partitions)
 
 
 def check_checkpoint(s, key: str, device: str) -> dict:
@@ -320,7 +355,7 @@ def check_checkpoint(s, key: str, device: str) -> dict:
 
         with torch.no_grad():
             img = pipe(
-                s.dreambooth.instance_prompts[key],
+                s.dreambooth.instance_prompts[class_key_of(key)],
                 num_inference_steps=s.dreambooth.sample_steps,
                 guidance_scale=s.generation.guidance_scale,
                 height=s.dreambooth.resolution,
@@ -340,5 +375,6 @@ def build_defs(s: Settings) -> dg.Definitions:
     dataset's images (so it depends on it); SD 2.1 comes from the Hub."""
     base = base_model_asset(depends_on_dataset=s.base_model.tiny)
     return dg.Definitions(
-        assets=[base, prior_class_images, dreambooth_checkpoint], asset_checks=[checkpoint_loads]
+        assets=[base, prior_class_images, *with_generator_partitions([dreambooth_checkpoint], s)],
+        asset_checks=[checkpoint_loads_check(generator_partitions(s))],
     )

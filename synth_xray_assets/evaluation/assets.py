@@ -7,22 +7,27 @@ real image of every synthetic one). Here: inputs, metadata and checks.
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.dataset.splits import stratified_split
+from synth_xray_assets.dataset.splits import generator_positions, validation_split
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.dreambooth.store import prior_dir, prior_images
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+from synth_xray_assets.dreambooth.store import base_model_path
 from synth_xray_assets.evaluation.extractor import (
     extractor_dir,
     extractor_weights,
     train_cxr_feature_extractor,
 )
 from synth_xray_assets.evaluation.features import get_feature_space
-from synth_xray_assets.evaluation.fid import features_in_space, score_sets
+from synth_xray_assets.evaluation.fid import features_in_space, real_floor_set, score_sets
+from synth_xray_assets.evaluation.fidelity import measure_class_fidelity, save_fidelity
 from synth_xray_assets.evaluation.memorization import (
     closest_pairs_image,
     memorization_histogram,
@@ -30,12 +35,24 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
+from synth_xray_assets.hardware import free_gpu_memory
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
-from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    with_generator_partitions,
+)
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import png_markdown, write_json_atomic, write_parquet_atomic
+from synth_xray_assets.storage import (
+    folder_version,
+    png_markdown,
+    sha256_file,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
@@ -60,6 +77,80 @@ def _reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.nda
     if len(images) == 0:
         raise ValueError(f"chest_xray_dataset has no {class_key} training images to compare with")
     return ds, images, rows, f"{ds.version}-train-{class_key}"
+
+
+@dataclass(frozen=True)
+class FidReferences:
+    """One generator's reference sets: its own training images, held-out real images of its class
+    (never seen by any generator), and a real set disjoint from the held-out one for the floor."""
+
+    train: np.ndarray
+    train_note: str
+    held_out: np.ndarray
+    held_out_note: str
+    floor_pool: np.ndarray
+    cache_key: str
+
+
+def _fid_references(s: Settings, ds: StandardizedDataset, key: str) -> FidReferences:
+    rows = ds.rows("train")
+    positions, split = generator_positions(s, rows, key)
+    label, name = class_label(key), s.dataset.class_names[class_label(key)]
+    train_all = ds.images("train")
+    same_class = split.keep[rows.label.to_numpy()[split.keep] == label]
+    held = split.val[rows.label.to_numpy()[split.val] == label]
+    if len(held):
+        held_out = train_all[held]
+        held_note = (
+            f"the {len(held)} {name} images of the classifiers' validation split of real train "
+            f"({split.describe()}), never seen by a generator"
+        )
+    else:  # the study's protocol carves no validation split: the dataset's own validation split
+        held_out = ds.images("validation", label)
+        held_note = (
+            f"the {len(held_out)} {name} images of the dataset's own validation split (nothing carved)"
+        )
+    train_note = (
+        f"generator {key}'s own {len(positions)} {name} training images "
+        f"(dataset version {ds.version}, {s.dataset.resolution} px, {s.dataset.mode})"
+    )
+    return FidReferences(
+        train=train_all[positions],
+        train_note=train_note,
+        held_out=held_out,
+        held_out_note=held_note,
+        floor_pool=train_all[same_class],
+        cache_key=f"{ds.version}-{key}-{split.unit}-{s.classifier.split_seed}",
+    )
+
+
+def _base_model_images(
+    s: Settings, key: str, device: str, log: Callable[[str], object]
+) -> tuple[np.ndarray, str]:
+    """The base model's images of the class's instance prompt with the fine-tuned sets' sampler
+    (generation.*: steps, guidance, count), made once per class and kept."""
+    g, class_key = s.generation, class_key_of(key)
+    base = base_model_path(s.data_dir)
+    version = folder_version(base)
+    root = s.layout.base_model_images(class_key)
+    recipe = Recipe(
+        s.dreambooth.instance_prompts[class_key],
+        g.num_inference_steps,
+        g.guidance_scale,
+        s.dreambooth.resolution,
+        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
+    )
+    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
+    generate_set(
+        lambda: with_plan(load_pipeline(base, device), plan),
+        root,
+        images_per_class(s),
+        recipe,
+        batch_size=plan.batch_size,
+        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
+        log=log,
+    )
+    return SyntheticImages.open(root).images(), version
 
 
 def _image_set(asset: str, root: Path, read: Callable[[], np.ndarray]) -> tuple[np.ndarray, SyntheticImages]:
@@ -100,7 +191,7 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
-    code_version="cxr-extractor-v1",
+    code_version="cxr-extractor-v2",
     description=(
         "The chest-X-ray feature space: a DenseNet-121 trained with the study's classifier recipe on "
         "the real training split only (epoch chosen on the validation split, no synthetic image seen), "
@@ -119,7 +210,8 @@ def cxr_feature_extractor(
     # The epoch is chosen on the classifier experiments' validation split, carved from real train
     # (the dataset's own validation split is 16 images in the Hub dataset).
     images, labels = ds.images("train"), ds.labels("train")
-    keep, val = stratified_split(labels, s.classifier.val_fraction, s.classifier.split_seed)
+    split = validation_split(ds.rows("train"), s.classifier.val_fraction, s.classifier.split_seed)
+    keep, val = split.keep, split.val
     info = train_cxr_feature_extractor(
         (images[keep], labels[keep]),
         (images[val], labels[val]),
@@ -142,6 +234,7 @@ def cxr_feature_extractor(
                 f"dataset version {ds.version}"
             ),
             "dataset_version": ds.version,
+            "validation_split": split.describe(),
             "validation_accuracy": dg.MetadataValue.float(float(info["validation_accuracy"])),
             "test_accuracy": dg.MetadataValue.float(float(info["test_accuracy"])),
             "test_auc": dg.MetadataValue.float(_finite_or_nan(info["test_auc"])),
@@ -181,22 +274,24 @@ FID_CHECKS = [
 
 
 @dg.asset(
-    deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "prior_class_images"],
+    deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
     partitions_def=class_partitions,
     group_name="evaluation",
     pool="gpu",
     kinds={"pytorch"},
     owners=OWNERS,
-    code_version="fid-scores-v1",
+    code_version="fid-scores-v2",
     check_specs=FID_CHECKS,
     description=(
-        "FID, KID and precision/recall (Kynkaanniemi, k = evaluation.prc_neighborhood) of the class's "
-        "synthetic images against ALL real standardized training images of the class, with "
-        "torch-fidelity, in two feature spaces: Inception (inception-v3-compat, as the study's FID, "
-        "evaluation.published_fid; recorded unavailable, with "
-        "the reason, where its weights cannot be had) and the chest-X-ray space of "
-        "cxr_feature_extractor. The untrained base model's images (prior_class_images) are scored the "
-        "same way. Reference features are cached per dataset version and feature space."
+        "FID, KID and precision/recall (Kynkaanniemi, k=3) of the generator's synthetic images, with "
+        "torch-fidelity, against two references: the generator's own real training images (which "
+        "rewards memorization) and held-out real images of its class (the classifiers' validation "
+        "split, never seen by a generator), beside the real-vs-real floor (as many other real images "
+        "against the held-out reference). Two feature spaces: Inception (inception-v3-compat, as the "
+        "study's FID 61.88 / 64.08; recorded unavailable, with the reason, where its weights cannot be "
+        "had) and the chest-X-ray space of cxr_feature_extractor. The untrained base model's images of "
+        "the same prompt, made with the same sampler settings (generation.*), are scored the same way. "
+        "Reference features are cached per reference images and feature space."
     ),
 )
 @one_writer
@@ -205,37 +300,57 @@ def fid_scores(
 ) -> dg.MaterializeResult:
     s = settings.get()
     key = context.partition_key
-    ds, real, _, cache_key = _reference(s, key)
+    ds = _dataset(s)
+    refs = _fid_references(s, ds, key)
     synthetic, syn_set = _synthetic(s, key)
-    base, base_set = _image_set("prior_class_images", prior_dir(s.data_dir), lambda: prior_images(s.data_dir))
+    device = compute.resolve_device()
+    base, base_version = _base_model_images(s, key, device, context.log.info)
     sets = {"synthetic": synthetic, "base_model": base}
     if len(base) < len(synthetic):  # FID falls with the number of images: also compare at equal counts
         sets["synthetic_matched"] = synthetic[: len(base)]
-    device = compute.resolve_device()
-    results = {}
+    floor = real_floor_set(refs.floor_pool, len(synthetic), s.evaluation.floor_seed)
+    held_sets = {"synthetic": synthetic, "base_model": base, "real_floor": floor}
+    if len(floor) < len(synthetic):
+        held_sets["synthetic_at_floor_size"] = synthetic[: len(floor)]
+    results, held_out = {}, {}
     for name in SPACES:
         space = get_feature_space(name, s.evaluation, cxr_weights=extractor_weights(s.data_dir))
         context.log.info(f"{key}: scoring {', '.join(sets)} in the {name} space")
-        results[name] = score_sets(
-            sets,
-            real,
-            space,
-            reference_cache_key=cache_key,
-            cache_dir=s.layout.reference_features,
-            settings=s.evaluation,
-            device=device,
+        common = {
+            "space": space,
+            "cache_dir": s.layout.reference_features,
+            "settings": s.evaluation,
+            "device": device,
+        }
+        results[name] = score_sets(sets, refs.train, reference_cache_key=f"{refs.cache_key}-train", **common)
+        held_out[name] = score_sets(
+            held_sets, refs.held_out, reference_cache_key=f"{refs.cache_key}-held-out", **common
         )
         if not results[name]["available"]:
             context.log.warning(f"{name} scores unavailable: {results[name]['reason']}")
-    reference_note = _reference_note(s, ds, key, len(real))
+    reference_note = refs.train_note
+    real = refs.train
     record = {
-        "class": key,
+        "class": class_key_of(key),
+        "generator": key,
         "reference_set": reference_note,
         "dataset_version": ds.version,
         "synthetic_checkpoint_version": _versions(syn_set.manifest),
-        "base_model_version": _versions(base_set.manifest),
-        "published_fid_inception": s.evaluation.published_fid.get(key),
+        "synthetic_version": syn_set.version(),
+        "base_model_version": base_version,
+        "base_model_images": (
+            f"{len(base)} base-model images of the instance prompt, {s.generation.num_inference_steps} "
+            f"DPM-Solver steps, guidance {s.generation.guidance_scale} (the fine-tuned sets' sampler)"
+        ),
+        "published_fid_inception": s.evaluation.published_fid.get(class_key_of(key)),
         "spaces": results,
+        "held_out": {
+            "reference_set": refs.held_out_note,
+            "n_reference": len(refs.held_out),
+            "real_floor": f"{len(floor)} real {class_key_of(key)} training images outside the held-out set "
+            f"(seed {s.evaluation.floor_seed}), scored against it like the synthetic set",
+            "spaces": held_out,
+        },
     }
     path = s.layout.fid_scores(key)
     write_json_atomic(path, record)
@@ -245,11 +360,16 @@ def fid_scores(
         "n_reference": len(real),
         "n_synthetic": len(synthetic),
         "n_base_model": len(base),
+        "base_model_images": record["base_model_images"],
+        "held_out_reference_set": refs.held_out_note,
+        "n_held_out_reference": len(refs.held_out),
+        "real_floor_set": record["held_out"]["real_floor"],
+        "scores_held_out": metadata_table(_scores_frame(held_out)),
         "dataset_version": ds.version,
         "checkpoint_version": record["synthetic_checkpoint_version"],
         "base_model_version": record["base_model_version"],
         "published_fid_inception": dg.MetadataValue.float(
-            float(s.evaluation.published_fid.get(key, math.nan))
+            float(s.evaluation.published_fid.get(class_key_of(key), math.nan))
         ),
         "scores": metadata_table(_scores_frame(results)),
         "path": dg.MetadataValue.path(str(path)),
@@ -260,12 +380,13 @@ def fid_scores(
             continue
         metadata[f"{space}_weights_sha256"] = result["weights_sha256"]
         metadata[f"{space}_reference_features_reused"] = bool(result["reference_cache"]["hit"])
-        for set_name, scores in result["scores"].items():
-            suffix = "" if set_name == "synthetic" else f"_{set_name}"
-            for metric in METRICS:
-                if scores[metric] is not None:
-                    label = "kid" if metric == "kid_mean" else metric
-                    metadata[f"{label}_{space}{suffix}"] = dg.MetadataValue.float(scores[metric])
+        for ref, by_space in (("", results), ("_held_out", held_out)):
+            for set_name, scores in by_space[space]["scores"].items():
+                suffix = ("" if set_name == "synthetic" else f"_{set_name}") + ref
+                for metric in METRICS:
+                    if scores[metric] is not None:
+                        label = "kid" if metric == "kid_mean" else metric
+                        metadata[f"{label}_{space}{suffix}"] = dg.MetadataValue.float(scores[metric])
     return dg.MaterializeResult(metadata=metadata, check_results=_fid_checks(results, s, len(synthetic)))
 
 
@@ -431,6 +552,91 @@ def memorization(
     )
 
 
+# --------------------------------------------------------------------------- class_fidelity
+
+FIDELITY_CHECK = "synthetic_images_look_like_their_class"
+
+
+def extractor_predictor(s: Settings, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Images (uint8 ``[N, H, W]``) to the chest-X-ray feature extractor's PNEUMONIA probabilities."""
+    from synth_xray_assets.classifier.data import prepare_images
+    from synth_xray_assets.classifier.model import load_classifier
+    from synth_xray_assets.classifier.train import predict_proba
+    from synth_xray_assets.evaluation.extractor import extractor_settings
+
+    c = extractor_settings(s.classifier, s.evaluation)
+    model = load_classifier(extractor_weights(s.data_dir), c, device)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        x = prepare_images(np.ascontiguousarray(images), c.resize, c.resolution)
+        return predict_proba(model, x, None, s.evaluation.batch_size, device)[0]
+
+    return predict
+
+
+@dg.asset(
+    deps=["cxr_feature_extractor", "synthetic_images"],
+    partitions_def=class_partitions,
+    group_name="evaluation",
+    pool="gpu",
+    kinds={"pytorch"},
+    owners=OWNERS,
+    code_version="class-fidelity-v1",
+    check_specs=[
+        dg.AssetCheckSpec(
+            FIDELITY_CHECK,
+            asset="class_fidelity",
+            description="At least evaluation.class_fidelity_threshold of the generator's images are "
+            "assigned to its class by the real-trained chest-X-ray classifier (warns).",
+        )
+    ],
+    description=(
+        "Class fidelity: the share of the generator's synthetic images that cxr_feature_extractor (a "
+        "DenseNet-121 trained on real images only) assigns to the generator's class, with a Wilson "
+        "interval. Near zero means the images look like the other class to a real-trained classifier "
+        "(what FID does not show). data/evaluation/class_fidelity/{generator}.json."
+    ),
+)
+def class_fidelity(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    e = s.evaluation
+    key = context.partition_key
+    synthetic, syn_set = _synthetic(s, key)
+    weights = extractor_weights(s.data_dir)
+    about = {
+        "generator": key,
+        "class_key": class_key_of(key),
+        "threshold": e.class_fidelity_threshold,
+        "extractor_sha256": sha256_file(weights),
+        "synthetic_version": syn_set.version(),
+    }
+    predict = extractor_predictor(s, compute.resolve_device())
+    record = measure_class_fidelity(predict, synthetic, class_label(key), about, e.class_fidelity_level)
+    path = save_fidelity(record, s.data_dir)
+    interval = f"{record.share:.3f} [{record.ci_low:.3f}, {record.ci_high:.3f}]"
+    return dg.MaterializeResult(
+        metadata={
+            "class_fidelity": dg.MetadataValue.float(record.share),
+            "interval": f"{interval} ({100 * record.level:g}% Wilson)",
+            "n_assigned": record.n_assigned,
+            "n_synthetic": record.n_images,
+            "classifier": "cxr_feature_extractor (DenseNet-121 trained on real train only)",
+            "synthetic_version": record.synthetic_version,
+            "path": dg.MetadataValue.path(str(path)),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=FIDELITY_CHECK,
+                passed=record.passed,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"class_fidelity": interval, "threshold": record.threshold},
+            )
+        ],
+    )
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -439,5 +645,6 @@ def _finite_or_nan(value) -> float:
 
 
 def build_defs(s: Settings) -> dg.Definitions:
-    """The evaluation domain's definitions (none depends on settings)."""
-    return dg.Definitions(assets=[cxr_feature_extractor, fid_scores, memorization])
+    """The evaluation domain's definitions: per-generator partitions from ``s``."""
+    per_generator = with_generator_partitions([fid_scores, memorization, class_fidelity], s)
+    return dg.Definitions(assets=[cxr_feature_extractor, *per_generator])

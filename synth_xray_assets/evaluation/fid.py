@@ -240,3 +240,16 @@ def images_sha256(images: np.ndarray) -> str:
     h = hashlib.sha256(f"{images.shape}|{images.dtype}".encode())
     h.update(memoryview(images).cast("B"))
     return h.hexdigest()
+
+
+def real_floor_set(pool: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """The real-versus-real floor's set: ``size`` real images (all of ``pool`` when it has fewer)
+    drawn without replacement with ``seed`` from ``pool``, which must be disjoint from the reference.
+
+    Scored against the reference like a synthetic set of that size, it gives the FID a set of
+    real images reaches: how far from "as good as real" the synthetic images are.
+    """
+    pool = np.asarray(pool)
+    n = min(size, len(pool))
+    pick = np.sort(np.random.default_rng(seed).choice(len(pool), size=n, replace=False))
+    return pool[pick]

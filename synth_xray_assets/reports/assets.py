@@ -6,24 +6,37 @@ import json
 import dagster as dg
 from PIL import Image
 
-from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir
+from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir, settings_fingerprint
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.evaluation.fidelity import load_fidelity
+from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
-from synth_xray_assets.reports.report import build_report, main_table_md
+from synth_xray_assets.partitions import generator_keys
+from synth_xray_assets.reports.report import (
+    GeneratorQuality,
+    ReportOptions,
+    build_report,
+    comparisons_frame,
+    fidelity_text,
+    main_frame,
+    quality_frame,
+)
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
 from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atomic
+from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
-REPORT_VERSION = "report-v1"
+REPORT_VERSION = "report-v2"
 RUNS_FILE = "runs.json"  # which runs the last report read, and which were missing
 
 
 def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
     """The finished runs of the settings' experiments x seeds: ``(runs, missing, excluded)``.
 
-    Only runs that exist are read. A run is left out (with the reason) when it was trained on
-    another dataset version or under another selection protocol than the current settings.
+    Only runs that exist are read. A run is left out, with the reason, when it is stale: trained on
+    another dataset version, under another selection protocol, under other settings (its settings
+    fingerprint differs from the current one) or on other synthetic images than those on disk now.
     """
     c = s.classifier
     try:
@@ -31,7 +44,7 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
     except FileNotFoundError:
         current_version = None
     runs, missing, excluded = [], [], []
-    for experiment in c.experiments:
+    for experiment in c.all_experiments():
         for seed in c.seeds:
             name = f"{experiment}/seed-{seed}"
             folder = run_dir(s.data_dir, experiment, seed)
@@ -39,35 +52,104 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
                 missing.append(name)
                 continue
             run = load_run(folder)
-            version = run.get("extra", {}).get("dataset_version")
-            if current_version is not None and version != current_version:
-                excluded.append((name, f"trained on dataset version {version}, current is {current_version}"))
-            elif run["selection"] != c.selection:
-                excluded.append((name, f"selected on {run['selection']}, the settings say {c.selection}"))
+            why = stale_reason(s, run, current_version)
+            if why:
+                excluded.append((name, why))
             else:
                 runs.append(run)
     return runs, missing, excluded
 
 
+def stale_reason(s: Settings, run: dict, dataset_version: str | None) -> str | None:
+    """Why ``run`` does not belong in a report of the current settings and files (None: it does)."""
+    extra = run.get("extra", {})
+    version = extra.get("dataset_version")
+    if dataset_version is not None and version != dataset_version:
+        return f"trained on dataset version {version}, current is {dataset_version}"
+    if run["selection"] != s.classifier.selection:
+        return f"selected on {run['selection']}, the settings say {s.classifier.selection}"
+    fingerprint, current = extra.get("settings_fingerprint"), settings_fingerprint(s, run["experiment"])
+    if fingerprint is None:
+        return "no settings fingerprint recorded (made by an older version): cannot tell its settings"
+    if fingerprint != current:
+        return f"trained under other settings (fingerprint {fingerprint}, current {current})"
+    for generator, used in sorted((extra.get("synthetic_versions") or {}).items()):
+        root = synthetic_dir(s.data_dir, generator)
+        now = SyntheticImages.open(root).version() if (root / MANIFEST).is_file() else None
+        if used != now:
+            return f"trained on synthetic images {generator} version {used}, current is {now or 'none'}"
+    if extra.get("n_synthetic") and not extra.get("synthetic_versions"):
+        return "used synthetic images but recorded no versions: cannot tell which"
+    return None
+
+
+def generator_quality(s: Settings) -> list[GeneratorQuality]:
+    """FID and class fidelity of every generator of the settings, from the evaluation's files."""
+    out = []
+    for key in generator_keys(s.dreambooth.generators, s.classifier.experiments):
+        fid_path = s.layout.fid_scores(key)
+        record = json.loads(fid_path.read_text()) if fid_path.is_file() else {}
+        fid: dict[str, dict[str, float]] = {}
+        for space in ("cxr", "inception"):
+            train = record.get("spaces", {}).get(space, {})
+            held = record.get("held_out", {}).get("spaces", {}).get(space, {})
+            fid[space] = {
+                "train": _fid(train, "synthetic"),
+                "held_out": _fid(held, "synthetic"),
+                "real_floor": _fid(held, "real_floor"),
+                "base_model": _fid(held, "base_model"),
+            }
+        fidelity = load_fidelity(s.data_dir, key)
+        if not record and fidelity is None:
+            continue
+        out.append(
+            GeneratorQuality(
+                generator=key,
+                fid=fid,
+                held_out_reference=record.get("held_out", {}).get("reference_set", ""),
+                train_reference=record.get("reference_set", ""),
+                class_fidelity=fidelity.share if fidelity else float("nan"),
+                class_fidelity_low=fidelity.ci_low if fidelity else float("nan"),
+                class_fidelity_high=fidelity.ci_high if fidelity else float("nan"),
+                class_fidelity_n=fidelity.n_images if fidelity else 0,
+            )
+        )
+    return out
+
+
+def _fid(space_result: dict, set_name: str) -> float:
+    value = (
+        space_result.get("scores", {}).get(set_name, {}).get("fid") if space_result.get("available") else None
+    )
+    return float("nan") if value is None else float(value)
+
+
 @dg.asset(
-    deps=[dg.AssetDep("classifier_experiment", partition_mapping=dg.AllPartitionMapping())],
+    deps=[
+        dg.AssetDep("classifier_experiment", partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep("fid_scores", partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep("class_fidelity", partition_mapping=dg.AllPartitionMapping()),
+    ],
     group_name="reports",
     kinds={"pandas", "matplotlib"},
     owners=OWNERS,
     code_version=REPORT_VERSION,
     description=(
-        "The study's results, redone: per experiment the mean and spread over seeds, 95% bootstrap "
-        "confidence intervals, a paired test against the baseline (paired bootstrap and McNemar), "
+        "The study's results, redone: per experiment the mean and spread over seeds, two-level (seeds, "
+        "then test images) bootstrap intervals, paired tests against the baseline and of each mix "
+        "against its balance control (paired bootstrap, t over seeds, DeLong; raw and Holm-adjusted), "
+        "each generator's class fidelity and FID (own training images, held-out, real floor), "
         "the study's published figures side by side, and its four figures (accuracy comparison, "
         "training curves, confusion matrices, metrics heatmap). Reads only the classifier runs that "
-        "exist and lists the missing ones. data/reports/report.md, results.csv and PNGs."
+        "exist and are current; lists the missing and the stale ones with the reason. "
+        "data/reports/report.md, results.csv, comparisons.csv and PNGs."
     ),
 )
 @one_writer
 def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) -> dg.MaterializeResult:
     s = settings.get()
     runs, missing, excluded = collect_runs(s)
-    expected = len(s.classifier.experiments) * len(s.classifier.seeds)
+    expected = len(s.classifier.all_experiments()) * len(s.classifier.seeds)
     for name, why in excluded:
         context.log.warning(f"left out {name}: {why}")
     if missing:
@@ -79,17 +161,22 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             metadata={"missing": ", ".join(missing)},
         )
     out = s.layout.reports
+    c = s.classifier
+    quality = generator_quality(s)
+    opts = ReportOptions(
+        n_boot=c.bootstrap_samples,
+        level=c.ci_level,
+        resample_seeds=c.hierarchical_bootstrap,
+        balance_pairs=dict(c.balance_controls),
+        generators=s.dreambooth.generators,
+        expected=expected,
+        missing=missing,
+        excluded=excluded,
+        quality=quality,
+    )
     # The whole folder at once: a kill leaves the previous report whole, never new text, old plots.
     with atomic_path(out) as tmp:
-        report = build_report(
-            runs,
-            PUBLISHED_RESULTS,
-            tmp,
-            n_boot=s.classifier.bootstrap_samples,
-            expected=expected,
-            missing=missing,
-            excluded=excluded,
-        )
+        report = build_report(runs, PUBLISHED_RESULTS, tmp, opts)
         write_json_atomic(
             tmp / RUNS_FILE,
             {
@@ -98,6 +185,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
                 "excluded": [{"run": n, "reason": w} for n, w in excluded],
             },
         )
+    fidelity = {q.generator: fidelity_text(q) for q in quality}
     report = dataclasses.replace(
         report,
         report_path=out / report.report_path.name,
@@ -119,7 +207,10 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             "missing_runs": ", ".join(missing) or "none",
             "excluded_runs": "; ".join(f"{n} ({w})" for n, w in excluded) or "none",
             "selection": s.classifier.selection,
-            "results": dg.MetadataValue.md(main_table_md(report.table)),
+            "generators": s.dreambooth.generators,
+            "results": metadata_table(main_frame(report.table, fidelity)),
+            "comparisons": metadata_table(comparisons_frame(report.comparisons)),
+            "generator_quality": metadata_table(quality_frame(quality)),
             **figures,
         }
     )

@@ -1,38 +1,83 @@
-"""The study's results table, redone with seeds, confidence intervals and paired tests.
+"""The study's results table, redone with seeds, hierarchical intervals and corrected paired tests.
 
 Input: finished runs as ``classifier.experiment.load_run`` gives them (one dict per experiment
-and seed, per-image test probabilities included). Output under ``data/reports/``:
-``report.md`` (readable on its own), ``results.csv`` and the study's four figures.
+and seed, per-image test probabilities included), and per generator its FID and class fidelity.
+Output under ``data/reports/``: ``report.md`` (readable on its own, every table written by
+``storage.markdown_table``), ``results.csv``, ``comparisons.csv`` and the study's four figures.
+
+Statistics (``classifier.stats``): every interval and paired difference is a two-level bootstrap
+(seeds with replacement, then test images); accuracy differences are also tested with a paired
+t-test over seeds; AUC differences with DeLong's test; every family of comparisons is Holm-adjusted.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.classifier.stats import bootstrap_ci, mcnemar_exact, mean_std, paired_bootstrap_diff
+from synth_xray_assets.classifier.stats import (
+    bootstrap_ci,
+    delong_test,
+    holm,
+    mean_std,
+    paired_bootstrap_diff,
+    paired_seed_test,
+)
 from synth_xray_assets.reports import plots
-from synth_xray_assets.storage import write_bytes_atomic
+from synth_xray_assets.storage import markdown_table, write_bytes_atomic
 
 SUMMARY_METRICS = ("accuracy", "f1", "auc", "precision", "recall", "specificity")
 CI_METRICS = ("accuracy", "f1", "auc")
 LAST_METRICS = ("accuracy", "f1", "auc")
+P_COLUMNS = ("p_bootstrap", "p_seeds", "p_delong")
+
+
+@dataclass(frozen=True)
+class GeneratorQuality:
+    """What the report shows of one generator: FID (train and held-out reference, real floor, base
+    model) in each feature space, and class fidelity with its interval (NaN where not measured)."""
+
+    generator: str
+    fid: dict[str, dict[str, float]] = field(default_factory=dict)  # space -> figure -> value
+    held_out_reference: str = ""
+    train_reference: str = ""
+    class_fidelity: float = float("nan")
+    class_fidelity_low: float = float("nan")
+    class_fidelity_high: float = float("nan")
+    class_fidelity_n: int = 0
+
+
+@dataclass(frozen=True)
+class ReportOptions:
+    """How the report is computed and what it says about the runs it could not use."""
+
+    n_boot: int = 2000
+    level: float = 0.95
+    resample_seeds: bool = True
+    baseline: str = "baseline"
+    balance_pairs: Mapping[str, str] = field(default_factory=dict)  # control -> the mix it copies
+    generators: str = "study"  # the arrangement the settings ask for
+    expected: int = 0
+    missing: Sequence[str] = ()
+    excluded: Sequence[tuple[str, str]] = ()
+    quality: Sequence[GeneratorQuality] = ()
 
 
 @dataclass
 class ReportResult:
-    """Where the report went, and its table."""
+    """Where the report went, and its tables."""
 
     report_path: Path
     table_path: Path
     figure_paths: dict[str, Path]
     table: pd.DataFrame
+    comparisons: pd.DataFrame
     markdown: str
 
 
@@ -53,42 +98,43 @@ def _test_labels(runs: Sequence[dict[str, Any]]) -> np.ndarray:
 
 
 def results_table(
-    runs: Sequence[dict[str, Any]],
-    published: Mapping[str, Mapping[str, float]],
-    n_boot: int = 2000,
-    baseline: str = "baseline",
+    runs: Sequence[dict[str, Any]], published: Mapping[str, Mapping[str, float]], opts: ReportOptions
 ) -> pd.DataFrame:
-    """Per experiment: mean/std over seeds, bootstrap CIs, paired test vs ``baseline``, study figures."""
+    """Per experiment: mean/std over seeds, two-level bootstrap CIs, composition, study figures."""
     y = _test_labels(runs)
-    groups = group_runs(runs, list(published))
-    base_runs = {r["seed"]: r for r in groups.get(baseline, [])}
     rows = []
-    for name, group in groups.items():
+    for name, group in group_runs(runs, list(published)).items():
         prob = np.array([r["test_prob_selected"] for r in group])
         prob_last = np.array([r["test_prob_last"] for r in group])
+        extras = [r.get("extra", {}) for r in group]
         row: dict[str, Any] = {
             "experiment": name,
             "n_seeds": len(group),
             "seeds": ",".join(str(r["seed"]) for r in group),
             "selection": "/".join(sorted({r["selection"] for r in group})),
             "n_train": float(np.mean([r["n_train"] for r in group])),
-            "n_real": float(np.mean([r["extra"].get("n_real", np.nan) for r in group])),
-            "n_synthetic": float(np.mean([r["extra"].get("n_synthetic", np.nan) for r in group])),
+            "n_real": float(np.mean([e.get("n_real", np.nan) for e in extras])),
+            "n_synthetic": float(np.mean([e.get("n_synthetic", np.nan) for e in extras])),
+            "normal_share": float(np.mean([e.get("normal_share", np.nan) for e in extras])),
+            "balance_like": extras[0].get("balance_like") or "",
+            "generators": ", ".join(
+                sorted({k for e in extras for k in (e.get("generator_keys") or {}).values()})
+            ),
             "selected_epoch_mean": float(np.mean([r["selected_epoch"] for r in group])),
         }
         for metric in SUMMARY_METRICS:
-            values = [r["test_selected"][metric] for r in group]
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(values)
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
+                [r["test_selected"][metric] for r in group]
+            )
         for metric in LAST_METRICS:
             row[f"last_{metric}_mean"], row[f"last_{metric}_std"] = mean_std(
                 [r["test_last"][metric] for r in group]
             )
         for metric in CI_METRICS:
-            _, row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = bootstrap_ci(y, prob, metric, n_boot)
-            _, row[f"last_{metric}_ci_low"], row[f"last_{metric}_ci_high"] = bootstrap_ci(
-                y, prob_last, metric, n_boot
-            )
-        row.update(_paired(y, base_runs, group, n_boot) if name != baseline else _paired_nan())
+            for prefix, p in (("", prob), ("last_", prob_last)):
+                _, row[f"{prefix}{metric}_ci_low"], row[f"{prefix}{metric}_ci_high"] = bootstrap_ci(
+                    y, p, metric, opts.n_boot, level=opts.level, resample_seeds=opts.resample_seeds
+                )
         pub = published.get(name, {})
         for key in ("accuracy", "f1", "auc", "last_accuracy", "last_auc"):
             row[f"published_{key}"] = float(pub.get(key, float("nan")))
@@ -96,31 +142,81 @@ def results_table(
     return pd.DataFrame(rows)
 
 
-def _paired_nan() -> dict[str, float]:
-    keys = ("delta_accuracy", "delta_ci_low", "delta_ci_high", "p_paired_bootstrap", "p_mcnemar_median")
-    return {**dict.fromkeys(keys, float("nan")), "n_paired_seeds": 0}
-
-
-def _paired(
-    y: np.ndarray, base_runs: dict[int, dict[str, Any]], group: list[dict[str, Any]], n_boot: int
+def compare(
+    y: np.ndarray, reference: list[dict[str, Any]], other: list[dict[str, Any]], opts: ReportOptions
 ) -> dict[str, float]:
-    """Accuracy minus the baseline's, paired by seed and by test image."""
-    mine = {r["seed"]: r for r in group}
-    seeds = [s for s in sorted(base_runs) if s in mine]
+    """``other`` minus ``reference``, paired by seed and test image: accuracy with a two-level paired
+    bootstrap interval and p-value, a paired t-test over seeds, AUC with DeLong's test."""
+    mine = {r["seed"]: r for r in other}
+    ref = {r["seed"]: r for r in reference}
+    seeds = [s for s in sorted(ref) if s in mine]
     if not seeds:
-        return _paired_nan()
-    a = np.array([base_runs[s]["test_prob_selected"] for s in seeds])
+        return {"n_paired_seeds": 0}
+    a = np.array([ref[s]["test_prob_selected"] for s in seeds])
     b = np.array([mine[s]["test_prob_selected"] for s in seeds])
-    diff = paired_bootstrap_diff(y, a, b, n_boot)
-    mcnemar = [mcnemar_exact((a[i] > 0.5) == y, (b[i] > 0.5) == y)["p_value"] for i in range(len(seeds))]
+    boot = paired_bootstrap_diff(y, a, b, opts.n_boot, level=opts.level, resample_seeds=opts.resample_seeds)
+    per_seed = paired_seed_test(
+        [ref[s]["test_selected"]["accuracy"] for s in seeds],
+        [mine[s]["test_selected"]["accuracy"] for s in seeds],
+    )
+    auc = delong_test(y, a, b)
     return {
-        "delta_accuracy": diff["diff"],
-        "delta_ci_low": diff["ci_low"],
-        "delta_ci_high": diff["ci_high"],
-        "p_paired_bootstrap": diff["p_value"],
-        "p_mcnemar_median": float(np.median(mcnemar)),
         "n_paired_seeds": len(seeds),
+        "delta_accuracy": boot["diff"],
+        "delta_ci_low": boot["ci_low"],
+        "delta_ci_high": boot["ci_high"],
+        "p_bootstrap": boot["p_value"],
+        "p_seeds": per_seed["p_value"],
+        "delta_auc": auc["diff"],
+        "p_delong": auc["p_value"],
     }
+
+
+def comparisons_table(
+    runs: Sequence[dict[str, Any]], order: Sequence[str], opts: ReportOptions
+) -> pd.DataFrame:
+    """Every experiment against the baseline (one family), and every synthetic mix against its
+    real-only balance control (another); raw p-values and Holm-adjusted within each family."""
+    y = _test_labels(runs)
+    groups = group_runs(runs, order)
+    rows = []
+    base = groups.get(opts.baseline, [])
+    for name, group in groups.items():
+        if name != opts.baseline and base:
+            rows.append(
+                {
+                    "family": "vs baseline",
+                    "comparison": f"{name} − {opts.baseline}",
+                    **compare(y, base, group, opts),
+                }
+            )
+    for control, mix in opts.balance_pairs.items():
+        if control in groups and mix in groups:
+            rows.append(
+                {
+                    "family": "mix vs its balance control",
+                    "comparison": f"{mix} − {control}",
+                    **compare(y, groups[control], groups[mix], opts),
+                }
+            )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "family",
+            "comparison",
+            "n_paired_seeds",
+            "delta_accuracy",
+            "delta_ci_low",
+            "delta_ci_high",
+            *P_COLUMNS,
+            "delta_auc",
+        ],
+    )
+    for column in P_COLUMNS:
+        table[f"{column}_holm"] = np.nan
+        for _, idx in table.groupby("family").groups.items():
+            table.loc[idx, f"{column}_holm"] = holm(table.loc[idx, column].astype(float).tolist())
+    return table
 
 
 # ---------------------------------------------------------------- markdown
@@ -145,95 +241,122 @@ def _ci(low: float, high: float, pct: bool = True) -> str:
 
 
 def _p(v: float) -> str:
-    return "n/a" if math.isnan(v) else (f"{v:.3f}" if v >= 0.001 else f"{v:.1e}")
+    return "n/a" if _nan(v) else (f"{v:.3f}" if v >= 0.001 else f"{v:.1e}")
 
 
 def _delta(diff: float, low: float, high: float) -> str:
-    return "—" if math.isnan(diff) else f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return "—" if _nan(diff) else f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
 
 
-def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def main_frame(t: pd.DataFrame, fidelity: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The results table as printed: selected epoch (mean ± sd over seeds, two-level 95% CI), last
+    epoch, composition (NORMAL share, generators) and the class fidelity of the generators used."""
+    fidelity = fidelity or {}
+    rows = []
+    for r in t.itertuples():
+        used = [g for g in r.generators.split(", ") if g]
+        rows.append(
+            {
+                "experiment": r.experiment
+                + (f" (real, balanced like {r.balance_like})" if r.balance_like else ""),
+                "train (real + synth)": f"{r.n_real:.0f} + {r.n_synthetic:.0f}"
+                if not math.isnan(r.n_real)
+                else f"{r.n_train:.0f}",
+                "NORMAL %": _pct(r.normal_share),
+                "generators": ", ".join(used) or "—",
+                "seeds": str(r.n_seeds),
+                "acc % (mean ± sd)": _pm(r.accuracy_mean, r.accuracy_std),
+                "acc 95% CI": _ci(r.accuracy_ci_low, r.accuracy_ci_high),
+                "F1": _pm(r.f1_mean, r.f1_std, pct=False),
+                "F1 95% CI": _ci(r.f1_ci_low, r.f1_ci_high, pct=False),
+                "AUC": _pm(r.auc_mean, r.auc_std, pct=False),
+                "AUC 95% CI": _ci(r.auc_ci_low, r.auc_ci_high, pct=False),
+                "last-epoch acc %": _pm(r.last_accuracy_mean, r.last_accuracy_std),
+                "last-epoch AUC": _pm(r.last_auc_mean, r.last_auc_std, pct=False),
+                "class fidelity of its generators": "; ".join(f"{g} {fidelity.get(g, 'n/a')}" for g in used)
+                or "—",
+            }
+        )
+    return pd.DataFrame(rows)
 
 
-def main_table_md(t: pd.DataFrame) -> str:
-    """The results table: selected epoch (mean ± sd over seeds, 95% CI), last epoch, Δ vs baseline."""
-    return md_table(
+def comparisons_frame(c: pd.DataFrame) -> pd.DataFrame:
+    """The paired comparisons as printed: raw and Holm-adjusted p-values side by side."""
+    return pd.DataFrame(
         [
-            "experiment",
-            "train (real + synth)",
-            "seeds",
-            "acc % (mean ± sd)",
-            "acc 95% CI",
-            "F1",
-            "F1 95% CI",
-            "AUC",
-            "AUC 95% CI",
-            "last-epoch acc %",
-            "last-epoch AUC",
-            "Δacc vs baseline [95% CI]",
-            "p (paired bootstrap)",
-            "p (McNemar, median over seeds)",
-        ],
-        [
-            [
-                r.experiment,
-                f"{r.n_real:.0f} + {r.n_synthetic:.0f}" if not math.isnan(r.n_real) else f"{r.n_train:.0f}",
-                str(r.n_seeds),
-                _pm(r.accuracy_mean, r.accuracy_std),
-                _ci(r.accuracy_ci_low, r.accuracy_ci_high),
-                _pm(r.f1_mean, r.f1_std, pct=False),
-                _ci(r.f1_ci_low, r.f1_ci_high, pct=False),
-                _pm(r.auc_mean, r.auc_std, pct=False),
-                _ci(r.auc_ci_low, r.auc_ci_high, pct=False),
-                _pm(r.last_accuracy_mean, r.last_accuracy_std),
-                _pm(r.last_auc_mean, r.last_auc_std, pct=False),
-                _delta(r.delta_accuracy, r.delta_ci_low, r.delta_ci_high),
-                _p(r.p_paired_bootstrap),
-                _p(r.p_mcnemar_median),
-            ]
-            for r in t.itertuples()
-        ],
+            {
+                "family": r.family,
+                "comparison": r.comparison,
+                "paired seeds": str(r.n_paired_seeds),
+                "Δacc [95% CI]": _delta(r.delta_accuracy, r.delta_ci_low, r.delta_ci_high),
+                "p bootstrap (raw / Holm)": f"{_p(r.p_bootstrap)} / {_p(r.p_bootstrap_holm)}",
+                "p over seeds, paired t (raw / Holm)": f"{_p(r.p_seeds)} / {_p(r.p_seeds_holm)}",
+                "ΔAUC": "—" if _nan(r.delta_auc) else f"{r.delta_auc:+.3f}",
+                "p DeLong (raw / Holm)": f"{_p(r.p_delong)} / {_p(r.p_delong_holm)}",
+            }
+            for r in c.itertuples()
+        ]
     )
+
+
+def quality_frame(quality: Sequence[GeneratorQuality]) -> pd.DataFrame:
+    """Per generator: class fidelity and FID against its own training images, against held-out real
+    images, the real-vs-real floor and the base model at the same sampler, in each space."""
+    rows = []
+    for q in quality:
+        row = {
+            "generator": q.generator,
+            "class fidelity [95% CI]": fidelity_text(q),
+        }
+        for space in ("cxr", "inception"):
+            f = q.fid.get(space, {})
+            row[f"FID {space}: own train ref"] = _num(f.get("train", float("nan")), 2)
+            row[f"{space}: held-out ref"] = _num(f.get("held_out", float("nan")), 2)
+            row[f"{space}: real floor"] = _num(f.get("real_floor", float("nan")), 2)
+            row[f"{space}: base model"] = _num(f.get("base_model", float("nan")), 2)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fidelity_text(q: GeneratorQuality) -> str:
+    if _nan(q.class_fidelity):
+        return "n/a"
+    low, high = 100 * q.class_fidelity_low, 100 * q.class_fidelity_high
+    return f"{100 * q.class_fidelity:.0f}% [{low:.0f}, {high:.0f}] of {q.class_fidelity_n}"
+
+
+def _nan(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def main_table_md(t: pd.DataFrame, fidelity: Mapping[str, str] | None = None) -> str:
+    return markdown_table(main_frame(t, fidelity))
 
 
 def _side_by_side_md(t: pd.DataFrame) -> str:
-    return md_table(
-        [
-            "experiment",
-            "ours acc %",
-            "study acc %",
-            "ours F1",
-            "study F1",
-            "ours AUC",
-            "study AUC",
-            "ours last acc %",
-            "study last acc %",
-            "ours last AUC",
-            "study last AUC",
-        ],
-        [
+    return markdown_table(
+        pd.DataFrame(
             [
-                r.experiment,
-                _pct(r.accuracy_mean),
-                _pct(r.published_accuracy),
-                _num(r.f1_mean),
-                _num(r.published_f1),
-                _num(r.auc_mean),
-                _num(r.published_auc),
-                _pct(r.last_accuracy_mean),
-                _pct(r.published_last_accuracy),
-                _num(r.last_auc_mean),
-                _num(r.published_last_auc),
+                {
+                    "experiment": r.experiment,
+                    "ours acc %": _pct(r.accuracy_mean),
+                    "study acc %": _pct(r.published_accuracy),
+                    "ours F1": _num(r.f1_mean),
+                    "study F1": _num(r.published_f1),
+                    "ours AUC": _num(r.auc_mean),
+                    "study AUC": _num(r.published_auc),
+                    "ours last acc %": _pct(r.last_accuracy_mean),
+                    "study last acc %": _pct(r.published_last_accuracy),
+                    "ours last AUC": _num(r.last_auc_mean),
+                    "study last AUC": _num(r.published_last_auc),
+                }
+                for r in t.itertuples()
             ]
-            for r in t.itertuples()
-        ],
+        )
     )
 
 
-def _setup_md(runs: Sequence[dict[str, Any]]) -> str:
+def _setup_md(runs: Sequence[dict[str, Any]], opts: ReportOptions) -> str:
     first, c = runs[0], runs[0]["settings"]
     extras = [r.get("extra", {}) for r in runs]
     data_note = (
@@ -245,7 +368,18 @@ def _setup_md(runs: Sequence[dict[str, Any]]) -> str:
     weights = "; ".join(sorted({str(e.get("initial_weights", "?")) for e in extras}))
     versions = ", ".join(sorted({str(e.get("dataset_version")) for e in extras}))
     on_test = " (and, under the study's protocol, to pick the epoch)" if first["selection"] == "test" else ""
+    split = next((e["validation_split"]["describe"] for e in extras if e.get("validation_split")), None)
     hidden = c["hidden_units"]
+    arrangement = (
+        "**matched**: one generator per class fine-tuned on real train less the validation split, and "
+        "one per class and limited fraction fine-tuned only on that fraction's real subset, fixed "
+        "across seeds; Limited-10/25 use the matched generators, so they never draw on real images "
+        "they are supposed to lack."
+        if opts.generators == "matched"
+        else "**study**: one generator per class, fine-tuned on real train less the validation split; "
+        "every experiment's synthetic images come from it, so Limited-10/25 draw on real images "
+        "(through the generator) beyond their 10% / 25%."
+    )
     return "\n".join(
         [
             data_note,
@@ -257,27 +391,32 @@ def _setup_md(runs: Sequence[dict[str, Any]]) -> str:
             f"{c['resize']} and center-cropped to {c['resolution']} px; augmentation: horizontal flip "
             f"{'on' if c['hflip'] else 'off'}, rotation ±{c['rotation_degrees']:g}°, brightness "
             f"±{c['brightness']:g}, contrast ±{c['contrast']:g}; ImageNet normalisation.",
-            f"- Validation: {first['n_val']} real training images ({100 * c['val_fraction']:g}% of each "
-            f"class, split seed {c['split_seed']}), the same for every experiment and seed, never used "
-            "for training. An experiment's real fraction is taken from the rest of real train.",
+            f"- Validation split of real train ({100 * c['val_fraction']:g}% of each class, split seed "
+            f"{c['split_seed']}), the same for every experiment and seed, never used for training, "
+            f"never seen by a generator: {split or 'not recorded'}.",
             f"- Test: {first['n_test']} images, used only for the scores below{on_test}.",
-            "- Synthetic images: class-balanced (half NORMAL, half PNEUMONIA), drawn with the run's seed; "
-            "real subsets stratified by class, drawn with the run's seed.",
+            f"- Generators (settings dreambooth.generators): {arrangement}",
+            "- Synthetic images: class-balanced (half NORMAL, half PNEUMONIA), drawn with the run's seed. "
+            "Balance controls: the baseline's real images plus seeded duplicates of real NORMAL images "
+            "(**oversampling**, not class weights), to the class shares of the mix named; no synthetic "
+            "image.",
             f"- Dataset version: {versions}.",
         ]
     )
 
 
-def _runs_md(
-    runs: Sequence[dict[str, Any]], expected: int, missing: Sequence[str], excluded: Sequence[tuple[str, str]]
-) -> str:
-    lines = [f"{len(runs)} of {expected or len(runs)} expected runs (experiment × seed) are reported."]
-    if missing:
-        lines.append(f"\n**Missing (not yet materialized): {len(missing)}**: " + ", ".join(missing) + ".")
-    if excluded:
-        lines.append(f"\n**Left out: {len(excluded)}**")
-        lines += [f"- {name}: {why}" for name, why in excluded]
-    if not missing and not excluded:
+def _runs_md(opts: ReportOptions, n_runs: int) -> str:
+    lines = [f"{n_runs} of {opts.expected or n_runs} expected runs (experiment × seed) are reported."]
+    if opts.missing:
+        lines.append(
+            f"\n**Missing (not yet materialized): {len(opts.missing)}**: " + ", ".join(opts.missing) + "."
+        )
+    if opts.excluded:
+        lines.append(
+            f"\n**Left out: {len(opts.excluded)}** (stale: made under other settings or from other images)"
+        )
+        lines += [f"- {name}: {why}" for name, why in opts.excluded]
+    if not opts.missing and not opts.excluded:
         lines.append("None is missing.")
     return "\n".join(lines)
 
@@ -286,60 +425,70 @@ def _per_run_md(runs: Sequence[dict[str, Any]], order: Sequence[str]) -> str:
     def key(r: dict[str, Any]) -> tuple[int, int]:
         return (list(order).index(r["experiment"]) if r["experiment"] in order else 99, int(r["seed"]))
 
-    return md_table(
-        [
-            "experiment",
-            "seed",
-            "real + synth",
-            "selected epoch",
-            "val acc %",
-            "test acc % (selected)",
-            "test acc % (last)",
-            "F1",
-            "AUC",
-            "specificity",
-            "train s",
-        ],
-        [
+    return markdown_table(
+        pd.DataFrame(
             [
-                r["experiment"],
-                str(r["seed"]),
-                f"{r['extra'].get('n_real', '?')} + {r['extra'].get('n_synthetic', '?')}",
-                f"{r['selected_epoch']}/{r['epochs']}",
-                _pct(r["val_selected"]["accuracy"]),
-                _pct(r["test_selected"]["accuracy"]),
-                _pct(r["test_last"]["accuracy"]),
-                _num(r["test_selected"]["f1"]),
-                _num(r["test_selected"]["auc"]),
-                _num(r["test_selected"]["specificity"]),
-                f"{r['train_time_s']:.0f}",
+                {
+                    "experiment": r["experiment"],
+                    "seed": str(r["seed"]),
+                    "real + synth": f"{r['extra'].get('n_real', '?')} + {r['extra'].get('n_synthetic', '?')}",
+                    "selected epoch": f"{r['selected_epoch']}/{r['epochs']}",
+                    "val acc %": _pct(r["val_selected"]["accuracy"]),
+                    "test acc % (selected)": _pct(r["test_selected"]["accuracy"]),
+                    "test acc % (last)": _pct(r["test_last"]["accuracy"]),
+                    "F1": _num(r["test_selected"]["f1"]),
+                    "AUC": _num(r["test_selected"]["auc"]),
+                    "specificity": _num(r["test_selected"]["specificity"]),
+                    "train s": f"{r['train_time_s']:.0f}",
+                }
+                for r in sorted(runs, key=key)
             ]
-            for r in sorted(runs, key=key)
-        ],
+        )
     )
+
+
+def _uncertainty_md(runs: Sequence[dict[str, Any]], opts: ReportOptions, n_test: int) -> str:
+    n_seeds = max(len(g) for g in group_runs(runs).values())
+    seeds = (
+        "**With one seed per experiment, the seed-level part of the variance cannot be estimated**: "
+        "the intervals below resample test images only, and the paired test over seeds is n/a."
+        if n_seeds < 2
+        else f"Intervals are two-level bootstraps ({opts.n_boot} resamples): seeds drawn with replacement, "
+        "then test images with replacement (the same for every drawn seed), so they cover seed-to-seed "
+        "and test-image variance."
+    )
+    return f"""{seeds} Every generator was trained once, so the variance of DreamBooth itself (another
+fine-tuning run) is **not** in the intervals. "Δacc" is accuracy minus the reference's, paired by seed
+and by test image, with its two-level paired bootstrap interval and p-value (which cannot go below
+1/{opts.n_boot} = {1 / opts.n_boot:.4f}); "p over seeds" is a paired t-test of per-seed accuracies;
+"p DeLong" tests the AUC difference (per seed; several seeds: mean difference over mean variance, an
+upper bound of its test-image variance). Each family of comparisons is corrected with Holm's method;
+raw and adjusted p-values are both shown. One test image is {100 / n_test:.2f} accuracy points."""
 
 
 def render_markdown(
     table: pd.DataFrame,
+    comparisons: pd.DataFrame,
     runs: Sequence[dict[str, Any]],
     figures: Mapping[str, Path],
-    n_boot: int,
-    expected: int = 0,
-    missing: Sequence[str] = (),
-    excluded: Sequence[tuple[str, str]] = (),
+    opts: ReportOptions,
 ) -> str:
     n_test = runs[0]["n_test"]
     seeds = sorted({int(r["seed"]) for r in runs})
     protocol = (
-        "**The epoch of each run was selected on the TEST set (the study's own protocol), so the "
-        "'selected' figures are optimistic; the last-epoch figures are not.**"
+        "**The epoch of each run was selected on the TEST set (the study's own protocol: no validation "
+        "split, all of real train trains), so the 'selected' figures are optimistic; the last-epoch "
+        "figures are not.**"
         if any(r["selection"] == "test" for r in runs)
         else "The epoch of each run was selected by accuracy on a validation split carved from the real "
-        "training images; the test set was scored only after training. The last epoch is reported too."
+        "training images by patient; the test set was scored only after training. The last epoch is "
+        "reported too."
     )
     figs = "\n\n".join(
         f"### {name.replace('_', ' ').capitalize()}\n\n![{name}]({p.name})" for name, p in figures.items()
     )
+    fidelity = {q.generator: fidelity_text(q) for q in opts.quality}
+    quality = markdown_table(quality_frame(opts.quality)) or "No generator has been scored yet."
     return f"""# Synthetic chest X-rays for pneumonia classification: results
 
 DenseNet-121 pneumonia classifiers trained on {len(table)} mixes of real and synthetic chest X-rays,
@@ -350,23 +499,37 @@ This reproduces the classifier experiments of the study "Synthetic-XRay" (Februa
 
 ## Setup
 
-{_setup_md(runs)}
+{_setup_md(runs, opts)}
 
 ## Runs
 
-{_runs_md(runs, expected, missing, excluded)}
+{_runs_md(opts, len(runs))}
 
 ## Results
 
-Selected epoch unless marked "last". How to read: "mean ± sd" is over seeds; the 95% confidence
-intervals are percentile bootstraps over test images ({n_boot} resamples, the seed-mean recomputed
-on each); "Δacc" is the experiment's accuracy minus the baseline's, paired by seed and by test
-image, with a paired-bootstrap interval and two-sided p-value (which cannot go below
-1/{n_boot} = {1 / n_boot:.4f}, its resolution); the McNemar column is the exact
-test on per-image correctness, one per seed, median shown. One test image is
-{100 / n_test:.2f} accuracy points.
+Selected epoch unless marked "last"; "mean ± sd" is over seeds. {_uncertainty_md(runs, opts, n_test)}
 
-{main_table_md(table)}
+{main_table_md(table, fidelity)}
+
+## Paired comparisons
+
+Against the baseline (every experiment and balance control: one Holm family), and each synthetic
+mix against its real-only balance control (another family): does the synthetic content help beyond
+the class balance it brings?
+
+{markdown_table(comparisons_frame(comparisons)) or "No paired comparison: the baseline has no run."}
+
+## Generators: class fidelity and FID
+
+Class fidelity: the share of a generator's synthetic images that the chest-X-ray feature extractor (a
+DenseNet-121 trained on real images only) assigns to the generator's class, 95% Wilson interval; read it
+beside Synth-Only (trained on synthetic images only, tested on real). FID against the generator's own
+training images rewards memorization; against held-out real images (never seen by a generator) it does
+not; the real floor is the FID of as many real images (outside the held-out set) against the same
+held-out reference: what "as good as real" scores. Base model: its images of the same prompt with the
+same sampler settings.
+
+{quality}
 
 ## Side by side with the study
 
@@ -389,22 +552,18 @@ def build_report(
     runs: Sequence[dict[str, Any]],
     published: Mapping[str, Mapping[str, float]],
     out_dir: Path,
-    n_boot: int = 2000,
-    baseline: str = "baseline",
-    expected: int = 0,
-    missing: Sequence[str] = (),
-    excluded: Sequence[tuple[str, str]] = (),
+    opts: ReportOptions | None = None,
 ) -> ReportResult:
-    """Write ``report.md``, ``results.csv`` and the four figures under ``out_dir``.
+    """Write ``report.md``, ``results.csv``, ``comparisons.csv`` and the four figures under ``out_dir``.
 
-    ``runs``: ``classifier.experiment.load_run`` dicts; ``published``: ``settings.PUBLISHED_RESULTS``;
-    ``missing``: names of expected runs not found; ``excluded``: ``(name, reason)`` of runs found
-    but left out (stale).
+    ``runs``: ``classifier.experiment.load_run`` dicts; ``published``: ``settings.PUBLISHED_RESULTS``.
     """
     if not runs:
         raise ValueError("no runs to report")
+    opts = opts or ReportOptions()
     out_dir = Path(out_dir)
-    table = results_table(runs, published, n_boot, baseline)
+    table = results_table(runs, published, opts)
+    comparisons = comparisons_table(runs, list(published), opts)
     groups = group_runs(runs, list(published))
     figures = {
         "accuracy_comparison": plots.accuracy_comparison(table, out_dir / "accuracy_comparison.png"),
@@ -413,6 +572,7 @@ def build_report(
         "metrics_heatmap": plots.metrics_heatmap(table, out_dir / "metrics_heatmap.png"),
     }
     table_path = write_bytes_atomic(out_dir / "results.csv", table.to_csv(index=False).encode())
-    markdown = render_markdown(table, runs, figures, n_boot, expected, missing, excluded)
+    write_bytes_atomic(out_dir / "comparisons.csv", comparisons.to_csv(index=False).encode())
+    markdown = render_markdown(table, comparisons, runs, figures, opts)
     report_path = write_bytes_atomic(out_dir / "report.md", markdown.encode())
-    return ReportResult(report_path, table_path, figures, table, markdown)
+    return ReportResult(report_path, table_path, figures, table, comparisons, markdown)

@@ -4,14 +4,20 @@ import dagster as dg
 import numpy as np
 
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.diffusion.generate import Recipe, generate_set
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.operations.locks import one_writer
-from synth_xray_assets.partitions import class_label, class_partitions
+from synth_xray_assets.partitions import (
+    class_key_of,
+    class_label,
+    class_partitions,
+    generator_partitions,
+    with_generator_partitions,
+)
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
@@ -44,7 +50,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
     pool="gpu",
-    code_version="synthetic-images-v1",
+    code_version="synthetic-images-v2",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
         "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep with "
@@ -65,8 +71,9 @@ def synthetic_images(
     version = _checkpoint_version(s.data_dir, key)
     device = compute.resolve_device()
     base = models.base_model_path(s.data_dir)
-    prompt = s.dreambooth.instance_prompts[key]
+    prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
+    first_seed = seed_stream_offset(g, key)  # this set's own seed stream
     count = images_per_class(s)
     plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
     require_free_space(out, count * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)")
@@ -74,7 +81,7 @@ def synthetic_images(
         lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
         count,
-        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, g.seed_offset),
+        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
         batch_size=plan.batch_size,
         extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
@@ -89,7 +96,7 @@ def synthetic_images(
             "vae_slicing": plan.vae_slicing,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{g.seed_offset}..{g.seed_offset + count - 1}",
+            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream)",
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
@@ -111,22 +118,30 @@ def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
     return image_grid(synthetic + [blank] * (-len(synthetic) % columns) + list(real), columns, 96)
 
 
-@dg.asset_check(
-    asset=synthetic_images,
-    partitions_def=class_partitions,
-    blocking=True,
-    description=(
-        "The image count equals the setting (scaled to the real training split); no blank or NaN "
-        "images; sizes match the resolution."
-    ),
-)
-def no_blank_samples(
-    context: dg.AssetCheckExecutionContext, settings: SettingsResource
-) -> dg.AssetCheckResult:
-    s = settings.get()
-    key = context.partition_key
-    found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, key)), s)
-    return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
+def no_blank_samples_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    """``no_blank_samples`` on the generator partitions ``partitions_def``."""
+
+    @dg.asset_check(
+        asset=synthetic_images,
+        name="no_blank_samples",
+        partitions_def=partitions_def,
+        blocking=True,
+        description=(
+            "The image count equals the setting (scaled to the real training split); no blank or NaN "
+            "images; sizes match the resolution."
+        ),
+    )
+    def no_blank_samples(
+        context: dg.AssetCheckExecutionContext, settings: SettingsResource
+    ) -> dg.AssetCheckResult:
+        s = settings.get()
+        found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, context.partition_key)), s)
+        return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
+
+    return no_blank_samples
+
+
+no_blank_samples = no_blank_samples_check(class_partitions)
 
 
 def check_synthetic_set(images: SyntheticImages, s) -> dict:
@@ -148,5 +163,8 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
 
 
 def build_defs(s: Settings) -> dg.Definitions:
-    """The synthesis domain's definitions (none depends on settings)."""
-    return dg.Definitions(assets=[synthetic_images], asset_checks=[no_blank_samples])
+    """The synthesis domain's definitions: one partition per generator of ``s``."""
+    return dg.Definitions(
+        assets=with_generator_partitions([synthetic_images], s),
+        asset_checks=[no_blank_samples_check(generator_partitions(s))],
+    )

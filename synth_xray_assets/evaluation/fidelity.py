@@ -1,0 +1,84 @@
+"""Class fidelity: does a classifier trained on real images only call a class's synthetic images that class?
+
+The share of one generator's synthetic images that the chest-X-ray feature extractor (a
+DenseNet-121 trained on real train only, ``extractor.py``) assigns to the generator's class,
+with a Wilson score interval. A generator whose NORMAL images look like PNEUMONIA to a
+real-trained classifier scores near zero, which FID alone does not show.
+
+Layout: ``data/evaluation/class_fidelity/{generator}.json`` (a :class:`ClassFidelity`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from synth_xray_assets.layout import Layout
+from synth_xray_assets.storage import write_json_atomic
+
+
+@dataclass(frozen=True)
+class ClassFidelity:
+    """One generator's class fidelity: ``share`` of ``n_images`` called ``class_key``, its interval."""
+
+    generator: str
+    class_key: str
+    n_images: int
+    n_assigned: int
+    share: float
+    ci_low: float
+    ci_high: float
+    level: float
+    threshold: float
+    extractor_sha256: str
+    synthetic_version: str
+
+    @property
+    def passed(self) -> bool:
+        return self.share >= self.threshold
+
+
+def fidelity_share(predicted: np.ndarray, label: int, level: float = 0.95) -> tuple[int, float, float, float]:
+    """``(n_assigned, share, low, high)``: how many predictions equal ``label``, and the Wilson interval."""
+    pred = np.asarray(predicted).astype(np.int64)
+    if pred.size == 0:
+        raise ValueError("class fidelity needs at least one synthetic image")
+    k = int((pred == label).sum())
+    ci = binomtest(k, pred.size).proportion_ci(confidence_level=level, method="wilson")
+    return k, k / pred.size, float(ci.low), float(ci.high)
+
+
+def measure_class_fidelity(
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    label: int,
+    about: dict[str, Any],
+    level: float,
+) -> ClassFidelity:
+    """Class fidelity of ``images`` (uint8 ``[N, H, W]``) of class ``label`` under ``predict``
+    (images to PNEUMONIA probabilities); ``about`` fills the record's remaining fields."""
+    prob = np.asarray(predict(images), np.float64)
+    k, share, low, high = fidelity_share((prob > 0.5).astype(np.int64), label, level)
+    return ClassFidelity(
+        n_images=len(prob), n_assigned=k, share=share, ci_low=low, ci_high=high, level=level, **about
+    )
+
+
+def fidelity_path(data_dir: str | Path, generator: str) -> Path:
+    return Layout(Path(data_dir)).class_fidelity(generator)
+
+
+def save_fidelity(record: ClassFidelity, data_dir: str | Path) -> Path:
+    return write_json_atomic(fidelity_path(data_dir, record.generator), asdict(record))
+
+
+def load_fidelity(data_dir: str | Path, generator: str) -> ClassFidelity | None:
+    """The saved record of ``generator``, or None when it has not been measured."""
+    path = fidelity_path(data_dir, generator)
+    return ClassFidelity(**json.loads(path.read_text())) if path.is_file() else None
