@@ -150,4 +150,6 @@ def executor_for(s: Settings) -> dg.ExecutorDefinition:
             },
             name="celery",
         )
-    return dg.multiprocess_executor
+    # Dagster's default: one process per step, or all in one process when run config asks
+    # (`execution: {config: {in_process: {}}}`, as the crash tests and quick debugging do).
+    return dg.multi_or_in_process_executor

@@ -50,7 +50,8 @@ def test_graph_partitions_and_automation_are_the_same_under_every_executor():
     built = {e: build_defs(_settings(e)) for e in EXECUTORS}
     for executor, defs in built.items():
         for job in defs.get_repository_def().get_all_jobs():
-            assert job.executor_def.name == executor, (executor, job.name)
+            expected = {"multiprocess": "multi_or_in_process_executor"}.get(executor, executor)
+            assert job.executor_def.name == expected, (executor, job.name)
     shapes = [_shape(d) for d in built.values()]
     assert shapes[0] == shapes[1] == shapes[2]
     gpu = [tags for (pool, tags) in shapes[0]["steps"].values() if pool == GPU_POOL]
