@@ -125,15 +125,18 @@ def _ready(dev: DagsterDev) -> bool:
 
 
 @contextmanager
-def dagster_dev(env: dict[str, str], timeout_s: float = 300) -> Iterator[DagsterDev]:
-    """``dagster dev`` on a free port, yielded once its code location loaded and its daemons are healthy."""
+def dagster_dev(
+    env: dict[str, str], timeout_s: float = 300, workspace: Path = REPO / "workspace.yaml"
+) -> Iterator[DagsterDev]:
+    """``dagster dev`` on a free port (the repository's workspace unless ``workspace`` is given),
+    yielded once its code location loaded and its daemons are healthy."""
     home = Path(env["DAGSTER_HOME"])
     port = free_port()
     log = home / "dagster-dev.log"
     dagster = Path(sys.executable).with_name("dagster")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(dagster), "dev", "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            [str(dagster), "dev", "-w", str(workspace), "-h", "127.0.0.1", "-p", str(port)],
             cwd=REPO,
             env=env,
             stdout=out,

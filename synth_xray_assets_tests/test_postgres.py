@@ -6,6 +6,8 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import psutil
+import pytest
 import sqlalchemy
 from servers import REPO, postgres_server, production_home, repo_env, stop_group
 
@@ -97,4 +99,172 @@ def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
             f"run overlap {first['STEP_SUCCESS'] - second['RUN_START']:.1f} s; "
             f"gpu steps {first['STEP_START']:.1f}-{first['STEP_SUCCESS']:.1f} and "
             f"{second['STEP_START']:.1f}-{second['STEP_SUCCESS']:.1f}"
+        )
+
+
+# ----------------------------------------------------------- a killed run worker, with the daemon
+
+# deploy/dagster.yaml plus what a one-machine Postgres set-up adds for dead-run detection (see
+# ../dagster.yaml): the launcher whose health check run monitoring uses, short polls, one retry.
+DEAD_RUN_INSTANCE = {
+    "run_launcher": {"module": "synth_xray_assets.operations.launcher", "class": "LocalRunLauncher"},
+    "run_monitoring": {
+        "enabled": True,
+        "poll_interval_seconds": 1,
+        "max_resume_run_attempts": 0,
+        "free_slots_after_run_end_seconds": 1,
+    },
+    "run_retries": {"enabled": True, "max_retries": 1},
+}
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}"""
+LOCATION = "gpu_pool"
+
+
+def _dead_run_home(tmp_path: Path, pg, monkeypatch) -> Path:
+    import yaml
+
+    home = production_home(tmp_path, pg, monkeypatch, {"gpu": 1})  # the gpu limit, set explicitly
+    config = yaml.safe_load((home / "dagster.yaml").read_text())
+    config.update(DEAD_RUN_INSTANCE)
+    config["run_coordinator"]["config"] = {"dequeue_interval_seconds": 1}
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "workspace.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "load_from": [
+                    {
+                        "python_file": {
+                            "relative_path": str(POOL_DEFS),
+                            "location_name": LOCATION,
+                            "working_directory": str(POOL_DEFS.parent),
+                        }
+                    }
+                ]
+            }
+        )
+    )
+    return home
+
+
+def _wait(what: str, condition, timeout_s: float = 120.0, every_s: float = 0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def _gpu_claims(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    info = instance.event_log_storage.get_concurrency_info("gpu")
+    return [slot.step_key for slot in info.claimed_slots if slot.run_id == run_id]
+
+
+def _launch(dev, asset: str) -> str:
+    params = {
+        "selector": {
+            "repositoryLocationName": LOCATION,
+            "repositoryName": "__repository__",
+            "jobName": "__ASSET_JOB",
+            "assetSelection": [{"path": [asset]}],
+        },
+        "runConfigData": {"execution": {"config": {"in_process": {}}}},
+    }
+    result = dev.graphql(LAUNCH, {"params": params})["launchRun"]
+    assert result["__typename"] == "LaunchRunSuccess", result
+    return result["run"]["runId"]
+
+
+def _status_in_postgres(pg, run_id: str) -> tuple[str, dict[str, str]]:
+    """The run's status and tags as the runs and run_tags tables hold them."""
+    conn = pg.connect()
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT status FROM runs WHERE run_id = %s", [run_id])
+        (status,) = cur.fetchone()
+        cur.execute("SELECT key, value FROM run_tags WHERE run_id = %s", [run_id])
+        return status, dict(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def _retry_of(pg, run_id: str) -> str | None:
+    conn = pg.connect()
+    try:
+        cur = conn.cursor()
+        cur.execute(
+            "SELECT run_id FROM run_tags WHERE key = 'dagster/parent_run_id' AND value = %s", [run_id]
+        )
+        row = cur.fetchone()
+        return row[0] if row else None
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_a_killed_run_worker_is_failed_by_monitoring_its_slot_freed_and_the_retry_finishes(
+    tmp_path, monkeypatch
+):
+    """SIGKILL the run worker of a gpu-pool step mid-step, with ``dagster dev`` (daemon included)
+    on the Postgres instance. Its code server is paused meanwhile (as after a code server restart,
+    which forgets the workers it started), so only the daemon's run monitoring can notice."""
+    from dagster_dev import dagster_dev
+    from dagster_postgres import PostgresRunStorage
+
+    from synth_xray_assets.operations.launcher import run_worker_record
+
+    with postgres_server() as pg:
+        home = _dead_run_home(tmp_path, pg, monkeypatch)
+        release = tmp_path / "release"
+        env = repo_env(
+            **pg.env(), DAGSTER_HOME=str(home), GPU_POOL_HOLD_S="1", GPU_POOL_RELEASE_FILE=str(release)
+        )
+        with (
+            dagster_dev(env, workspace=tmp_path / "workspace.yaml") as dev,
+            dg.DagsterInstance.from_config(str(home)) as instance,
+        ):
+            assert isinstance(instance.run_storage, PostgresRunStorage)
+            run_id = _launch(dev, "gpu_step_a")
+            _wait("the step to hold the gpu slot", lambda: _gpu_claims(instance, run_id))
+            worker = _wait("the worker's pid", lambda: run_worker_record(instance, run_id))
+            code_server = psutil.Process(worker.pid).parent()
+            held = _gpu_claims(instance, run_id)
+            code_server.suspend()
+            try:
+                victims = [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]
+                for victim in victims:
+                    victim.kill()
+                t0 = time.monotonic()
+                _wait("the run to be marked failed", lambda: _status_in_postgres(pg, run_id)[0] == "FAILURE")
+                failed_s = time.monotonic() - t0
+            finally:
+                code_server.resume()
+            reasons = [
+                e.message
+                for e in instance.all_logs(run_id)
+                if e.dagster_event and e.dagster_event.event_type_value == "PIPELINE_FAILURE"
+            ]
+            assert any("is gone" in m and str(worker.pid) in m for m in reasons), reasons  # monitoring
+            _wait("the gpu slot to be freed", lambda: not _gpu_claims(instance, run_id))
+            freed_s = time.monotonic() - t0
+            release.touch()  # the retry's step may finish
+            retry = _wait("the retry run", lambda: _retry_of(pg, run_id))
+            _wait("the retry to end", lambda: _status_in_postgres(pg, retry)[0] in ("SUCCESS", "FAILURE"))
+            done_s = time.monotonic() - t0
+            status, tags = _status_in_postgres(pg, retry)
+            assert status == "SUCCESS", dev.log_tail()
+            assert (tags["dagster/parent_run_id"], tags["dagster/retry_number"]) == (run_id, "1")
+            info = instance.event_log_storage.get_concurrency_info("gpu")
+            assert (info.slot_count, info.claimed_slots, info.pending_steps) == (1, [], [])
+        print(
+            f"killed worker pid {worker.pid} of run {run_id[:8]} holding gpu slot {held}; "
+            f"FAILURE after {failed_s:.1f} s ({reasons[-1][:90]}...); slot free after {freed_s:.1f} s; "
+            f"retry {retry[:8]} SUCCESS after {done_s:.1f} s"
         )
