@@ -30,6 +30,7 @@ import psutil
 import pytest
 from conftest import TINY_MODEL_OVERRIDES
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+from servers import stop_group
 
 from synth_xray_assets.operations.faults import PLAN_ENV
 from synth_xray_assets.operations.launcher import run_worker_record
@@ -170,16 +171,7 @@ class DagsterDev:
         raise AssertionError("dagster dev did not answer")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=30)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
+        stop_group(self.proc, grace_s=30)
         self.log.close()
 
 
@@ -583,13 +575,4 @@ def test_a_killed_in_process_run_is_failed_by_the_daemon_and_frees_the_gpu_pool(
         assert marker
     finally:
         for proc in (killed, daemon):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
+            stop_group(proc, grace_s=30)
