@@ -70,3 +70,15 @@ def tiny_base_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny_sd") / "base"
     build_tiny_pipeline(s.base_model, s.dreambooth.resolution).save_pretrained(path, safe_serialization=True)
     return path
+
+
+# Tests that need most of the machine's memory or CPU for minutes: under `make test` (pytest-xdist,
+# two workers) they run one after another on one worker, while the other worker runs the rest
+# (much of which waits on servers: the browser, the schedule, Celery, PostgreSQL).
+HEAVY_FILES = {"test_sd21_shaped.py", "test_fault_injection.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in HEAVY_FILES:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
