@@ -133,20 +133,29 @@ def test_kill_and_resume_continues_from_the_saved_step(tiny_base_model, tmp_path
 
 
 def test_a_checkpoint_from_other_settings_is_not_resumed(tiny_base_model, tmp_path):
-    s = db_settings(tmp_path, max_train_steps=2, checkpointing_steps=2, keep_checkpoints=True)
+    s = db_settings(tmp_path, max_train_steps=3, checkpointing_steps=2, keep_checkpoints=True)
     train(tiny_base_model, tmp_path, s)
+    assert (tmp_path / "out.work" / "checkpoint-2").is_dir()
     again = train(tiny_base_model, tmp_path, s.model_copy(update={"learning_rate": 1e-3}))
     assert again.resumed_from_step == 0
 
 
 def test_half_written_checkpoint_is_ignored(tiny_base_model, tmp_path):
-    s = db_settings(tmp_path, max_train_steps=2, checkpointing_steps=2, keep_checkpoints=True)
-    train(tiny_base_model, tmp_path, s)
+    s = db_settings(tmp_path, max_train_steps=3, checkpointing_steps=2)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tiny_base_model, tmp_path, s, on_step=kill_at_3)
     # A crash mid-save leaves only a hidden temporary folder; a folder without state is incomplete.
     (tmp_path / "out.work" / "checkpoint-9").mkdir()
-    again = train(tiny_base_model, tmp_path, s.model_copy(update={"max_train_steps": 3}))
-    assert again.resumed_from_step == 0 or again.resumed_from_step == 2
-    assert 9 not in again.steps_run
+    again = train(tiny_base_model, tmp_path, s)
+    assert again.resumed_from_step == 2 and again.steps_run == [3]
 
 
 def _unet_and_batch(base: Path):

@@ -119,12 +119,13 @@ def test_disk_preflight_fails_before_any_write(tiny_base_model, tmp_path, monkey
 
 def test_disk_estimate_counts_checkpoints_and_the_final_model(tiny_base_model, tmp_path):
     """The tiny run's estimate counts its weights the way the study's 14.5 GB checkpoint is counted."""
-    s = tiny_settings(tmp_path).dreambooth.model_copy(update={"max_train_steps": 2, "checkpointing_steps": 1})
+    s = tiny_settings(tmp_path).dreambooth.model_copy(update={"max_train_steps": 3, "checkpointing_steps": 1})
     result = _train(tiny_base_model, tmp_path, s)
     pipe = load_pipeline(tiny_base_model, "cpu")
     n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
     trained = n["unet"] + n["text_encoder"]
-    # two checkpoints (limit 2) of fp32 weights + AdamW's two moments, then the whole pipeline in fp32
+    # checkpoints at steps 1 and 2 (none at the last step; limit 2) of fp32 weights + AdamW's two
+    # moments, beside the whole pipeline in fp32 at the end
     assert result.disk_needed_bytes == 2 * trained * 12 + 4 * sum(n.values())
     stored = storage.folder_version(tmp_path / "out")  # the final model's hash was stored when written
     assert (tmp_path / "out" / storage.VERSION_FILE).is_file()
@@ -191,7 +192,8 @@ def test_a_real_run_keeps_one_checkpoint_with_limit_1(tiny_base_model, tmp_path)
         on_step=lambda step, m: counts.append(len(list((tmp_path / "work").glob("checkpoint-*")))),
     )
     assert counts == [1, 1, 1]
-    assert [p.name for p in (tmp_path / "work").glob("checkpoint-*")] == ["checkpoint-3"]
+    # none at the last step: the final model is saved there instead
+    assert [p.name for p in (tmp_path / "work").glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 # --------------------------------------------------------------------------- hash once, chunks

@@ -359,23 +359,33 @@ def _prepare_optimization(models: _Models, settings: DreamBoothSettings, n_insta
 
 
 def estimate_disk_bytes(models: _Models, optim: _Optimization, settings: DreamBoothSettings) -> int:
-    """What the run writes at its peak: the checkpoints that coexist (trained weights in fp32 plus
-    the optimizer's two moments, 8 bytes a weight for AdamW, 2 for 8-bit Adam; ``limit`` of them,
-    two while a limit of 1 replaces the old one) and the final model (the whole pipeline in fp32,
-    or the LoRA weights)."""
+    """The most the run holds on disk at one moment. A checkpoint is the trained weights in fp32 plus
+    the optimizer's two moments (8 bytes a weight for AdamW, 2 for 8-bit Adam). During training up
+    to ``limit`` checkpoints coexist (two for a moment with a limit of 1: the new one is written,
+    then replaces the old); at the end, those kept sit beside the final model (the whole pipeline in
+    fp32, or the LoRA weights). No checkpoint is written at the last step."""
     trained = sum(p.numel() for p in optim.params)
     per_checkpoint = trained * (4 + (2 if settings.use_8bit_adam else 8))
     limit = settings.checkpoints_total_limit
-    made = optim.total_steps // settings.checkpointing_steps if settings.checkpointing_steps else 0
-    # A limit of 1 writes the new checkpoint, then removes the old one: two for a moment.
-    n_checkpoints = min(made, 2 if limit <= 1 else limit)
+    made = _checkpoints_made(optim.total_steps, settings.checkpointing_steps)
+    while_training = min(made, 2 if limit <= 1 else limit)
     if models.lora:
         final = trained * 4
     else:
         final = 4 * sum(
             p.numel() for m in (models.unet, models.text_encoder, models.vae) for p in m.parameters()
         )
-    return per_checkpoint * n_checkpoints + final
+    return max(per_checkpoint * while_training, per_checkpoint * min(made, limit) + final)
+
+
+def _checkpoints_made(total_steps: int, every: int) -> int:
+    """Checkpoints a run writes: every ``every`` steps, but not at the last step, where the final
+    model is saved instead."""
+    return (total_steps - 1) // every if every else 0
+
+
+def _checkpoint_due(global_step: int, total_steps: int, every: int) -> bool:
+    return bool(every) and global_step % every == 0 and global_step < total_steps
 
 
 def _resume(models: _Models, run: _Run, fingerprint: str, total_steps: int) -> tuple[int, dict[str, list]]:
@@ -469,7 +479,7 @@ def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
                 f"step {global_step}/{optim.total_steps} loss {metrics['loss']:.4f} (instance "
                 f"{metrics['instance_loss']:.4f}, prior {metrics['prior_loss']:.4f}) lr {metrics['lr']:.2e}"
             )
-        if settings.checkpointing_steps and global_step % settings.checkpointing_steps == 0:
+        if _checkpoint_due(global_step, optim.total_steps, settings.checkpointing_steps):
             state = {"global_step": global_step, "fingerprint": fingerprint, **history}
             save_checkpoint(
                 models.accelerator, run.work_dir, global_step, state, settings.checkpoints_total_limit
