@@ -35,6 +35,20 @@ def images(n: int, seed: int, size: int = 32) -> np.ndarray:
     return np.clip(base[None] + rng.normal(0, 20, (n, size, size)), 0, 255).astype(np.uint8)
 
 
+class Killed(Exception):
+    """A run stopped from its step callback, as a kill would stop it."""
+
+
+def kill_at(step: int):
+    """A step callback that stops the run after ``step``."""
+
+    def on_step(done: int, metrics: dict) -> None:
+        if done == step:
+            raise Killed
+
+    return on_step
+
+
 def db_settings(tmp_path: Path, **values) -> DreamBoothSettings:
     return tiny_settings(tmp_path).dreambooth.model_copy(update=values)
 
@@ -113,15 +127,8 @@ def test_kill_and_resume_continues_from_the_saved_step(tiny_base_model, tmp_path
     s = db_settings(tmp_path, max_train_steps=6, checkpointing_steps=2, keep_checkpoints=True)
     uninterrupted = train(tiny_base_model, tmp_path, s, name="whole")
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, metrics):
-        if step == 5:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(tiny_base_model, tmp_path, s, name="killed", on_step=kill_at_5)
+        train(tiny_base_model, tmp_path, s, name="killed", on_step=kill_at(5))
     work = tmp_path / "killed.work"
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert not (tmp_path / "killed").exists()  # no half-made final model
@@ -143,15 +150,8 @@ def test_a_checkpoint_from_other_settings_is_not_resumed(tiny_base_model, tmp_pa
 def test_half_written_checkpoint_is_ignored(tiny_base_model, tmp_path):
     s = db_settings(tmp_path, max_train_steps=3, checkpointing_steps=2)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_3(step, metrics):
-        if step == 3:
-            raise Killed
-
     with pytest.raises(Killed):
-        train(tiny_base_model, tmp_path, s, on_step=kill_at_3)
+        train(tiny_base_model, tmp_path, s, on_step=kill_at(3))
     # A crash mid-save leaves only a hidden temporary folder; a folder without state is incomplete.
     (tmp_path / "out.work" / "checkpoint-9").mkdir()
     again = train(tiny_base_model, tmp_path, s)
