@@ -3,13 +3,15 @@
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import tiny_settings
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
+from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.diffusion.pipelines import load_pipeline
-from synth_xray_assets.dreambooth.base_model import fetch_base_model
+from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretraining_images
 from synth_xray_assets.dreambooth.tiny import build_tiny_tokenizer
 from synth_xray_assets.dreambooth.training import (
     LORA_WEIGHTS_NAME,
@@ -235,3 +237,29 @@ def test_no_instance_images_is_a_clear_error(tiny_base_model, tmp_path):
             tmp_path / "w",
             "cpu",
         )
+
+
+class _Dataset:
+    """The two reads ``pretraining_images`` makes of a standardized dataset: 10 NORMAL, 30 PNEUMONIA;
+    image i is filled with the value i, so the images name their rows."""
+
+    def __init__(self) -> None:
+        labels = [0] * 10 + [1] * 30
+        self._rows = pd.DataFrame({"label": labels, "source_id": [f"img{i}.jpeg" for i in range(40)]})
+
+    def rows(self, split: str) -> pd.DataFrame:
+        return self._rows
+
+    def images(self, split: str) -> np.ndarray:
+        return np.arange(40, dtype=np.uint8)[:, None, None] * np.ones((1, 4, 4), np.uint8)
+
+
+def test_tiny_base_model_pretrains_on_balanced_train_less_validation(tmp_path):
+    s = tiny_settings(tmp_path)
+    ds = _Dataset()
+    rows = pretraining_images(s, ds)[:, 0, 0].astype(int)
+    validation = set(shared_validation_split(s, ds.rows("train")).val.tolist())
+    assert validation and not validation & set(rows.tolist())  # never the classifiers' validation images
+    labels = ds.rows("train")["label"].to_numpy()[rows]
+    assert (labels == 0).sum() == (labels == 1).sum() == 27  # 30 PNEUMONIA less 3 validation
+    assert len(set(rows[labels == 0].tolist())) == 9  # every kept NORMAL image, repeated

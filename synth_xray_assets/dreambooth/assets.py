@@ -21,7 +21,7 @@ from synth_xray_assets.diffusion.pipelines import (
     use_dpm_solver,
 )
 from synth_xray_assets.dreambooth import store
-from synth_xray_assets.dreambooth.base_model import fetch_base_model
+from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretraining_images
 from synth_xray_assets.dreambooth.presets import generation_plan, resolve_preset, with_plan
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
@@ -74,7 +74,7 @@ def _base_model_body(
         from synth_xray_assets.dreambooth.tiny import build_tiny_pipeline, pretrain_tiny_pipeline
 
         device = compute.resolve_device()
-        images = StandardizedDataset.open(s.layout.dataset).images("train")
+        images = pretraining_images(s, StandardizedDataset.open(s.layout.dataset))
         pipe = build_tiny_pipeline(bm, s.dreambooth.resolution)
         stats = pretrain_tiny_pipeline(pipe, images, bm, device, log=context.log.info)
         path = s.layout.tiny_base_model

@@ -7,7 +7,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from synth_xray_assets.settings import BaseModelSettings
+import numpy as np
+
+from synth_xray_assets.dataset.splits import shared_validation_split
+from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.settings import BaseModelSettings, Settings
 from synth_xray_assets.storage import write_json_atomic
 
 # Only the diffusers layout (configs, tokenizer files, safetensors weights in component folders):
@@ -15,6 +19,20 @@ from synth_xray_assets.storage import write_json_atomic
 ALLOW_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 IGNORE_PATTERNS = ["*.fp16.*", "*.ema.*", "*.non_ema.*", "*/*.ckpt", "*/*.bin"]
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def pretraining_images(s: Settings, dataset: StandardizedDataset) -> np.ndarray:
+    """The tiny base model's pre-training images: real train less the shared validation split (no
+    generator sees what classifiers are validated on), every class repeated up to the largest one's
+    count, so that the stand-in for SD 2.1 (which has seen few X-rays of either class) favours neither."""
+    rows = dataset.rows("train")
+    labels = rows["label"].to_numpy(np.int64)
+    keep = shared_validation_split(s, rows).keep
+    per_class = [keep[labels[keep] == label] for label in np.unique(labels[keep])]
+    count = max(len(positions) for positions in per_class)
+    rng = np.random.default_rng(s.base_model.seed)
+    chosen = np.concatenate([np.resize(rng.permutation(p), count) for p in per_class])
+    return dataset.images("train")[np.sort(chosen)]
 
 
 def _looks_like_path(spec: str) -> bool:
