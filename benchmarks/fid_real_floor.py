@@ -29,6 +29,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from synth_xray_assets.classifier.data import SplitArrays
 from synth_xray_assets.evaluation.extractor import train_cxr_feature_extractor
 from synth_xray_assets.evaluation.features import get_feature_space
 from synth_xray_assets.evaluation.fid import score_sets
@@ -72,9 +73,7 @@ def main() -> None:
         f"{args.epochs} epochs, batch {args.batch_size}, lr {classifier.learning_rate}, on {args.device}"
     )
     info = train_cxr_feature_extractor(
-        splits["train"],
-        splits["validation"],
-        splits["test"],
+        SplitArrays(*splits["train"], *splits["validation"], *splits["test"]),
         classifier,
         evaluation,
         work,

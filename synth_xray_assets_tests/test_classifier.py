@@ -1,5 +1,6 @@
 """The classifier domain: composition, honest selection, metrics, resume, and the asset."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from PIL import Image
 from synth_xray_assets.classifier import assets as classifier_assets
 from synth_xray_assets.classifier.data import (
     EpochBatchSampler,
+    SplitArrays,
     augment_batch,
     compose_experiment,
     load_experiment_data,
@@ -31,7 +33,7 @@ from synth_xray_assets.classifier.stats import (
     paired_bootstrap_diff,
     roc_auc,
 )
-from synth_xray_assets.classifier.train import STATE_FILE, predict_proba, train_classifier
+from synth_xray_assets.classifier.train import STATE_FILE, TrainRun, predict_proba, train_classifier
 from synth_xray_assets.dataset import assets as dataset_assets
 from synth_xray_assets.dataset.splits import class_count, generator_positions, stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
@@ -380,25 +382,15 @@ def small(tiny):
     """A few images of the tiny dataset's synth-25 experiment, for fast training runs."""
     d = load_experiment_data(tiny, "synth-25", 0, log=lambda m: None)
     keep = np.r_[0:8, len(d.train_y) - 12 : len(d.train_y)]  # NORMAL real + PNEUMONIA real/synthetic
-    return d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.test_x, d.test_y
+    return SplitArrays(d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.test_x, d.test_y)
 
 
 def _train(tiny, small, out: Path, test_x=None, log=lambda m: None, **update):
-    train_x, train_y, val_x, val_y, test_x_, test_y = small
+    data = small if test_x is None else dataclasses.replace(small, test_x=test_x)
     return train_classifier(
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        test_x_ if test_x is None else test_x,
-        test_y,
+        data,
         tiny.classifier.model_copy(update={"batch_size": 10, **update}),
-        seed=0,
-        device="cpu",
-        out_dir=out,
-        log=log,
-        prepared=True,
-        experiment="synth-25",
+        TrainRun(0, "cpu", out, log, prepared=True, experiment="synth-25"),
     )
 
 
@@ -432,7 +424,7 @@ def test_interrupted_training_resumes_where_it_stopped(tiny, small, honest, tmp_
 
 
 def test_test_set_plays_no_part_in_training_or_selection(tiny, small, honest, tmp_path):
-    test_x = small[4]
+    test_x = small.test_x
     blank = _train(tiny, small, tmp_path / "blank", test_x=torch.zeros_like(test_x))
     # same curves and the same chosen epoch whatever the test images are
     assert honest.selected_epoch == blank.selected_epoch
@@ -440,7 +432,7 @@ def test_test_set_plays_no_part_in_training_or_selection(tiny, small, honest, tm
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_accuracy"] == b["val_accuracy"]
     assert "test_accuracy" not in honest.history[0] and honest.selection == "validation"
-    assert honest.val_selected["n"] == len(small[3]) and honest.test_selected["n"] == len(small[5])
+    assert honest.val_selected["n"] == len(small.val_y) and honest.test_selected["n"] == len(small.test_y)
     # the study's protocol, on request, labelled as such
     study = _train(tiny, small, tmp_path / "study", selection="test")
     assert "test_accuracy" in study.history[0] and "TEST" in study.selection_note

@@ -25,7 +25,7 @@ import pandas as pd
 from synth_xray_assets.classifier.curves import run_curves
 from synth_xray_assets.classifier.data import ExperimentData, experiment_spec, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
-from synth_xray_assets.classifier.train import RunResult, train_classifier
+from synth_xray_assets.classifier.train import RunResult, TrainRun, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import sha256_bytes, write_json_atomic, write_parquet_atomic
@@ -70,14 +70,7 @@ def run_experiment(
     out = run_dir(s.data_dir, experiment, seed)
     (out / RUN_FILE).unlink(missing_ok=True)  # the old run's summary no longer describes this folder
     counts = data.counts()
-    result = train_classifier(
-        data.train_x,
-        data.train_y,
-        data.val_x,
-        data.val_y,
-        data.test_x,
-        data.test_y,
-        s.classifier,
+    run = TrainRun(
         seed,
         device,
         out,
@@ -103,6 +96,7 @@ def run_experiment(
             "profile": s.profile,
         },
     )
+    result = train_classifier(data, s.classifier, run)
     write_parquet_atomic(data.composition, out / COMPOSITION_FILE)
     save_run(result, out, data.composition.loc[data.composition.role == "test", "image_id"].tolist())
     return result, data

@@ -14,6 +14,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from synth_xray_assets.classifier.data import SplitArrays
 from synth_xray_assets.dataset.splits import generator_positions, validation_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
@@ -212,10 +213,11 @@ def cxr_feature_extractor(
     images, labels = ds.images("train"), ds.labels("train")
     split = validation_split(ds.rows("train"), s.classifier.val_fraction, s.classifier.split_seed)
     keep, val = split.keep, split.val
+    splits = SplitArrays(
+        images[keep], labels[keep], images[val], labels[val], ds.images("test"), ds.labels("test")
+    )
     info = train_cxr_feature_extractor(
-        (images[keep], labels[keep]),
-        (images[val], labels[val]),
-        (ds.images("test"), ds.labels("test")),
+        splits,
         s.classifier,
         s.evaluation,
         extractor_dir(s.data_dir),

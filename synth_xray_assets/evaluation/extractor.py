@@ -21,9 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from synth_xray_assets.classifier.train import train_classifier
+from synth_xray_assets.classifier.data import SplitArrays
+from synth_xray_assets.classifier.train import TrainRun, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
 from synth_xray_assets.storage import atomic_path, sha256_file, write_json_atomic
@@ -49,35 +48,26 @@ def extractor_settings(classifier: ClassifierSettings, evaluation: EvaluationSet
 
 
 def train_cxr_feature_extractor(
-    train: tuple[np.ndarray, np.ndarray],
-    validation: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    data: SplitArrays,
     classifier: ClassifierSettings,
     evaluation: EvaluationSettings,
     out_dir: str | Path,
     device: str = "cpu",
     log: Callable[[str], Any] = print,
 ) -> dict[str, Any]:
-    """Train the extractor on ``train`` (uint8 images ``[N, H, W]``, labels), choose its epoch on
-    ``validation``, score it on ``test``; write ``out_dir/cxr_densenet121.safetensors`` and
-    ``extractor.json``. Returns what ``extractor.json`` holds."""
+    """Train the extractor on ``data``'s train split (uint8 images ``[N, H, W]``, labels), choose its
+    epoch on its validation split, score it on its test split; write
+    ``out_dir/cxr_densenet121.safetensors`` and ``extractor.json``. Returns what ``extractor.json`` holds."""
     out_dir = Path(out_dir)
-    if len(validation[0]) == 0:
+    if len(data.val_x) == 0:
         raise ValueError(
             "the chest-X-ray feature extractor needs a non-empty validation split to choose its epoch"
         )
     settings = extractor_settings(classifier, evaluation)
-    result = train_classifier(
-        *train,
-        *validation,
-        *test,
-        settings,
-        seed=evaluation.feature_seed,
-        device=device,
-        out_dir=out_dir / "training",
-        log=log,
-        experiment="cxr_feature_extractor",
+    run = TrainRun(
+        evaluation.feature_seed, device, out_dir / "training", log, experiment="cxr_feature_extractor"
     )
+    result = train_classifier(data, settings, run)
     weights = out_dir / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
         shutil.copyfile(result.weights_path, tmp)
