@@ -25,6 +25,8 @@ from synth_xray_assets.dreambooth.base_model import fetch_base_model
 from synth_xray_assets.dreambooth.presets import generation_plan, resolve_preset, with_plan
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
+    RunDirs,
+    RunInputs,
     num_train_steps,
     train_dreambooth,
 )
@@ -248,13 +250,9 @@ def dreambooth_checkpoint(
         f"method {settings_used.method}, device {device}"
     )
     result = train_dreambooth(
-        base_path,
-        instance_images,
-        class_images,
-        prompt,
+        RunInputs(base_path, instance_images, class_images, prompt),
         settings_used,
-        out,
-        store.work_dir(s.data_dir, key),
+        RunDirs(out, store.work_dir(s.data_dir, key)),
         device,
         log=context.log.info,
     )

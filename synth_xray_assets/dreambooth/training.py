@@ -177,40 +177,47 @@ class TrainResult:
     disk_needed_bytes: int = 0  # the preflight's estimate of what the run writes
 
 
+@dataclass
+class RunDirs:
+    """Where a DreamBooth run writes: the final model, and its checkpoints."""
+
+    output_dir: Path
+    work_dir: Path
+
+
 def train_dreambooth(
-    base_model_dir: Path,
-    instance_images: np.ndarray,
-    class_images: np.ndarray | None,
-    instance_prompt: str,
+    inputs: RunInputs,
     settings: DreamBoothSettings,
-    output_dir: Path,
-    work_dir: Path,
+    dirs: RunDirs,
     device: str,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune the model in ``base_model_dir`` on ``instance_images`` (uint8 ``[N, H, W]``).
+    """Fine-tune the model in ``inputs.base_model_dir`` on ``inputs.instance_images`` (uint8 ``[N, H, W]``).
 
     ``settings.method`` "full" trains the UNet (and the text encoder when ``train_text_encoder``)
-    and saves a whole diffusers pipeline to ``output_dir``; "lora" trains LoRA adapters and saves
-    ``pytorch_lora_weights.safetensors``. Checkpoints go to ``work_dir/checkpoint-<step>``; a new
-    call resumes from the latest one made with the same settings and data. ``on_step(step, metrics)``
+    and saves a whole diffusers pipeline to ``dirs.output_dir``; "lora" trains LoRA adapters and
+    saves ``pytorch_lora_weights.safetensors``. Checkpoints go to ``dirs.work_dir/checkpoint-<step>``;
+    a new call resumes from the latest one made with the same settings and data.
+    ``inputs.class_images`` are used only with ``with_prior_preservation``. ``on_step(step, metrics)``
     is called after each optimizer step (1-based). Before any write, the disk the run needs is
     compared with what is free (``OSError`` naming both when short); ``use_8bit_adam`` without
     bitsandbytes is a ``RuntimeError`` before any work.
     """
+    class_images = inputs.class_images
     if settings.with_prior_preservation and (class_images is None or len(class_images) == 0):
         raise ValueError("with_prior_preservation needs class images (made by the base model)")
-    if len(instance_images) == 0:
+    if len(inputs.instance_images) == 0:
         raise ValueError("no instance images to train on")
     require_bitsandbytes(settings)
     inputs = RunInputs(
-        Path(base_model_dir),
-        instance_images,
+        Path(inputs.base_model_dir),
+        inputs.instance_images,
         class_images if settings.with_prior_preservation else None,
-        instance_prompt,
+        inputs.instance_prompt,
     )
-    run = _Run(settings, Path(output_dir), Path(work_dir), log, on_step, time.perf_counter())
+    output_dir, work_dir = Path(dirs.output_dir), Path(dirs.work_dir)
+    run = _Run(settings, output_dir, work_dir, log, on_step, time.perf_counter())
     try:
         return _train(inputs, run, device)
     except torch.OutOfMemoryError as exc:
