@@ -47,7 +47,7 @@ from synth_xray_assets.evaluation.features import (
     extract_features,
     get_feature_space,
 )
-from synth_xray_assets.evaluation.fid import score_sets
+from synth_xray_assets.evaluation.fid import ReferenceImages, score_sets
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/chest-xray-pneumonia-224/data"
@@ -130,11 +130,9 @@ def main() -> None:
         results.append(
             score_sets(
                 {"synthetic": synthetic},
-                reference,
+                ReferenceImages(reference, "bench-train-normal", work / "cache"),
                 space,
-                reference_cache_key="bench-train-normal",
-                cache_dir=work / "cache",
-                settings=settings,
+                settings,
                 device=args.device,
             )
         )

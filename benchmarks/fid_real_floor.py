@@ -32,7 +32,7 @@ from PIL import Image
 from synth_xray_assets.classifier.data import SplitArrays
 from synth_xray_assets.evaluation.extractor import train_cxr_feature_extractor
 from synth_xray_assets.evaluation.features import get_feature_space
-from synth_xray_assets.evaluation.fid import score_sets
+from synth_xray_assets.evaluation.fid import ReferenceImages, score_sets
 from synth_xray_assets.settings import CLASS_NAMES, ClassifierSettings, EvaluationSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/chest-xray-pneumonia-224"
@@ -96,11 +96,9 @@ def main() -> None:
         other = CLASS_NAMES[1 - label]
         result = score_sets(
             {f"test {name}": test_x[test_y == label], f"test {other} (other)": test_x[test_y != label]},
-            train_x[train_y == label],
+            ReferenceImages(train_x[train_y == label], f"floor-train-{name}", work / "cache"),
             space,
-            reference_cache_key=f"floor-train-{name}",
-            cache_dir=work / "cache",
-            settings=evaluation,
+            evaluation,
             device=args.device,
         )
         for set_name, sc in result["scores"].items():

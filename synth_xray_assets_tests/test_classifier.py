@@ -26,6 +26,7 @@ from synth_xray_assets.classifier.data import (
 from synth_xray_assets.classifier.experiment import RUN_FILE, load_run, run_dir
 from synth_xray_assets.classifier.model import build_densenet121, load_classifier
 from synth_xray_assets.classifier.stats import (
+    Bootstrap,
     binary_metrics,
     bootstrap_ci,
     mcnemar_exact,
@@ -351,15 +352,15 @@ def test_confidence_intervals_and_paired_tests():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     perfect = y.astype(float)
-    assert bootstrap_ci(y, perfect, "accuracy", 200) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci(y, perfect, "accuracy", Bootstrap(200)) == (1.0, 1.0, 1.0)
     noisy = np.where(rng.random(200) < 0.8, y, 1 - y).astype(float)
-    est, low, high = bootstrap_ci(y, noisy, "accuracy", 500)
+    est, low, high = bootstrap_ci(y, noisy, "accuracy", Bootstrap(500))
     assert low < est < high and high - low < 0.2
     seeds = np.stack([noisy, noisy])
-    assert bootstrap_ci(y, seeds, "auc", 100)[0] == pytest.approx(roc_auc(y, noisy))
-    same = paired_bootstrap_diff(y, noisy, noisy, 500)
+    assert bootstrap_ci(y, seeds, "auc", Bootstrap(100))[0] == pytest.approx(roc_auc(y, noisy))
+    same = paired_bootstrap_diff(y, noisy, noisy, boot=Bootstrap(500))
     assert same["diff"] == 0 and same["p_value"] == 1.0
-    better = paired_bootstrap_diff(y, noisy, perfect, 500)
+    better = paired_bootstrap_diff(y, noisy, perfect, boot=Bootstrap(500))
     assert better["diff"] == pytest.approx(1 - (noisy == y).mean())
     assert better["ci_low"] > 0 and better["p_value"] <= 2 / 500
     # McNemar: A right on 5 images B gets wrong, never the other way: p = 2 * 0.5 ** 5

@@ -29,6 +29,7 @@ from synth_xray_assets.evaluation.features import (
     resolve_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import (
+    ReferenceImages,
     cached_reference_features,
     fidelity_metrics,
     reference_features_key,
@@ -86,11 +87,9 @@ def real() -> np.ndarray:
 def score(sets, reference, weights, cache_dir, settings=SETTINGS, space="cxr", key="v1-train-normal"):
     return score_sets(
         sets,
-        reference,
+        ReferenceImages(reference, key, cache_dir),
         get_feature_space(space, settings, cxr_weights=weights),
-        reference_cache_key=key,
-        cache_dir=cache_dir,
-        settings=settings,
+        settings,
     )
 
 
@@ -145,7 +144,7 @@ def test_reference_features_are_cached_per_key_and_feature_space(weights, real, 
     images = real[:16]
 
     def cached(images, key="v1-train-normal"):
-        return cached_reference_features(images, space, extractor, cache_key=key, cache_dir=tmp_path)
+        return cached_reference_features(ReferenceImages(images, key, tmp_path), space, extractor)
 
     first, first_info = cached(images)
     again, again_info = cached(images)

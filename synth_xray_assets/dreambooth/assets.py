@@ -177,9 +177,9 @@ def prior_class_images(
             db.class_image_guidance,
             db.resolution,
             seed_offset=seed_stream_offset(s.generation, "prior"),
+            extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         ),
         batch_size=plan.batch_size,
-        extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
     )
     images = store.prior_images(s.data_dir)

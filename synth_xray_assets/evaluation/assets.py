@@ -27,9 +27,10 @@ from synth_xray_assets.evaluation.extractor import (
     train_cxr_feature_extractor,
 )
 from synth_xray_assets.evaluation.features import get_feature_space
-from synth_xray_assets.evaluation.fid import features_in_space, real_floor_set, score_sets
+from synth_xray_assets.evaluation.fid import ReferenceImages, features_in_space, real_floor_set, score_sets
 from synth_xray_assets.evaluation.fidelity import measure_class_fidelity, save_fidelity
 from synth_xray_assets.evaluation.memorization import (
+    PairsGrid,
     closest_pairs_image,
     memorization_histogram,
     memorization_summary,
@@ -140,6 +141,7 @@ def _base_model_images(
         g.guidance_scale,
         s.dreambooth.resolution,
         seed_offset=seed_stream_offset(g, f"base-{class_key}"),
+        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
     )
     plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
     generate_set(
@@ -148,7 +150,6 @@ def _base_model_images(
         images_per_class(s),
         recipe,
         batch_size=plan.batch_size,
-        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
         log=log,
     )
     return SyntheticImages.open(root).images(), version
@@ -318,16 +319,11 @@ def fid_scores(
     for name in SPACES:
         space = get_feature_space(name, s.evaluation, cxr_weights=extractor_weights(s.data_dir))
         context.log.info(f"{key}: scoring {', '.join(sets)} in the {name} space")
-        common = {
-            "space": space,
-            "cache_dir": s.layout.reference_features,
-            "settings": s.evaluation,
-            "device": device,
-        }
-        results[name] = score_sets(sets, refs.train, reference_cache_key=f"{refs.cache_key}-train", **common)
-        held_out[name] = score_sets(
-            held_sets, refs.held_out, reference_cache_key=f"{refs.cache_key}-held-out", **common
-        )
+        cache = s.layout.reference_features
+        train_ref = ReferenceImages(refs.train, f"{refs.cache_key}-train", cache)
+        held_ref = ReferenceImages(refs.held_out, f"{refs.cache_key}-held-out", cache)
+        results[name] = score_sets(sets, train_ref, space, s.evaluation, device)
+        held_out[name] = score_sets(held_sets, held_ref, space, s.evaluation, device)
         if not results[name]["available"]:
             context.log.warning(f"{name} scores unavailable: {results[name]['reason']}")
     reference_note = refs.train_note
@@ -486,15 +482,9 @@ def memorization(
     ds, real, rows, cache_key = _reference(s, key)
     synthetic, syn_set = _synthetic(s, key)
     space = get_feature_space("cxr", e, cxr_weights=extractor_weights(s.data_dir))
-    feats = features_in_space(
-        {"synthetic": synthetic},
-        real,
-        space,
-        reference_cache_key=cache_key,
-        cache_dir=s.layout.reference_features,
-        batch_size=e.batch_size,
-        device=compute.resolve_device(),
-    )
+    reference = ReferenceImages(real, cache_key, s.layout.reference_features)
+    device = compute.resolve_device()
+    feats = features_in_space({"synthetic": synthetic}, reference, space, e.batch_size, device)
     table = nearest_real_images(synthetic, real, feats.sets["synthetic"], feats.reference, e)
     baseline = real_baseline(real, feats.reference, e) if len(real) >= 2 else None
     summary = memorization_summary(table, e, baseline)
@@ -521,10 +511,14 @@ def memorization(
             "summary": dg.MetadataValue.json(summary),
             "distribution": dg.MetadataValue.md(png_markdown(memorization_histogram(table, e, baseline))),
             "closest_pairs_features": dg.MetadataValue.md(
-                png_markdown(closest_pairs_image(synthetic, real, table, n, "cosine_distance", cell=80))
+                png_markdown(
+                    closest_pairs_image(synthetic, real, table, "cosine_distance", PairsGrid(n, cell=80))
+                )
             ),
             "closest_pairs_pixels": dg.MetadataValue.md(
-                png_markdown(closest_pairs_image(synthetic, real, table, n, "pixel_correlation", cell=80))
+                png_markdown(
+                    closest_pairs_image(synthetic, real, table, "pixel_correlation", PairsGrid(n, cell=80))
+                )
             ),
             "path": dg.MetadataValue.path(str(path)),
         },

@@ -53,13 +53,19 @@ class SpaceFeatures:
     seconds: dict[str, float]
 
 
+@dataclass
+class ReferenceImages:
+    """Real reference images (uint8 ``[N, H, W]``) and where their features are cached, under what key."""
+
+    images: np.ndarray
+    cache_key: str
+    cache_dir: str | Path
+
+
 def features_in_space(
     sets: Mapping[str, np.ndarray],
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace,
-    *,
-    reference_cache_key: str,
-    cache_dir: str | Path,
     batch_size: int,
     device: str | torch.device = "cpu",
 ) -> SpaceFeatures:
@@ -69,15 +75,7 @@ def features_in_space(
     extractor = space.build(device)
     seconds["build_extractor"] = time.perf_counter() - start
     start = time.perf_counter()
-    ref, cache = cached_reference_features(
-        reference,
-        space,
-        extractor,
-        cache_key=reference_cache_key,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        device=device,
-    )
+    ref, cache = cached_reference_features(reference, space, extractor, batch_size=batch_size, device=device)
     seconds["reference_features"] = time.perf_counter() - start
     features = {}
     for name, images in sets.items():
@@ -89,15 +87,12 @@ def features_in_space(
 
 def score_sets(
     sets: Mapping[str, np.ndarray],
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace | Unavailable,
-    *,
-    reference_cache_key: str,
-    cache_dir: str | Path,
     settings: EvaluationSettings,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """FID, KID and precision/recall of every set in ``sets`` against ``reference`` (uint8 ``[N, H, W]``).
+    """FID, KID and precision/recall of every set in ``sets`` against ``reference``.
 
     Returns JSON-able data: the space's fingerprint, the reference cache entry (``hit`` says
     whether the real images' features were reused), ``scores[name]`` from
@@ -106,15 +101,7 @@ def score_sets(
     """
     if isinstance(space, Unavailable):
         return space.summary()
-    feats = features_in_space(
-        sets,
-        reference,
-        space,
-        reference_cache_key=reference_cache_key,
-        cache_dir=cache_dir,
-        batch_size=settings.batch_size,
-        device=device,
-    )
+    feats = features_in_space(sets, reference, space, settings.batch_size, device)
     start = time.perf_counter()
     scores = {name: fidelity_metrics(f, feats.reference, settings) for name, f in feats.sets.items()}
     feats.seconds["metrics"] = time.perf_counter() - start
@@ -183,22 +170,20 @@ def fidelity_metrics(
 
 
 def cached_reference_features(
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace,
     extractor: FeatureExtractorBase,
-    *,
-    cache_key: str,
-    cache_dir: str | Path,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features of the real ``reference`` images in ``space``: from ``cache_dir`` when there, else
-    extracted with ``extractor`` (already on ``device``) and stored.
+    """Features of the real ``reference`` images in ``space``: from its cache folder when there,
+    else extracted with ``extractor`` (already on ``device``) and stored.
 
     Returns the features and ``{"key", "hit", "path"}`` (plus ``"note"`` when a stale entry, for
     other images under the same key, was replaced).
     """
-    reference = np.asarray(reference)
+    cache_key, cache_dir = reference.cache_key, reference.cache_dir
+    reference = np.asarray(reference.images)
     full_key = reference_features_key(cache_key, space)
     npy, meta_path = Path(cache_dir) / f"{full_key}.npy", Path(cache_dir) / f"{full_key}.json"
     images_hash = images_sha256(reference)

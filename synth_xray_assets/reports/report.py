@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from synth_xray_assets.classifier.stats import (
+    Bootstrap,
     bootstrap_ci,
     delong_test,
     holm,
@@ -67,6 +68,10 @@ class ReportOptions:
     missing: Sequence[str] = ()
     excluded: Sequence[tuple[str, str]] = ()
     quality: Sequence[GeneratorQuality] = ()
+
+    def bootstrap(self) -> Bootstrap:
+        """The bootstrap these options ask for (seed 0)."""
+        return Bootstrap(self.n_boot, level=self.level, resample_seeds=self.resample_seeds)
 
 
 @dataclass
@@ -133,7 +138,7 @@ def results_table(
         for metric in CI_METRICS:
             for prefix, p in (("", prob), ("last_", prob_last)):
                 _, row[f"{prefix}{metric}_ci_low"], row[f"{prefix}{metric}_ci_high"] = bootstrap_ci(
-                    y, p, metric, opts.n_boot, level=opts.level, resample_seeds=opts.resample_seeds
+                    y, p, metric, opts.bootstrap()
                 )
         pub = published.get(name, {})
         for key in ("accuracy", "f1", "auc", "last_accuracy", "last_auc"):
@@ -154,7 +159,7 @@ def compare(
         return {"n_paired_seeds": 0}
     a = np.array([ref[s]["test_prob_selected"] for s in seeds])
     b = np.array([mine[s]["test_prob_selected"] for s in seeds])
-    boot = paired_bootstrap_diff(y, a, b, opts.n_boot, level=opts.level, resample_seeds=opts.resample_seeds)
+    boot = paired_bootstrap_diff(y, a, b, boot=opts.bootstrap())
     per_seed = paired_seed_test(
         [ref[s]["test_selected"]["accuracy"] for s in seeds],
         [mine[s]["test_selected"]["accuracy"] for s in seeds],

@@ -81,9 +81,15 @@ def synthetic_images(
         lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
         count,
-        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
+        Recipe(
+            prompt,
+            g.num_inference_steps,
+            g.guidance_scale,
+            s.dreambooth.resolution,
+            first_seed,
+            {"class_key": key, "label": class_label(key), "checkpoint_version": version},
+        ),
         batch_size=plan.batch_size,
-        extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
     grid = samples_beside_real(SyntheticImages.open(out), s, key)
