@@ -137,9 +137,9 @@ def main() -> None:
             )
         )
         times.append(time.perf_counter() - start)
-    fid = results[-1]["scores"]["synthetic"]["fid"]
+    fid = results[-1].scores["synthetic"].fid
     assert abs(fid - plain["frechet_inception_distance"]) < 1e-3 * max(1.0, abs(fid)), "scores differ"
-    hits = [r["reference_cache"]["hit"] for r in results]
+    hits = [r.reference_cache["hit"] for r in results]
     print(f"   plain (calculate_metrics, cache=False, recomputes the reference): {plain_s:6.2f} s")
     print(f"   ours, first call (reference extracted and stored, hit={hits[0]}):  {times[0]:6.2f} s")
     warm = min(times[1:])

@@ -101,10 +101,10 @@ def main() -> None:
             evaluation,
             device=args.device,
         )
-        for set_name, sc in result["scores"].items():
+        for set_name, sc in result.scores.items():
             print(
-                f"{'train ' + name:<22}{set_name:<24}{sc['n_images']:>6}{sc['n_reference']:>7}"
-                f"{sc['fid']:>10.2f}{sc['kid_mean']:>10.4f}{sc['precision']:>7.3f}{sc['recall']:>7.3f}"
+                f"{'train ' + name:<22}{set_name:<24}{sc.n_images:>6}{sc.n_reference:>7}"
+                f"{sc.fid:>10.2f}{sc.kid_mean:>10.4f}{sc.precision:>7.3f}{sc.recall:>7.3f}"
             )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
