@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import TINY_CLASSIFIER
 from PIL import Image
 
 from synth_xray_assets.classifier import assets as classifier_assets
@@ -53,12 +54,7 @@ TINY = {
     "dataset": {"resolution": 40, "workers": 1},
     "generation": {"study_train_size": None},  # the counts below as written
     "classifier": {
-        "resolution": 32,
-        "resize": 36,
-        "batch_size": 16,
-        "epochs": 2,
-        "val_fraction": 0.2,
-        "num_workers": 0,
+        **TINY_CLASSIFIER,
         "bootstrap_samples": 50,
         # The demo's experiment names (the partitions), with counts that fit 8 synthetic per class.
         "experiments": {

@@ -11,6 +11,7 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
+from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
@@ -345,25 +346,14 @@ def _training_metadata(
     }
 
 
-def checkpoint_loads_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
-    """``checkpoint_loads`` on the generator partitions ``partitions_def``."""
-
-    @dg.asset_check(
-        asset=dreambooth_checkpoint,
-        name="checkpoint_loads",
-        partitions_def=partitions_def,
-        blocking=True,
-        pool="gpu",
-        description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
-    )
-    def checkpoint_loads(
-        context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
-    ) -> dg.AssetCheckResult:
-        s = settings.get()
-        result = check_checkpoint(s, context.partition_key, compute.resolve_device())
-        return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
-
-    return checkpoint_loads
+# ``checkpoint_loads`` on given generator partitions.
+checkpoint_loads_check = partition_check(
+    dreambooth_checkpoint,
+    "checkpoint_loads",
+    "The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+    lambda s, key, compute: check_checkpoint(s, key, compute.resolve_device()),
+    pool="gpu",
+)
 
 
 checkpoint_loads = checkpoint_loads_check(class_partitions)

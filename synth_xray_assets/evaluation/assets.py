@@ -42,7 +42,7 @@ from synth_xray_assets.evaluation.inputs import (
     synthetic_set,
 )
 from synth_xray_assets.evaluation.memorization import (
-    PairsGrid,
+    PairsView,
     closest_pairs_image,
     memorization_histogram,
     memorization_summary,
@@ -70,6 +70,10 @@ from synth_xray_assets.synthesis.store import images_per_class
 OWNERS = ["team:synth-xray"]
 SPACES = ("cxr", "inception")
 METRICS = ("fid", "kid_mean", "precision", "recall")
+# What every evaluation asset's decorator shares; the per-generator ones are partitioned by class
+# here and by generator in build_defs.
+_ON_GPU = dict(group_name="evaluation", pool="gpu", kinds={"pytorch"}, owners=OWNERS)
+_PER_GENERATOR = dict(partitions_def=class_partitions, **_ON_GPU)
 
 
 # --------------------------------------------------------------------------- cxr_feature_extractor
@@ -77,10 +81,7 @@ METRICS = ("fid", "kid_mean", "precision", "recall")
 
 @dg.asset(
     deps=["chest_xray_dataset"],
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_ON_GPU,
     code_version="cxr-extractor-v2",
     description=(
         "The chest-X-ray feature space: a DenseNet-121 trained with the study's classifier recipe on "
@@ -166,11 +167,7 @@ FID_CHECKS = [
 
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="fid-scores-v2",
     check_specs=FID_CHECKS,
     description=(
@@ -359,11 +356,7 @@ def _scores_frame(results: dict[str, SpaceScores]) -> pd.DataFrame:
 
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="memorization-v1",
     check_specs=[
         dg.AssetCheckSpec(
@@ -420,12 +413,12 @@ def memorization(
             "distribution": dg.MetadataValue.md(png_markdown(memorization_histogram(table, e, baseline))),
             "closest_pairs_features": dg.MetadataValue.md(
                 png_markdown(
-                    closest_pairs_image(synthetic, real, table, "cosine_distance", PairsGrid(n, cell=80))
+                    closest_pairs_image(synthetic, real, table, PairsView("cosine_distance", n, cell=80))
                 )
             ),
             "closest_pairs_pixels": dg.MetadataValue.md(
                 png_markdown(
-                    closest_pairs_image(synthetic, real, table, "pixel_correlation", PairsGrid(n, cell=80))
+                    closest_pairs_image(synthetic, real, table, PairsView("pixel_correlation", n, cell=80))
                 )
             ),
             "path": dg.MetadataValue.path(str(path)),
@@ -463,11 +456,7 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 
 @dg.asset(
     deps=["cxr_feature_extractor", "synthetic_images"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="class-fidelity-v1",
     check_specs=[
         dg.AssetCheckSpec(
