@@ -11,7 +11,7 @@ from PIL import Image
 
 from synth_xray_assets.classifier.experiment import run_dir, save_run, settings_fingerprint
 from synth_xray_assets.classifier.stats import binary_metrics, holm
-from synth_xray_assets.classifier.train import SELECTION_LABELS, RunResult
+from synth_xray_assets.classifier.train import SELECTION_LABELS, RunExtra, RunResult
 from synth_xray_assets.evaluation.fidelity import ClassFidelity, save_fidelity
 from synth_xray_assets.reports import assets as report_assets
 from synth_xray_assets.reports.report import ReportOptions, build_report
@@ -82,19 +82,19 @@ def fake_run(
         train_images_per_s=100.0,
         device="cpu",
         settings=ClassifierSettings(epochs=3).model_dump(mode="json"),
-        extra={
-            "n_real": 0 if experiment == "synth-only" else 100,
-            "n_synthetic": n_synth,
-            "profile": "demo",
-            "initial_weights": "none: random initialisation",
-            "dataset_version": "v1",
-            "settings_fingerprint": settings_fingerprint(settings, experiment),
-            "synthetic_versions": dict(SYNTHETIC_VERSIONS) if n_synth else {},
-            "generator_keys": {"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
-            "normal_share": 0.3 if experiment != "balance-synth-25" else 0.34,
-            "balance_like": "synth-25" if experiment == "balance-synth-25" else None,
-            "validation_split": {"describe": "by patient: 90 patients / 100 images train"},
-        },
+        extra=RunExtra(
+            n_real=0 if experiment == "synth-only" else 100,
+            n_synthetic=n_synth,
+            profile="demo",
+            initial_weights="none: random initialisation",
+            dataset_version="v1",
+            settings_fingerprint=settings_fingerprint(settings, experiment),
+            synthetic_versions=dict(SYNTHETIC_VERSIONS) if n_synth else {},
+            generator_keys={"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
+            normal_share=0.3 if experiment != "balance-synth-25" else 0.34,
+            balance_like="synth-25" if experiment == "balance-synth-25" else None,
+            validation_split={"describe": "by patient: 90 patients / 100 images train"},
+        ),
     )
 
 

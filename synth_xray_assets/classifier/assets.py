@@ -92,11 +92,11 @@ def classifier_experiment(
             if data.spec.balance_like
             else "no"
         ),
-        "settings_fingerprint": result.extra["settings_fingerprint"],
+        "settings_fingerprint": result.extra.settings_fingerprint,
         "n_train": result.n_train,
-        "n_real": result.extra["n_real"],
-        "n_synthetic": result.extra["n_synthetic"],
-        "initial_weights": result.extra["initial_weights"],
+        "n_real": result.extra.n_real,
+        "n_synthetic": result.extra.n_synthetic,
+        "initial_weights": result.extra.initial_weights,
         "training_curves": dg.MetadataValue.md(png_markdown(curves, "loss and accuracy per epoch")),
         "history": dg.MetadataValue.json(
             [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in result.history]

@@ -25,7 +25,7 @@ import pandas as pd
 from synth_xray_assets.classifier.curves import run_curves
 from synth_xray_assets.classifier.data import ExperimentData, experiment_spec, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
-from synth_xray_assets.classifier.train import RunResult, TrainRun, train_classifier
+from synth_xray_assets.classifier.train import RunExtra, RunResult, TrainRun, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import sha256_bytes, write_json_atomic, write_parquet_atomic
@@ -78,23 +78,23 @@ def run_experiment(
         prepared=True,
         experiment=experiment,
         num_workers=num_workers,
-        extra={
-            "n_real": counts["train_real_normal"] + counts["train_real_pneumonia"],
-            "n_synthetic": counts["train_synthetic_normal"] + counts["train_synthetic_pneumonia"],
-            "counts": counts,
-            "real_fraction": data.spec.real_fraction,
-            "balance_like": data.spec.balance_like,
-            "target_normal_share": data.target_normal_share,
-            "normal_share": data.normal_share(),
-            "generators": s.dreambooth.generators,
-            "generator_keys": data.generators,
-            "validation_split": {**data.split.summary(), "describe": data.split.describe()},
-            "settings_fingerprint": settings_fingerprint(s, experiment),
-            "dataset_version": data.dataset_version,
-            "synthetic_versions": data.synthetic_versions,
-            "initial_weights": describe_weights(s.classifier),
-            "profile": s.profile,
-        },
+        extra=RunExtra(
+            n_real=counts["train_real_normal"] + counts["train_real_pneumonia"],
+            n_synthetic=counts["train_synthetic_normal"] + counts["train_synthetic_pneumonia"],
+            counts=counts,
+            real_fraction=data.spec.real_fraction,
+            balance_like=data.spec.balance_like,
+            target_normal_share=data.target_normal_share,
+            normal_share=data.normal_share(),
+            generators=s.dreambooth.generators,
+            generator_keys=data.generators,
+            validation_split={**data.split.summary(), "describe": data.split.describe()},
+            settings_fingerprint=settings_fingerprint(s, experiment),
+            dataset_version=data.dataset_version,
+            synthetic_versions=data.synthetic_versions,
+            initial_weights=describe_weights(s.classifier),
+            profile=s.profile,
+        ),
     )
     result = train_classifier(data, s.classifier, run)
     write_parquet_atomic(data.composition, out / COMPOSITION_FILE)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,34 @@ SELECTION_LABELS = {
 
 
 @dataclass
+class RunExtra:
+    """What an experiment run was trained on and under which settings (``None``: not recorded, as
+    by an older version or a run outside the experiments, such as the feature extractor's)."""
+
+    n_real: int | None = None
+    n_synthetic: int | None = None
+    counts: dict[str, int] | None = None  # images per role, source and class (ExperimentData.counts)
+    real_fraction: float | None = None
+    balance_like: str | None = None  # balance controls: the mix whose class shares they copy
+    target_normal_share: float | None = None
+    normal_share: float | None = None
+    generators: str | None = None  # the arrangement of the settings (study / matched)
+    generator_keys: dict[str, str] | None = None  # class -> generator used
+    validation_split: dict[str, Any] | None = None  # its summary and "describe"
+    settings_fingerprint: str | None = None
+    dataset_version: str | None = None
+    synthetic_versions: dict[str, str] | None = None  # generator -> image set version
+    initial_weights: str | None = None
+    profile: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunExtra:
+        """From a saved run's ``extra`` (keys it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+
+@dataclass
 class RunResult:
     """One trained classifier: curves, the selected and last epoch's scores, per-image test probabilities."""
 
@@ -87,7 +115,7 @@ class RunResult:
     train_images_per_s: float
     device: str
     settings: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: RunExtra = field(default_factory=RunExtra)
     precision: str = "fp32"  # fp32, bf16 or fp16 (+ GradScaler): autocast on CUDA only
     # batch_size, micro_batch, gradient_accumulation, oom_events, batchnorm_note, channels_last,
     # augmentation ("gpu" or "N workers")
@@ -308,7 +336,7 @@ class TrainRun:
     log: Callable[[str], Any] = print
     prepared: bool = False  # images already at the classifier's size (``cached_prepared_images``)
     experiment: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: RunExtra = field(default_factory=RunExtra)
     num_workers: int | None = None  # augmentation processes; None: settings.num_workers or the cores
     keep_state: bool = False  # keep train_state.pt after the run
 
@@ -448,7 +476,7 @@ def _run_result(
         train_images_per_s=n_images / train_time if train_time > 0 else 0.0,
         device=info.run.device,
         settings=settings.model_dump(mode="json"),
-        extra=dict(info.run.extra),
+        extra=info.run.extra,
         precision=info.precision,
         compute=info.compute,
     )

@@ -7,6 +7,7 @@ import dagster as dg
 from PIL import Image
 
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir, settings_fingerprint
+from synth_xray_assets.classifier.train import RunExtra
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.evaluation.fidelity import load_fidelity
 from synth_xray_assets.metadata import metadata_table
@@ -62,23 +63,23 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
 
 def stale_reason(s: Settings, run: dict, dataset_version: str | None) -> str | None:
     """Why ``run`` does not belong in a report of the current settings and files (None: it does)."""
-    extra = run.get("extra", {})
-    version = extra.get("dataset_version")
+    extra = RunExtra.from_dict(run.get("extra"))
+    version = extra.dataset_version
     if dataset_version is not None and version != dataset_version:
         return f"trained on dataset version {version}, current is {dataset_version}"
     if run["selection"] != s.classifier.selection:
         return f"selected on {run['selection']}, the settings say {s.classifier.selection}"
-    fingerprint, current = extra.get("settings_fingerprint"), settings_fingerprint(s, run["experiment"])
+    fingerprint, current = extra.settings_fingerprint, settings_fingerprint(s, run["experiment"])
     if fingerprint is None:
         return "no settings fingerprint recorded (made by an older version): cannot tell its settings"
     if fingerprint != current:
         return f"trained under other settings (fingerprint {fingerprint}, current {current})"
-    for generator, used in sorted((extra.get("synthetic_versions") or {}).items()):
+    for generator, used in sorted((extra.synthetic_versions or {}).items()):
         root = synthetic_dir(s.data_dir, generator)
         now = SyntheticImages.open(root).version() if (root / MANIFEST).is_file() else None
         if used != now:
             return f"trained on synthetic images {generator} version {used}, current is {now or 'none'}"
-    if extra.get("n_synthetic") and not extra.get("synthetic_versions"):
+    if extra.n_synthetic and not extra.synthetic_versions:
         return "used synthetic images but recorded no versions: cannot tell which"
     return None
 

@@ -30,6 +30,7 @@ from synth_xray_assets.classifier.stats import (
     paired_bootstrap_diff,
     paired_seed_test,
 )
+from synth_xray_assets.classifier.train import RunExtra
 from synth_xray_assets.reports import plots
 from synth_xray_assets.storage import markdown_table, write_bytes_atomic
 
@@ -111,20 +112,18 @@ def results_table(
     for name, group in group_runs(runs, list(published)).items():
         prob = np.array([r["test_prob_selected"] for r in group])
         prob_last = np.array([r["test_prob_last"] for r in group])
-        extras = [r.get("extra", {}) for r in group]
+        extras = [RunExtra.from_dict(r.get("extra")) for r in group]
         row: dict[str, Any] = {
             "experiment": name,
             "n_seeds": len(group),
             "seeds": ",".join(str(r["seed"]) for r in group),
             "selection": "/".join(sorted({r["selection"] for r in group})),
             "n_train": float(np.mean([r["n_train"] for r in group])),
-            "n_real": float(np.mean([e.get("n_real", np.nan) for e in extras])),
-            "n_synthetic": float(np.mean([e.get("n_synthetic", np.nan) for e in extras])),
-            "normal_share": float(np.mean([e.get("normal_share", np.nan) for e in extras])),
-            "balance_like": extras[0].get("balance_like") or "",
-            "generators": ", ".join(
-                sorted({k for e in extras for k in (e.get("generator_keys") or {}).values()})
-            ),
+            "n_real": _mean_recorded([e.n_real for e in extras]),
+            "n_synthetic": _mean_recorded([e.n_synthetic for e in extras]),
+            "normal_share": _mean_recorded([e.normal_share for e in extras]),
+            "balance_like": extras[0].balance_like or "",
+            "generators": ", ".join(sorted({k for e in extras for k in (e.generator_keys or {}).values()})),
             "selected_epoch_mean": float(np.mean([r["selected_epoch"] for r in group])),
         }
         for metric in SUMMARY_METRICS:
@@ -361,19 +360,31 @@ def _side_by_side_md(t: pd.DataFrame) -> str:
     )
 
 
+def _mean_recorded(values: Sequence[float | None]) -> float:
+    """The mean of per-run values; NaN when a run did not record its value."""
+    return float(np.mean([np.nan if v is None else v for v in values]))
+
+
+def _real_plus_synthetic(extra: RunExtra) -> str:
+    """``real + synthetic`` training images of a run (``?`` where not recorded)."""
+    return " + ".join("?" if n is None else str(n) for n in (extra.n_real, extra.n_synthetic))
+
+
 def _setup_md(runs: Sequence[dict[str, Any]], opts: ReportOptions) -> str:
     first, c = runs[0], runs[0]["settings"]
-    extras = [r.get("extra", {}) for r in runs]
+    extras = [RunExtra.from_dict(r.get("extra")) for r in runs]
     data_note = (
         "**Demo profile: the 'real' images are SYNTHETIC PHANTOMS made by the project, not patients, "
         "and the models are tiny runs; the numbers show the pipeline works, not the study's findings.**"
-        if any(e.get("profile") == "demo" for e in extras)
+        if any(e.profile == "demo" for e in extras)
         else "Real images: `hf-vision/chest-xray-pneumonia` (or the local source named in the settings)."
     )
-    weights = "; ".join(sorted({str(e.get("initial_weights", "?")) for e in extras}))
-    versions = ", ".join(sorted({str(e.get("dataset_version")) for e in extras}))
+    weights = "; ".join(
+        sorted({str("?" if e.initial_weights is None else e.initial_weights) for e in extras})
+    )
+    versions = ", ".join(sorted({str(e.dataset_version) for e in extras}))
     on_test = " (and, under the study's protocol, to pick the epoch)" if first["selection"] == "test" else ""
-    split = next((e["validation_split"]["describe"] for e in extras if e.get("validation_split")), None)
+    split = next((e.validation_split["describe"] for e in extras if e.validation_split), None)
     hidden = c["hidden_units"]
     arrangement = (
         "**matched**: one generator per class fine-tuned on real train less the validation split, and "
@@ -436,7 +447,7 @@ def _per_run_md(runs: Sequence[dict[str, Any]], order: Sequence[str]) -> str:
                 {
                     "experiment": r["experiment"],
                     "seed": str(r["seed"]),
-                    "real + synth": f"{r['extra'].get('n_real', '?')} + {r['extra'].get('n_synthetic', '?')}",
+                    "real + synth": _real_plus_synthetic(RunExtra.from_dict(r.get("extra"))),
                     "selected epoch": f"{r['selected_epoch']}/{r['epochs']}",
                     "val acc %": _pct(r["val_selected"]["accuracy"]),
                     "test acc % (selected)": _pct(r["test_selected"]["accuracy"]),
