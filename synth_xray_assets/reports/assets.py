@@ -13,15 +13,8 @@ from synth_xray_assets.evaluation.fidelity import load_fidelity
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import generator_keys
-from synth_xray_assets.reports.report import (
-    GeneratorQuality,
-    ReportOptions,
-    build_report,
-    comparisons_frame,
-    fidelity_text,
-    main_frame,
-    quality_frame,
-)
+from synth_xray_assets.reports.markdown import comparisons_frame, fidelity_text, main_frame, quality_frame
+from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions, build_report
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
 from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atomic
