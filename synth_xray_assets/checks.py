@@ -1,7 +1,8 @@
 """Asset-check wiring shared by the domains: a blocking check on an asset's partitions from a
-plain function that returns its findings."""
+plain function that returns its findings.
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: Dagster reads the check's annotations as types.
+"""
 
 from collections.abc import Callable
 from typing import Any
