@@ -43,7 +43,9 @@ from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exporte
     save_checkpoint,
     save_final_model,
 )
-from synth_xray_assets.dreambooth.latents import (  # noqa: F401 (re-exported)
+
+# Re-exported for tiny.py, which imports them from here (they moved to latents.py).
+from synth_xray_assets.dreambooth.latents import (  # noqa: F401
     encode_latent_distribution,
     encode_tokens,
     images_to_tensor,
