@@ -81,11 +81,11 @@ def main() -> None:
         log=lambda m: print("  ", m),
     )
     print(
-        f"extractor: selected epoch {info['selected_epoch']}/{info['epochs']}, validation accuracy "
-        f"{info['validation_accuracy']:.3f} ({info['n_validation']} images), test accuracy "
-        f"{info['test_accuracy']:.3f}, test AUC {info['test_auc']:.3f}, {info['train_time_s']:.0f} s training"
+        f"extractor: selected epoch {info.selected_epoch}/{info.epochs}, validation accuracy "
+        f"{info.validation_accuracy:.3f} ({info.n_validation} images), test accuracy "
+        f"{info.test_accuracy:.3f}, test AUC {info.test_auc:.3f}, {info.train_time_s:.0f} s training"
     )
-    space = get_feature_space("cxr", evaluation, info["weights_path"])
+    space = get_feature_space("cxr", evaluation, info.weights_path)
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     print(
         "\nchest-X-ray FD (Frechet distance of pooled DenseNet-121 features); reference = real train, class"

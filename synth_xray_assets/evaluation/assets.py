@@ -114,33 +114,33 @@ def cxr_feature_extractor(
         device=device,
         log=context.log.info,
     )
-    per_class = ", ".join(f"{c} {n}" for c, n in zip(s.dataset.class_names, info["n_train_per_class"]))
-    curve = pd.DataFrame(info["history"])
+    per_class = ", ".join(f"{c} {n}" for c, n in zip(s.dataset.class_names, info.n_train_per_class))
+    curve = pd.DataFrame(info.history)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(info["weights_path"]),
-            "weights_sha256": info["weights_sha256"],
+            "path": dg.MetadataValue.path(info.weights_path),
+            "weights_sha256": info.weights_sha256,
             "training_set": (
                 f"chest_xray_dataset train split less the classifiers' validation split, real images only: "
-                f"{info['n_train']} ({per_class}); "
+                f"{info.n_train} ({per_class}); "
                 f"dataset version {ds.version}"
             ),
             "dataset_version": ds.version,
             "validation_split": split.describe(),
-            "validation_accuracy": dg.MetadataValue.float(float(info["validation_accuracy"])),
-            "test_accuracy": dg.MetadataValue.float(float(info["test_accuracy"])),
-            "test_auc": dg.MetadataValue.float(_finite_or_nan(info["test_auc"])),
-            "selected_epoch": f"{info['selected_epoch']} of {info['epochs']} (by validation accuracy, "
-            f"{info['n_validation']} images)",
-            "feature_resolution": info["resolution"],
-            "initial_weights": info["pretrained"],
-            "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
+            "validation_accuracy": dg.MetadataValue.float(float(info.validation_accuracy)),
+            "test_accuracy": dg.MetadataValue.float(float(info.test_accuracy)),
+            "test_auc": dg.MetadataValue.float(_finite_or_nan(info.test_auc)),
+            "selected_epoch": f"{info.selected_epoch} of {info.epochs} (by validation accuracy, "
+            f"{info.n_validation} images)",
+            "feature_resolution": info.resolution,
+            "initial_weights": info.pretrained,
+            "train_images_per_s": dg.MetadataValue.float(round(float(info.train_images_per_s), 2)),
             "device": device,
-            "precision": info.get("precision", "fp32"),
-            "micro_batch": info.get("compute", {}).get("micro_batch", 0),  # < batch size after an OOM
+            "precision": info.precision,
+            "micro_batch": info.compute.get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
         },
-        data_version=dg.DataVersion(info["weights_sha256"][:16]),
+        data_version=dg.DataVersion(info.weights_sha256[:16]),
     )
 
 

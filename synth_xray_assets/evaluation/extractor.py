@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,33 @@ def extractor_weights(data_dir: str | Path) -> Path:
     return extractor_dir(data_dir) / WEIGHTS_FILE
 
 
+@dataclass
+class ExtractorInfo:
+    """The trained extractor: its weights, data, selected epoch and scores, speed and history
+    (``extractor.json``)."""
+
+    weights_path: str
+    weights_sha256: str
+    n_train: int
+    n_train_per_class: list[int]
+    n_validation: int
+    n_test: int
+    epochs: int
+    selected_epoch: int
+    validation_accuracy: float
+    test_accuracy: float
+    test_auc: float
+    train_images_per_s: float
+    train_time_s: float
+    resolution: int
+    pretrained: str | bool
+    seed: int
+    device: str
+    precision: str
+    compute: dict[str, Any]  # micro-batch (after any out-of-memory halving), channels_last, ...
+    history: list[dict[str, Any]]
+
+
 def extractor_settings(classifier: ClassifierSettings, evaluation: EvaluationSettings) -> ClassifierSettings:
     """The classifier recipe at the feature space's input size (resize = crop = resolution) and epochs."""
     r = evaluation.feature_resolution
@@ -54,10 +82,10 @@ def train_cxr_feature_extractor(
     out_dir: str | Path,
     device: str = "cpu",
     log: Callable[[str], Any] = print,
-) -> dict[str, Any]:
+) -> ExtractorInfo:
     """Train the extractor on ``data``'s train split (uint8 images ``[N, H, W]``, labels), choose its
     epoch on its validation split, score it on its test split; write
-    ``out_dir/cxr_densenet121.safetensors`` and ``extractor.json``. Returns what ``extractor.json`` holds."""
+    ``out_dir/cxr_densenet121.safetensors`` and ``extractor.json`` (what the returned record holds)."""
     out_dir = Path(out_dir)
     if len(data.val_x) == 0:
         raise ValueError(
@@ -71,27 +99,27 @@ def train_cxr_feature_extractor(
     weights = out_dir / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
         shutil.copyfile(result.weights_path, tmp)
-    info = {
-        "weights_path": str(weights),
-        "weights_sha256": sha256_file(weights),
-        "n_train": result.n_train,
-        "n_train_per_class": result.n_train_per_class,
-        "n_validation": result.n_val,
-        "n_test": result.n_test,
-        "epochs": result.epochs,
-        "selected_epoch": result.selected_epoch,
-        "validation_accuracy": result.val_selected["accuracy"],
-        "test_accuracy": result.test_selected["accuracy"],
-        "test_auc": result.test_selected["auc"],
-        "train_images_per_s": result.train_images_per_s,
-        "train_time_s": result.train_time_s,
-        "resolution": settings.resolution,
-        "pretrained": settings.pretrained,
-        "seed": evaluation.feature_seed,
-        "device": device,
-        "precision": result.precision,
-        "compute": result.compute,  # micro-batch (after any out-of-memory halving), channels_last, ...
-        "history": result.history,
-    }
-    write_json_atomic(out_dir / "extractor.json", info)
+    info = ExtractorInfo(
+        weights_path=str(weights),
+        weights_sha256=sha256_file(weights),
+        n_train=result.n_train,
+        n_train_per_class=result.n_train_per_class,
+        n_validation=result.n_val,
+        n_test=result.n_test,
+        epochs=result.epochs,
+        selected_epoch=result.selected_epoch,
+        validation_accuracy=result.val_selected["accuracy"],
+        test_accuracy=result.test_selected["accuracy"],
+        test_auc=result.test_selected["auc"],
+        train_images_per_s=result.train_images_per_s,
+        train_time_s=result.train_time_s,
+        resolution=settings.resolution,
+        pretrained=settings.pretrained,
+        seed=evaluation.feature_seed,
+        device=device,
+        precision=result.precision,
+        compute=result.compute,
+        history=result.history,
+    )
+    write_json_atomic(out_dir / "extractor.json", asdict(info))
     return info
