@@ -507,6 +507,6 @@ def test_classifier_experiment_asset_end_to_end(tiny):
     assert len(pred) == 16 and set(pred.image_id) == set(
         StandardizedDataset.open(tiny.data_dir / "dataset").rows("test").sha256
     )
-    assert run["test_selected"]["accuracy"] == pytest.approx(md["test_accuracy"].value)
+    assert run.test_selected["accuracy"] == pytest.approx(md["test_accuracy"].value)
     assert json.loads((folder / RUN_FILE).read_text())["extra"]["n_synthetic"] == 8
     assert len(SyntheticImages.open(synthetic_dir(tiny.data_dir, "normal"))) == SYNTH_PER_CLASS

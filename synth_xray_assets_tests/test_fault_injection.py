@@ -389,10 +389,10 @@ def compare(ref: Path, got: Path) -> dict[str, str]:
     found["generation"] = f"{len(ib)} images, mean |pixel diff| {pixel:.3f} gray levels"
 
     ra, rb = (load_run(Layout(d).classifier_run("baseline", 0)) for d in (ref, got))
-    la = [h["train_loss"] for h in ra["history"]]
-    lb = [h["train_loss"] for h in rb["history"]]
+    la = [h["train_loss"] for h in ra.history]
+    lb = [h["train_loss"] for h in rb.history]
     assert np.allclose(la, lb, atol=1e-4), (la, lb)
-    assert ra["test_selected"]["accuracy"] == rb["test_selected"]["accuracy"]
+    assert ra.test_selected["accuracy"] == rb.test_selected["accuracy"]
     found["classifier"] = (
         f"train losses {np.round(lb, 5).tolist()} (uninterrupted {np.round(la, 5).tolist()}), "
         "test accuracy equal"

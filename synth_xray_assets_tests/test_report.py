@@ -113,8 +113,8 @@ def write_fake_runs(data_dir: Path, runs: list[RunResult]) -> None:
         save_run(r, run_dir(data_dir, r.experiment, r.seed), TEST_IDS)
 
 
-def as_loaded(r: RunResult) -> dict:
-    return {**r.to_dict(), "test_image_ids": TEST_IDS}
+def as_loaded(r: RunResult) -> RunResult:
+    return RunResult.from_dict({**r.to_dict(), "test_image_ids": TEST_IDS})
 
 
 def test_report_with_two_seeds(tmp_path):
@@ -194,7 +194,7 @@ def test_one_seed_says_the_seed_level_cannot_be_estimated_and_study_protocol_is_
 
 def test_runs_on_different_test_sets_are_refused(tmp_path):
     a, b = as_loaded(fake_run("baseline", 0, 0.8)), as_loaded(fake_run("synth-25", 0, 0.8))
-    b["test_labels"] = b["test_labels"][::-1]
+    b.test_labels = b.test_labels[::-1]
     with pytest.raises(ValueError, match="different test sets"):
         build_report([a, b], PUBLISHED_RESULTS, tmp_path, ReportOptions(n_boot=10))
 

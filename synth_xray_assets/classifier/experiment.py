@@ -34,7 +34,7 @@ RUN_FILE = "run.json"
 PREDICTIONS_FILE = "predictions.parquet"
 COMPOSITION_FILE = "composition.parquet"
 CURVES_FILE = "curves.png"
-_PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last")
+_PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last", "test_image_ids")
 
 
 # Classifier settings that do not change what one run computes (which runs exist, how they are reported).
@@ -121,8 +121,8 @@ def save_run(result: RunResult, folder: str | Path, test_image_ids: list[str]) -
     return write_json_atomic(folder / RUN_FILE, summary)
 
 
-def load_run(path: str | Path) -> dict[str, Any]:
-    """A finished run as :meth:`RunResult.to_dict` gives it (per-image test probabilities included)."""
+def load_run(path: str | Path) -> RunResult:
+    """A finished run, its per-image test labels, probabilities and image ids included."""
     path = Path(path)
     run = json.loads((path / RUN_FILE).read_text())
     pred = pd.read_parquet(path / PREDICTIONS_FILE)
@@ -130,8 +130,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
     run["test_prob_selected"] = pred.prob_selected.astype(float).tolist()
     run["test_prob_last"] = pred.prob_last.astype(float).tolist()
     run["test_image_ids"] = pred.image_id.astype(str).tolist()
-    run["run_dir"] = str(path)
-    return run
+    return RunResult.from_dict(run)
 
 
 def is_finished(path: str | Path) -> bool:

@@ -120,6 +120,14 @@ class RunResult:
     # batch_size, micro_batch, gradient_accumulation, oom_events, batchnorm_note, channels_last,
     # augmentation ("gpu" or "N workers")
     compute: dict[str, Any] = field(default_factory=dict)
+    test_image_ids: list[str] = field(default_factory=list)  # as a saved run is loaded (not in run.json)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """A run from :meth:`to_dict`'s data (keys it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{**values, "extra": RunExtra.from_dict(data.get("extra"))})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (NaN kept as float NaN)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from synth_xray_assets.classifier.train import RunExtra
+from synth_xray_assets.classifier.train import RunExtra, RunResult
 from synth_xray_assets.storage import markdown_table
 
 if TYPE_CHECKING:
@@ -157,9 +157,9 @@ def _real_plus_synthetic(extra: RunExtra) -> str:
     return " + ".join("?" if n is None else str(n) for n in (extra.n_real, extra.n_synthetic))
 
 
-def _setup_md(runs: Sequence[dict[str, Any]], opts: ReportOptions) -> str:
-    first, c = runs[0], runs[0]["settings"]
-    extras = [RunExtra.from_dict(r.get("extra")) for r in runs]
+def _setup_md(runs: Sequence[RunResult], opts: ReportOptions) -> str:
+    first, c = runs[0], runs[0].settings
+    extras = [r.extra for r in runs]
     data_note = (
         "**Demo profile: the 'real' images are SYNTHETIC PHANTOMS made by the project, not patients, "
         "and the models are tiny runs; the numbers show the pipeline works, not the study's findings.**"
@@ -170,7 +170,7 @@ def _setup_md(runs: Sequence[dict[str, Any]], opts: ReportOptions) -> str:
         sorted({str("?" if e.initial_weights is None else e.initial_weights) for e in extras})
     )
     versions = ", ".join(sorted({str(e.dataset_version) for e in extras}))
-    on_test = " (and, under the study's protocol, to pick the epoch)" if first["selection"] == "test" else ""
+    on_test = " (and, under the study's protocol, to pick the epoch)" if first.selection == "test" else ""
     split = next((e.validation_split["describe"] for e in extras if e.validation_split), None)
     hidden = c["hidden_units"]
     arrangement = (
@@ -197,7 +197,7 @@ def _setup_md(runs: Sequence[dict[str, Any]], opts: ReportOptions) -> str:
             f"- Validation split of real train ({100 * c['val_fraction']:g}% of each class, split seed "
             f"{c['split_seed']}), the same for every experiment and seed, never used for training, "
             f"never seen by a generator: {split or 'not recorded'}.",
-            f"- Test: {first['n_test']} images, used only for the scores below{on_test}.",
+            f"- Test: {first.n_test} images, used only for the scores below{on_test}.",
             f"- Generators (settings dreambooth.generators): {arrangement}",
             "- Synthetic images: class-balanced (half NORMAL, half PNEUMONIA), drawn with the run's seed. "
             "Balance controls: the baseline's real images plus seeded duplicates of real NORMAL images "
@@ -224,25 +224,25 @@ def _runs_md(opts: ReportOptions, n_runs: int) -> str:
     return "\n".join(lines)
 
 
-def _per_run_md(runs: Sequence[dict[str, Any]], order: Sequence[str]) -> str:
-    def key(r: dict[str, Any]) -> tuple[int, int]:
-        return (list(order).index(r["experiment"]) if r["experiment"] in order else 99, int(r["seed"]))
+def _per_run_md(runs: Sequence[RunResult], order: Sequence[str]) -> str:
+    def key(r: RunResult) -> tuple[int, int]:
+        return (list(order).index(r.experiment) if r.experiment in order else 99, int(r.seed))
 
     return markdown_table(
         pd.DataFrame(
             [
                 {
-                    "experiment": r["experiment"],
-                    "seed": str(r["seed"]),
-                    "real + synth": _real_plus_synthetic(RunExtra.from_dict(r.get("extra"))),
-                    "selected epoch": f"{r['selected_epoch']}/{r['epochs']}",
-                    "val acc %": _pct(r["val_selected"]["accuracy"]),
-                    "test acc % (selected)": _pct(r["test_selected"]["accuracy"]),
-                    "test acc % (last)": _pct(r["test_last"]["accuracy"]),
-                    "F1": _num(r["test_selected"]["f1"]),
-                    "AUC": _num(r["test_selected"]["auc"]),
-                    "specificity": _num(r["test_selected"]["specificity"]),
-                    "train s": f"{r['train_time_s']:.0f}",
+                    "experiment": r.experiment,
+                    "seed": str(r.seed),
+                    "real + synth": _real_plus_synthetic(r.extra),
+                    "selected epoch": f"{r.selected_epoch}/{r.epochs}",
+                    "val acc %": _pct(r.val_selected["accuracy"]),
+                    "test acc % (selected)": _pct(r.test_selected["accuracy"]),
+                    "test acc % (last)": _pct(r.test_last["accuracy"]),
+                    "F1": _num(r.test_selected["f1"]),
+                    "AUC": _num(r.test_selected["auc"]),
+                    "specificity": _num(r.test_selected["specificity"]),
+                    "train s": f"{r.train_time_s:.0f}",
                 }
                 for r in sorted(runs, key=key)
             ]
@@ -250,8 +250,8 @@ def _per_run_md(runs: Sequence[dict[str, Any]], order: Sequence[str]) -> str:
     )
 
 
-def _uncertainty_md(runs: Sequence[dict[str, Any]], opts: ReportOptions, n_test: int) -> str:
-    n_seeds = max(Counter(r["experiment"] for r in runs).values())  # the most seeds of an experiment
+def _uncertainty_md(runs: Sequence[RunResult], opts: ReportOptions, n_test: int) -> str:
+    n_seeds = max(Counter(r.experiment for r in runs).values())  # the most seeds of an experiment
     seeds = (
         "**With one seed per experiment, the seed-level part of the variance cannot be estimated**: "
         "the intervals below resample test images only, and the paired test over seeds is n/a."
@@ -272,17 +272,17 @@ raw and adjusted p-values are both shown. One test image is {100 / n_test:.2f} a
 def render_markdown(
     table: pd.DataFrame,
     comparisons: pd.DataFrame,
-    runs: Sequence[dict[str, Any]],
+    runs: Sequence[RunResult],
     figures: Mapping[str, Path],
     opts: ReportOptions,
 ) -> str:
-    n_test = runs[0]["n_test"]
-    seeds = sorted({int(r["seed"]) for r in runs})
+    n_test = runs[0].n_test
+    seeds = sorted({int(r.seed) for r in runs})
     protocol = (
         "**The epoch of each run was selected on the TEST set (the study's own protocol: no validation "
         "split, all of real train trains), so the 'selected' figures are optimistic; the last-epoch "
         "figures are not.**"
-        if any(r["selection"] == "test" for r in runs)
+        if any(r.selection == "test" for r in runs)
         else "The epoch of each run was selected by accuracy on a validation split carved from the real "
         "training images by patient; the test set was scored only after training. The last epoch is "
         "reported too."

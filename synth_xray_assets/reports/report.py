@@ -1,7 +1,8 @@
 """The study's results table, redone with seeds, hierarchical intervals and corrected paired tests.
 
-Input: finished runs as ``classifier.experiment.load_run`` gives them (one dict per experiment
-and seed, per-image test probabilities included), and per generator its FID and class fidelity.
+Input: finished runs as ``classifier.experiment.load_run`` gives them (one ``RunResult`` per
+experiment and seed, per-image test probabilities and image ids included), and per generator its
+FID and class fidelity.
 Output under ``data/reports/``: ``report.md`` (readable on its own, every table written by
 ``storage.markdown_table``), ``results.csv``, ``comparisons.csv`` and the study's four figures.
 
@@ -29,7 +30,7 @@ from synth_xray_assets.classifier.stats import (
     paired_bootstrap_diff,
     paired_seed_test,
 )
-from synth_xray_assets.classifier.train import RunExtra
+from synth_xray_assets.classifier.train import RunResult
 from synth_xray_assets.reports import plots
 from synth_xray_assets.reports.markdown import render_markdown
 from synth_xray_assets.storage import write_bytes_atomic
@@ -87,52 +88,50 @@ class ReportResult:
     markdown: str
 
 
-def group_runs(runs: Sequence[dict[str, Any]], order: Sequence[str] = ()) -> dict[str, list[dict[str, Any]]]:
+def group_runs(runs: Sequence[RunResult], order: Sequence[str] = ()) -> dict[str, list[RunResult]]:
     """Runs by experiment, in ``order`` first (the study's), then any others; seeds sorted."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    groups: dict[str, list[RunResult]] = {}
     for run in runs:
-        groups.setdefault(run["experiment"], []).append(run)
+        groups.setdefault(run.experiment, []).append(run)
     names = [e for e in order if e in groups] + [e for e in groups if e not in order]
-    return {e: sorted(groups[e], key=lambda r: int(r["seed"])) for e in names}
+    return {e: sorted(groups[e], key=lambda r: int(r.seed)) for e in names}
 
 
-def _test_labels(runs: Sequence[dict[str, Any]]) -> np.ndarray:
-    keys = {(tuple(r["test_labels"]), tuple(r.get("test_image_ids", ()))) for r in runs}
+def _test_labels(runs: Sequence[RunResult]) -> np.ndarray:
+    keys = {(tuple(r.test_labels), tuple(r.test_image_ids)) for r in runs}
     if len(keys) != 1:
         raise ValueError("runs were scored on different test sets; a paired comparison needs one")
     return np.array(next(iter(keys))[0], dtype=np.int64)
 
 
 def results_table(
-    runs: Sequence[dict[str, Any]], published: Mapping[str, Mapping[str, float]], opts: ReportOptions
+    runs: Sequence[RunResult], published: Mapping[str, Mapping[str, float]], opts: ReportOptions
 ) -> pd.DataFrame:
     """Per experiment: mean/std over seeds, two-level bootstrap CIs, composition, study figures."""
     y = _test_labels(runs)
     rows = []
     for name, group in group_runs(runs, list(published)).items():
-        prob = np.array([r["test_prob_selected"] for r in group])
-        prob_last = np.array([r["test_prob_last"] for r in group])
-        extras = [RunExtra.from_dict(r.get("extra")) for r in group]
+        prob = np.array([r.test_prob_selected for r in group])
+        prob_last = np.array([r.test_prob_last for r in group])
+        extras = [r.extra for r in group]
         row: dict[str, Any] = {
             "experiment": name,
             "n_seeds": len(group),
-            "seeds": ",".join(str(r["seed"]) for r in group),
-            "selection": "/".join(sorted({r["selection"] for r in group})),
-            "n_train": float(np.mean([r["n_train"] for r in group])),
+            "seeds": ",".join(str(r.seed) for r in group),
+            "selection": "/".join(sorted({r.selection for r in group})),
+            "n_train": float(np.mean([r.n_train for r in group])),
             "n_real": _mean_recorded([e.n_real for e in extras]),
             "n_synthetic": _mean_recorded([e.n_synthetic for e in extras]),
             "normal_share": _mean_recorded([e.normal_share for e in extras]),
             "balance_like": extras[0].balance_like or "",
             "generators": ", ".join(sorted({k for e in extras for k in (e.generator_keys or {}).values()})),
-            "selected_epoch_mean": float(np.mean([r["selected_epoch"] for r in group])),
+            "selected_epoch_mean": float(np.mean([r.selected_epoch for r in group])),
         }
         for metric in SUMMARY_METRICS:
-            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std(
-                [r["test_selected"][metric] for r in group]
-            )
+            row[f"{metric}_mean"], row[f"{metric}_std"] = mean_std([r.test_selected[metric] for r in group])
         for metric in LAST_METRICS:
             row[f"last_{metric}_mean"], row[f"last_{metric}_std"] = mean_std(
-                [r["test_last"][metric] for r in group]
+                [r.test_last[metric] for r in group]
             )
         for metric in CI_METRICS:
             for prefix, p in (("", prob), ("last_", prob_last)):
@@ -147,21 +146,21 @@ def results_table(
 
 
 def compare(
-    y: np.ndarray, reference: list[dict[str, Any]], other: list[dict[str, Any]], opts: ReportOptions
+    y: np.ndarray, reference: list[RunResult], other: list[RunResult], opts: ReportOptions
 ) -> dict[str, float]:
     """``other`` minus ``reference``, paired by seed and test image: accuracy with a two-level paired
     bootstrap interval and p-value, a paired t-test over seeds, AUC with DeLong's test."""
-    mine = {r["seed"]: r for r in other}
-    ref = {r["seed"]: r for r in reference}
+    mine = {r.seed: r for r in other}
+    ref = {r.seed: r for r in reference}
     seeds = [s for s in sorted(ref) if s in mine]
     if not seeds:
         return {"n_paired_seeds": 0}
-    a = np.array([ref[s]["test_prob_selected"] for s in seeds])
-    b = np.array([mine[s]["test_prob_selected"] for s in seeds])
+    a = np.array([ref[s].test_prob_selected for s in seeds])
+    b = np.array([mine[s].test_prob_selected for s in seeds])
     boot = paired_bootstrap_diff(y, a, b, boot=opts.bootstrap())
     per_seed = paired_seed_test(
-        [ref[s]["test_selected"]["accuracy"] for s in seeds],
-        [mine[s]["test_selected"]["accuracy"] for s in seeds],
+        [ref[s].test_selected["accuracy"] for s in seeds],
+        [mine[s].test_selected["accuracy"] for s in seeds],
     )
     auc = delong_test(y, a, b)
     return {
@@ -181,9 +180,7 @@ def _mean_recorded(values: Sequence[float | None]) -> float:
     return float(np.mean([np.nan if v is None else v for v in values]))
 
 
-def comparisons_table(
-    runs: Sequence[dict[str, Any]], order: Sequence[str], opts: ReportOptions
-) -> pd.DataFrame:
+def comparisons_table(runs: Sequence[RunResult], order: Sequence[str], opts: ReportOptions) -> pd.DataFrame:
     """Every experiment against the baseline (one family), and every synthetic mix against its
     real-only balance control (another); raw p-values and Holm-adjusted within each family."""
     y = _test_labels(runs)
@@ -229,14 +226,14 @@ def comparisons_table(
 
 
 def build_report(
-    runs: Sequence[dict[str, Any]],
+    runs: Sequence[RunResult],
     published: Mapping[str, Mapping[str, float]],
     out_dir: Path,
     opts: ReportOptions | None = None,
 ) -> ReportResult:
     """Write ``report.md``, ``results.csv``, ``comparisons.csv`` and the four figures under ``out_dir``.
 
-    ``runs``: ``classifier.experiment.load_run`` dicts; ``published``: ``settings.PUBLISHED_RESULTS``.
+    ``runs``: as ``classifier.experiment.load_run`` gives them; ``published``: ``settings.PUBLISHED_RESULTS``.
     """
     if not runs:
         raise ValueError("no runs to report")
