@@ -147,7 +147,7 @@ def main() -> None:
     print(
         f"   saved per later call: {plain_s - warm:6.2f} s ({plain_s / warm:.1f}x faster than the plain way)"
     )
-    print(f"   (same FID both ways: {fid:.4f}; timing breakdown of a later call: {results[-1]['seconds']})")
+    print(f"   (same FID both ways: {fid:.4f}; timing breakdown of a later call: {results[-1].seconds})")
 
 
 if __name__ == "__main__":
