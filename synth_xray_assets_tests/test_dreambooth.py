@@ -10,21 +10,19 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth.base_model import fetch_base_model
-from synth_xray_assets.dreambooth.latents import (
-    encode_latent_distribution,
-    encode_tokens,
-    noisy_latents_and_target,
-    sample_latents,
-    step_generator,
-    tokenize_prompts,
-)
 from synth_xray_assets.dreambooth.tiny import build_tiny_tokenizer
 from synth_xray_assets.dreambooth.training import (
     LORA_WEIGHTS_NAME,
     RunDirs,
     RunInputs,
     dreambooth_loss,
+    encode_latent_distribution,
+    encode_tokens,
+    noisy_latents_and_target,
     num_train_steps,
+    sample_latents,
+    step_generator,
+    tokenize_prompts,
     train_dreambooth,
 )
 from synth_xray_assets.settings import DreamBoothSettings

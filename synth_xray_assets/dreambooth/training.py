@@ -43,17 +43,15 @@ from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exporte
     save_checkpoint,
     save_final_model,
 )
-
-# Re-exported for tiny.py, which imports them from here (they moved to latents.py).
-from synth_xray_assets.dreambooth.latents import (  # noqa: F401
+from synth_xray_assets.dreambooth.latents import (
     encode_latent_distribution,
     encode_tokens,
-    images_to_tensor,
     noisy_latents_and_target,
     sample_latents,
     step_generator,
     tokenize_prompts,
 )
+from synth_xray_assets.dreambooth.latents import images_to_tensor as images_to_tensor  # for tiny.py
 from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
     dreambooth_loss,
     num_train_steps,

@@ -40,6 +40,21 @@ def extractor_weights(data_dir: str | Path) -> Path:
     return extractor_dir(data_dir) / WEIGHTS_FILE
 
 
+# ExtractorInfo's fields that are the training run's own (RunResult's fields of the same name).
+_AS_IN_THE_RUN = (
+    "n_train",
+    "n_train_per_class",
+    "n_test",
+    "epochs",
+    "selected_epoch",
+    "train_images_per_s",
+    "train_time_s",
+    "precision",
+    "compute",
+    "history",
+)
+
+
 @dataclass
 class ExtractorInfo:
     """The trained extractor: its weights, data, selected epoch and scores, speed and history
@@ -102,24 +117,15 @@ def train_cxr_feature_extractor(
     info = ExtractorInfo(
         weights_path=str(weights),
         weights_sha256=sha256_file(weights),
-        n_train=result.n_train,
-        n_train_per_class=result.n_train_per_class,
         n_validation=result.n_val,
-        n_test=result.n_test,
-        epochs=result.epochs,
-        selected_epoch=result.selected_epoch,
         validation_accuracy=result.val_selected["accuracy"],
         test_accuracy=result.test_selected["accuracy"],
         test_auc=result.test_selected["auc"],
-        train_images_per_s=result.train_images_per_s,
-        train_time_s=result.train_time_s,
         resolution=settings.resolution,
         pretrained=settings.pretrained,
         seed=evaluation.feature_seed,
         device=device,
-        precision=result.precision,
-        compute=result.compute,
-        history=result.history,
+        **{name: getattr(result, name) for name in _AS_IN_THE_RUN},
     )
     write_json_atomic(out_dir / "extractor.json", asdict(info))
     return info
