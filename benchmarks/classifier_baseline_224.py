@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from synth_xray_assets.classifier.experiment import run_experiment
-from synth_xray_assets.classifier.stats import bootstrap_ci
+from synth_xray_assets.classifier.stats import Bootstrap, bootstrap_ci
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     iter_records,
@@ -104,7 +104,7 @@ def main() -> None:
     ):
         cells = []
         for metric in ("accuracy", "f1", "auc"):
-            est, low, high = bootstrap_ci(y, prob, metric, args.bootstrap)
+            est, low, high = bootstrap_ci(y, prob, metric, Bootstrap(args.bootstrap))
             cells.append(f"{est:.3f} [{low:.3f}, {high:.3f}]")
         print(f"{label:24s} " + " ".join(f"{cell:>22s}" for cell in cells))
     study = [published["accuracy"], published["f1"], published["auc"]]

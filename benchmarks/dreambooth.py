@@ -10,7 +10,6 @@ SD-2.1-shaped UNet and text encoder (random weights, 512 px) when ``--sd21`` is 
 import argparse
 import multiprocessing as mp
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +26,9 @@ def _run(name: str, options: dict, steps: int, queue: mp.Queue, sd21: bool) -> N
     import resource
 
     import torch
+    from dreambooth_steps import timed_dreambooth
 
     from synth_xray_assets.dreambooth.tiny import build_tiny_pipeline
-    from synth_xray_assets.dreambooth.training import train_dreambooth
     from synth_xray_assets.settings import Settings
 
     s = Settings.for_profile("full" if sd21 else "demo")
@@ -56,27 +55,9 @@ def _run(name: str, options: dict, steps: int, queue: mp.Queue, sd21: bool) -> N
         db = s.dreambooth.model_copy(
             update={"max_train_steps": steps, "checkpointing_steps": 0, "lr_warmup_steps": 0, **options}
         )
-        times: list[float] = []
-
-        def on_step(step: int, metrics: dict) -> None:
-            times.append(time.perf_counter())
-
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        train_dreambooth(
-            base,
-            inst,
-            cls,
-            db.instance_prompts["normal"],
-            db,
-            Path(tmp) / "out",
-            Path(tmp) / "work",
-            device,
-            log=lambda m: None,
-            on_step=on_step,
-        )
-        # The first two steps include warm-up (allocations, kernel selection): time the rest.
-        steady = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
+        steady, _ = timed_dreambooth(base, inst, cls, db, device)
         peak = (
             torch.cuda.max_memory_allocated() / 2**20
             if device == "cuda"

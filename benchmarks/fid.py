@@ -47,7 +47,7 @@ from synth_xray_assets.evaluation.features import (
     extract_features,
     get_feature_space,
 )
-from synth_xray_assets.evaluation.fid import score_sets
+from synth_xray_assets.evaluation.fid import ReferenceImages, score_sets
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared/data/chest-xray-pneumonia-224/data"
@@ -130,18 +130,16 @@ def main() -> None:
         results.append(
             score_sets(
                 {"synthetic": synthetic},
-                reference,
+                ReferenceImages(reference, "bench-train-normal", work / "cache"),
                 space,
-                reference_cache_key="bench-train-normal",
-                cache_dir=work / "cache",
-                settings=settings,
+                settings,
                 device=args.device,
             )
         )
         times.append(time.perf_counter() - start)
-    fid = results[-1]["scores"]["synthetic"]["fid"]
+    fid = results[-1].scores["synthetic"].fid
     assert abs(fid - plain["frechet_inception_distance"]) < 1e-3 * max(1.0, abs(fid)), "scores differ"
-    hits = [r["reference_cache"]["hit"] for r in results]
+    hits = [r.reference_cache["hit"] for r in results]
     print(f"   plain (calculate_metrics, cache=False, recomputes the reference): {plain_s:6.2f} s")
     print(f"   ours, first call (reference extracted and stored, hit={hits[0]}):  {times[0]:6.2f} s")
     warm = min(times[1:])
@@ -149,7 +147,7 @@ def main() -> None:
     print(
         f"   saved per later call: {plain_s - warm:6.2f} s ({plain_s / warm:.1f}x faster than the plain way)"
     )
-    print(f"   (same FID both ways: {fid:.4f}; timing breakdown of a later call: {results[-1]['seconds']})")
+    print(f"   (same FID both ways: {fid:.4f}; timing breakdown of a later call: {results[-1].seconds})")
 
 
 if __name__ == "__main__":

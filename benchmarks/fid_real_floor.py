@@ -29,9 +29,10 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from synth_xray_assets.classifier.data import SplitArrays
 from synth_xray_assets.evaluation.extractor import train_cxr_feature_extractor
 from synth_xray_assets.evaluation.features import get_feature_space
-from synth_xray_assets.evaluation.fid import score_sets
+from synth_xray_assets.evaluation.fid import ReferenceImages, score_sets
 from synth_xray_assets.settings import CLASS_NAMES, ClassifierSettings, EvaluationSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/chest-xray-pneumonia-224"
@@ -72,9 +73,7 @@ def main() -> None:
         f"{args.epochs} epochs, batch {args.batch_size}, lr {classifier.learning_rate}, on {args.device}"
     )
     info = train_cxr_feature_extractor(
-        splits["train"],
-        splits["validation"],
-        splits["test"],
+        SplitArrays(*splits["train"], *splits["validation"], *splits["test"]),
         classifier,
         evaluation,
         work,
@@ -82,11 +81,11 @@ def main() -> None:
         log=lambda m: print("  ", m),
     )
     print(
-        f"extractor: selected epoch {info['selected_epoch']}/{info['epochs']}, validation accuracy "
-        f"{info['validation_accuracy']:.3f} ({info['n_validation']} images), test accuracy "
-        f"{info['test_accuracy']:.3f}, test AUC {info['test_auc']:.3f}, {info['train_time_s']:.0f} s training"
+        f"extractor: selected epoch {info.selected_epoch}/{info.epochs}, validation accuracy "
+        f"{info.validation_accuracy:.3f} ({info.n_validation} images), test accuracy "
+        f"{info.test_accuracy:.3f}, test AUC {info.test_auc:.3f}, {info.train_time_s:.0f} s training"
     )
-    space = get_feature_space("cxr", evaluation, info["weights_path"])
+    space = get_feature_space("cxr", evaluation, info.weights_path)
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     print(
         "\nchest-X-ray FD (Frechet distance of pooled DenseNet-121 features); reference = real train, class"
@@ -97,17 +96,15 @@ def main() -> None:
         other = CLASS_NAMES[1 - label]
         result = score_sets(
             {f"test {name}": test_x[test_y == label], f"test {other} (other)": test_x[test_y != label]},
-            train_x[train_y == label],
+            ReferenceImages(train_x[train_y == label], f"floor-train-{name}", work / "cache"),
             space,
-            reference_cache_key=f"floor-train-{name}",
-            cache_dir=work / "cache",
-            settings=evaluation,
+            evaluation,
             device=args.device,
         )
-        for set_name, sc in result["scores"].items():
+        for set_name, sc in result.scores.items():
             print(
-                f"{'train ' + name:<22}{set_name:<24}{sc['n_images']:>6}{sc['n_reference']:>7}"
-                f"{sc['fid']:>10.2f}{sc['kid_mean']:>10.4f}{sc['precision']:>7.3f}{sc['recall']:>7.3f}"
+                f"{'train ' + name:<22}{set_name:<24}{sc.n_images:>6}{sc.n_reference:>7}"
+                f"{sc.fid:>10.2f}{sc.kid_mean:>10.4f}{sc.precision:>7.3f}{sc.recall:>7.3f}"
             )
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
 

@@ -67,8 +67,9 @@ def _base_model(folder: Path, sizes: Sizes, cuda: bool) -> Path:
 
 
 def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: mp.Queue) -> None:
+    from dreambooth_steps import timed_dreambooth
+
     from synth_xray_assets.dreambooth.presets import PRESET_UPDATES
-    from synth_xray_assets.dreambooth.training import train_dreambooth
     from synth_xray_assets.settings import DreamBoothSettings
 
     cuda = torch.cuda.is_available()
@@ -84,21 +85,7 @@ def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: 
     rng = np.random.default_rng(0)
     shape = (sizes.instance_batch * 2, sizes.resolution, sizes.resolution)
     inst, cls = rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)
-    times: list[float] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        result = train_dreambooth(
-            Path(base),
-            inst,
-            cls,
-            db.instance_prompts["normal"],
-            db,
-            Path(tmp) / "out",
-            Path(tmp) / "work",
-            "cuda" if cuda else "cpu",
-            log=lambda m: None,
-            on_step=lambda step, metrics: times.append(time.perf_counter()),
-        )
-    rate = (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")  # no warm-up
+    rate, result = timed_dreambooth(base, inst, cls, db, "cuda" if cuda else "cpu")
     queue.put((rate, result.peak_memory_bytes / 2**30))
 
 

@@ -30,8 +30,29 @@ the folder it reads or writes. Inside its folder, each store module owns its own
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+
+def _folder(path: str) -> property:
+    """A ``Layout`` property: ``path`` under the data root."""
+
+    def get(self: Layout) -> Path:
+        return self.root / path
+
+    return property(get, doc=f"``{path}`` under the data root")
+
+
+def _per_key(pattern: str) -> Callable[[Layout, str], Path]:
+    """A ``Layout`` method: ``pattern`` with its ``{}`` filled by a key (a class, a generator) under
+    the data root."""
+
+    def at(self: Layout, key: str) -> Path:
+        return self.root / pattern.format(key)
+
+    at.__doc__ = f"``{pattern}`` under the data root"
+    return at
 
 
 @dataclass(frozen=True)
@@ -43,85 +64,36 @@ class Layout:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    # ------------------------------------------------------------------ dataset
-    @property
-    def demo_phantoms(self) -> Path:
-        return self.root / "sources" / "demo-phantoms"
-
-    @property
-    def dataset(self) -> Path:
-        return self.root / "dataset"
-
-    # ------------------------------------------------------------------ models
-    @property
-    def models(self) -> Path:
-        return self.root / "models"
-
-    @property
-    def hub_cache(self) -> Path:
-        return self.models / "hub"
-
-    @property
-    def tiny_base_model(self) -> Path:
-        return self.models / "base"
-
-    @property
-    def base_model_record(self) -> Path:
-        return self.models / "base_model.json"
-
-    def dreambooth_checkpoint(self, class_key: str) -> Path:
-        return self.models / "dreambooth" / class_key
-
-    def dreambooth_work(self, class_key: str) -> Path:
-        return self.models / "dreambooth" / f".work-{class_key}"
-
-    # ------------------------------------------------------------------ generated images
-    @property
-    def prior(self) -> Path:
-        return self.root / "prior"
-
-    def synthetic(self, class_key: str) -> Path:
-        return self.root / "synthetic" / class_key
-
-    # ------------------------------------------------------------------ evaluation
-    @property
-    def cxr_feature_extractor(self) -> Path:
-        return self.root / "evaluation" / "cxr_feature_extractor"
-
-    @property
-    def reference_features(self) -> Path:
-        return self.root / "evaluation" / "reference_features"
-
-    def fid_scores(self, class_key: str) -> Path:
-        return self.root / "evaluation" / "fid" / f"{class_key}.json"
-
-    def memorization(self, class_key: str) -> Path:
-        return self.root / "evaluation" / "memorization" / f"{class_key}.parquet"
-
-    def base_model_images(self, class_key: str) -> Path:
-        """The base model's images of a class's prompt at the generation sampler (an image set)."""
-        return self.root / "evaluation" / "base_model_images" / class_key
-
-    def class_fidelity(self, generator: str) -> Path:
-        return self.root / "evaluation" / "class_fidelity" / f"{generator}.json"
-
-    # ------------------------------------------------------------------ classifier, reports
-    @property
-    def classifier_runs(self) -> Path:
-        return self.root / "classifier"
-
-    @property
-    def classifier_cache(self) -> Path:
-        return self.classifier_runs / "cache"
+    # dataset
+    demo_phantoms = _folder("sources/demo-phantoms")
+    dataset = _folder("dataset")
+    # models
+    models = _folder("models")
+    hub_cache = _folder("models/hub")
+    tiny_base_model = _folder("models/base")
+    base_model_record = _folder("models/base_model.json")
+    dreambooth_checkpoint = _per_key("models/dreambooth/{}")
+    dreambooth_work = _per_key("models/dreambooth/.work-{}")
+    # generated images
+    prior = _folder("prior")
+    synthetic = _per_key("synthetic/{}")
+    # evaluation
+    cxr_feature_extractor = _folder("evaluation/cxr_feature_extractor")
+    reference_features = _folder("evaluation/reference_features")
+    fid_scores = _per_key("evaluation/fid/{}.json")
+    memorization = _per_key("evaluation/memorization/{}.parquet")
+    # the base model's images of a class's prompt at the generation sampler (an image set)
+    base_model_images = _per_key("evaluation/base_model_images/{}")
+    class_fidelity = _per_key("evaluation/class_fidelity/{}.json")
+    # classifier, reports
+    classifier_runs = _folder("classifier")
+    classifier_cache = _folder("classifier/cache")
+    reports = _folder("reports")
 
     def classifier_run(self, experiment: str, seed: int | str) -> Path:
+        """One classifier run's folder."""
         return self.classifier_runs / experiment / f"seed-{seed}"
 
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    # ------------------------------------------------------------------ operations
     def output_lock(self, asset: str, partition: str | None = None) -> Path:
         """The lock file of one asset partition's writer (file-name-safe)."""
         name = asset + (f"@{partition}" if partition else "")

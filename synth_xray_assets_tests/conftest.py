@@ -46,6 +46,16 @@ TINY_MODEL_OVERRIDES = {
     },
 }
 
+# A classifier that trains on the tiny images in seconds; each test adds its experiments and seeds.
+TINY_CLASSIFIER = {
+    "resolution": 32,
+    "resize": 36,
+    "batch_size": 16,
+    "epochs": 2,
+    "val_fraction": 0.2,
+    "num_workers": 0,
+}
+
 
 def tiny_settings(data_dir: Path, **overrides) -> Settings:
     merged = json.loads(json.dumps(TINY_MODEL_OVERRIDES))

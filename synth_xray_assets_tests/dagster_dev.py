@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import dagster as dg
 import psutil
 import pytest
+from servers import stop_group
 
 from synth_xray_assets.settings import ENV_PREFIX
 
@@ -163,19 +163,7 @@ def stop(proc: subprocess.Popen) -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(timeout=STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=30)
+    stop_group(proc, grace_s=STOP_GRACE_S)
     for child in children:  # runs may have left the group (their own sessions)
         try:
             child.kill()

@@ -6,7 +6,9 @@ import io
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -46,3 +48,21 @@ def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
         else:
             torch.save(state, tmp)
     return Path(path)
+
+
+def write_image_folder(
+    root: Path, per_class: int, first_size: tuple[int, int], grow: int, suffix: str = "png"
+) -> Path:
+    """An image-folder source (``{split}/{CLASS}/{CLASS}_{i}.{suffix}``) of seeded noise images,
+    ``per_class`` per split and class; image ``i`` is ``grow * i`` pixels taller than the first."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "validation", "test"):
+        for name in ("NORMAL", "PNEUMONIA"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                shape = (first_size[0] + i * grow, first_size[1])
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(
+                    folder / f"{name}_{i}.{suffix}"
+                )
+    return root

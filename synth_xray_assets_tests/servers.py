@@ -25,6 +25,20 @@ PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The GraphQL mutation that launches a run (``dagster dev``'s webserver), with every failure's message.
+LAUNCH_RUN = """
+mutation Launch($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+    ... on InvalidSubsetError { message }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+"""
+
+
 def unavailable(reason: str) -> None:
     """Fail under CI (the servers must be there), skip with the reason elsewhere."""
     if os.environ.get("CI", "").lower() == "true":

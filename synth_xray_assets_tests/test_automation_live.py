@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import TINY_MODEL_OVERRIDES
 from dagster_dev import dagster_dev, dev_env, materialized_instance
+from fixtures import write_image_folder
 from PIL import Image
 
 # Every two minutes (daily by default). The eager condition waits while a dependency is in
@@ -35,18 +36,6 @@ MATERIALIZED = """{ assetsOrError { ... on AssetConnection { nodes {
   key { path }
   assetMaterializations(limit: 1) { runId timestamp
     metadataEntries { label ... on IntMetadataEntry { intValue } } } } } } }"""
-
-
-def write_image_folder(root: Path) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "validation", "test"):
-        for name in ("NORMAL", "PNEUMONIA"):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(2):
-                pixels = rng.integers(0, 255, (40 + i * 5, 36), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{name}_{i}.png")
-    return root
 
 
 def overrides(source: Path) -> str:
@@ -83,7 +72,7 @@ def wait_for(dev, what: str, predicate, timeout_s: float = WAIT_S):
 
 @pytest.mark.slow
 def test_a_new_source_image_is_observed_and_the_eager_groups_rematerialize(tmp_path):
-    source = write_image_folder(tmp_path / "source")
+    source = write_image_folder(tmp_path / "source", 2, (40, 36), 5)
     settings_json = overrides(source)
     home, data = materialized_instance(tmp_path, settings_json)
 

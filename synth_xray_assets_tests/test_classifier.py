@@ -1,5 +1,6 @@
 """The classifier domain: composition, honest selection, metrics, resume, and the asset."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,11 +11,13 @@ import pandas as pd
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from conftest import TINY_CLASSIFIER
 from PIL import Image
 
 from synth_xray_assets.classifier import assets as classifier_assets
 from synth_xray_assets.classifier.data import (
     EpochBatchSampler,
+    SplitArrays,
     augment_batch,
     compose_experiment,
     load_experiment_data,
@@ -24,6 +27,7 @@ from synth_xray_assets.classifier.data import (
 from synth_xray_assets.classifier.experiment import RUN_FILE, load_run, run_dir
 from synth_xray_assets.classifier.model import build_densenet121, load_classifier
 from synth_xray_assets.classifier.stats import (
+    Bootstrap,
     binary_metrics,
     bootstrap_ci,
     mcnemar_exact,
@@ -31,7 +35,7 @@ from synth_xray_assets.classifier.stats import (
     paired_bootstrap_diff,
     roc_auc,
 )
-from synth_xray_assets.classifier.train import STATE_FILE, predict_proba, train_classifier
+from synth_xray_assets.classifier.train import STATE_FILE, TrainRun, predict_proba, train_classifier
 from synth_xray_assets.dataset import assets as dataset_assets
 from synth_xray_assets.dataset.splits import class_count, generator_positions, stratified_split
 from synth_xray_assets.dataset.store import StandardizedDataset
@@ -50,12 +54,7 @@ TINY = {
     "dataset": {"resolution": 40, "workers": 1},
     "generation": {"study_train_size": None},  # the counts below as written
     "classifier": {
-        "resolution": 32,
-        "resize": 36,
-        "batch_size": 16,
-        "epochs": 2,
-        "val_fraction": 0.2,
-        "num_workers": 0,
+        **TINY_CLASSIFIER,
         "bootstrap_samples": 50,
         # The demo's experiment names (the partitions), with counts that fit 8 synthetic per class.
         "experiments": {
@@ -349,15 +348,15 @@ def test_confidence_intervals_and_paired_tests():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     perfect = y.astype(float)
-    assert bootstrap_ci(y, perfect, "accuracy", 200) == (1.0, 1.0, 1.0)
+    assert bootstrap_ci(y, perfect, "accuracy", Bootstrap(200)) == (1.0, 1.0, 1.0)
     noisy = np.where(rng.random(200) < 0.8, y, 1 - y).astype(float)
-    est, low, high = bootstrap_ci(y, noisy, "accuracy", 500)
+    est, low, high = bootstrap_ci(y, noisy, "accuracy", Bootstrap(500))
     assert low < est < high and high - low < 0.2
     seeds = np.stack([noisy, noisy])
-    assert bootstrap_ci(y, seeds, "auc", 100)[0] == pytest.approx(roc_auc(y, noisy))
-    same = paired_bootstrap_diff(y, noisy, noisy, 500)
+    assert bootstrap_ci(y, seeds, "auc", Bootstrap(100))[0] == pytest.approx(roc_auc(y, noisy))
+    same = paired_bootstrap_diff(y, noisy, noisy, boot=Bootstrap(500))
     assert same["diff"] == 0 and same["p_value"] == 1.0
-    better = paired_bootstrap_diff(y, noisy, perfect, 500)
+    better = paired_bootstrap_diff(y, noisy, perfect, boot=Bootstrap(500))
     assert better["diff"] == pytest.approx(1 - (noisy == y).mean())
     assert better["ci_low"] > 0 and better["p_value"] <= 2 / 500
     # McNemar: A right on 5 images B gets wrong, never the other way: p = 2 * 0.5 ** 5
@@ -380,25 +379,15 @@ def small(tiny):
     """A few images of the tiny dataset's synth-25 experiment, for fast training runs."""
     d = load_experiment_data(tiny, "synth-25", 0, log=lambda m: None)
     keep = np.r_[0:8, len(d.train_y) - 12 : len(d.train_y)]  # NORMAL real + PNEUMONIA real/synthetic
-    return d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.test_x, d.test_y
+    return SplitArrays(d.train_x[keep], d.train_y[keep], d.val_x, d.val_y, d.test_x, d.test_y)
 
 
 def _train(tiny, small, out: Path, test_x=None, log=lambda m: None, **update):
-    train_x, train_y, val_x, val_y, test_x_, test_y = small
+    data = small if test_x is None else dataclasses.replace(small, test_x=test_x)
     return train_classifier(
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        test_x_ if test_x is None else test_x,
-        test_y,
+        data,
         tiny.classifier.model_copy(update={"batch_size": 10, **update}),
-        seed=0,
-        device="cpu",
-        out_dir=out,
-        log=log,
-        prepared=True,
-        experiment="synth-25",
+        TrainRun(0, "cpu", out, log, prepared=True, experiment="synth-25"),
     )
 
 
@@ -432,7 +421,7 @@ def test_interrupted_training_resumes_where_it_stopped(tiny, small, honest, tmp_
 
 
 def test_test_set_plays_no_part_in_training_or_selection(tiny, small, honest, tmp_path):
-    test_x = small[4]
+    test_x = small.test_x
     blank = _train(tiny, small, tmp_path / "blank", test_x=torch.zeros_like(test_x))
     # same curves and the same chosen epoch whatever the test images are
     assert honest.selected_epoch == blank.selected_epoch
@@ -440,7 +429,7 @@ def test_test_set_plays_no_part_in_training_or_selection(tiny, small, honest, tm
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["val_accuracy"] == b["val_accuracy"]
     assert "test_accuracy" not in honest.history[0] and honest.selection == "validation"
-    assert honest.val_selected["n"] == len(small[3]) and honest.test_selected["n"] == len(small[5])
+    assert honest.val_selected["n"] == len(small.val_y) and honest.test_selected["n"] == len(small.test_y)
     # the study's protocol, on request, labelled as such
     study = _train(tiny, small, tmp_path / "study", selection="test")
     assert "test_accuracy" in study.history[0] and "TEST" in study.selection_note
@@ -518,6 +507,6 @@ def test_classifier_experiment_asset_end_to_end(tiny):
     assert len(pred) == 16 and set(pred.image_id) == set(
         StandardizedDataset.open(tiny.data_dir / "dataset").rows("test").sha256
     )
-    assert run["test_selected"]["accuracy"] == pytest.approx(md["test_accuracy"].value)
+    assert run.test_selected["accuracy"] == pytest.approx(md["test_accuracy"].value)
     assert json.loads((folder / RUN_FILE).read_text())["extra"]["n_synthetic"] == 8
     assert len(SyntheticImages.open(synthetic_dir(tiny.data_dir, "normal"))) == SYNTH_PER_CLASS

@@ -7,6 +7,7 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
+from fixtures import write_image_folder
 from PIL import Image
 
 from synth_xray_assets.dataset import assets as dataset_assets
@@ -171,14 +172,7 @@ def test_bad_input_is_reported_not_raised(data, reason):
 
 
 def make_image_folder(root: Path, bad: bool = True) -> Path:
-    rng = np.random.default_rng(0)
-    for split in ("train", "validation", "test"):
-        for c in ("NORMAL", "PNEUMONIA"):
-            d = root / split / c
-            d.mkdir(parents=True)
-            for i in range(3):
-                arr = rng.integers(0, 255, (50 + i * 7, 40), dtype=np.uint8)
-                Image.fromarray(arr).save(d / f"{c}_{i}.jpeg", format="JPEG")
+    write_image_folder(root, 3, (50, 40), 7, "jpeg")
     if bad:
         (root / "train" / "NORMAL" / "empty.jpeg").write_bytes(b"")
         (root / "train" / "NORMAL" / "notes.jpeg").write_bytes(b"not an image at all")

@@ -15,6 +15,8 @@ from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretrainin
 from synth_xray_assets.dreambooth.tiny import build_tiny_tokenizer
 from synth_xray_assets.dreambooth.training import (
     LORA_WEIGHTS_NAME,
+    RunDirs,
+    RunInputs,
     dreambooth_loss,
     encode_latent_distribution,
     encode_tokens,
@@ -57,13 +59,9 @@ def db_settings(tmp_path: Path, **values) -> DreamBoothSettings:
 
 def train(base: Path, tmp_path: Path, settings: DreamBoothSettings, name: str = "out", **kw):
     return train_dreambooth(
-        base,
-        images(6, 1),
-        images(4, 2),
-        PROMPT,
+        RunInputs(base, images(6, 1), images(4, 2), PROMPT),
         settings,
-        tmp_path / name,
-        tmp_path / f"{name}.work",
+        RunDirs(tmp_path / name, tmp_path / f"{name}.work"),
         "cpu",
         log=lambda m: None,
         **kw,
@@ -228,13 +226,9 @@ def test_hub_layout_folder_loads_like_the_hub(tiny_base_model, tmp_path):
 def test_no_instance_images_is_a_clear_error(tiny_base_model, tmp_path):
     with pytest.raises(ValueError, match="no instance images"):
         train_dreambooth(
-            tiny_base_model,
-            images(0, 1),
-            images(2, 2),
-            PROMPT,
+            RunInputs(tiny_base_model, images(0, 1), images(2, 2), PROMPT),
             db_settings(tmp_path),
-            tmp_path / "o",
-            tmp_path / "w",
+            RunDirs(tmp_path / "o", tmp_path / "w"),
             "cpu",
         )
 

@@ -28,9 +28,9 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from conftest import TINY_MODEL_OVERRIDES
+from conftest import TINY_CLASSIFIER, TINY_MODEL_OVERRIDES
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
-from servers import stop_group
+from servers import LAUNCH_RUN, stop_group
 
 from synth_xray_assets.operations.faults import PLAN_ENV
 from synth_xray_assets.operations.launcher import run_worker_record
@@ -43,12 +43,7 @@ TIMEOUT_S = 420  # one stage, its kills and retries included
 OVERRIDES = json.loads(json.dumps(TINY_MODEL_OVERRIDES))
 OVERRIDES["dreambooth"].update({"max_train_steps": 4, "checkpointing_steps": 2})
 OVERRIDES["classifier"] = {
-    "resolution": 32,
-    "resize": 36,
-    "batch_size": 16,
-    "epochs": 2,
-    "val_fraction": 0.2,
-    "num_workers": 0,
+    **TINY_CLASSIFIER,
     "bootstrap_samples": 20,
     "seeds": [0],
     "experiments": {"baseline": [1.0, 0]},
@@ -175,19 +170,6 @@ class DagsterDev:
         self.log.close()
 
 
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-    ... on InvalidSubsetError { message }
-    ... on RunConfigValidationInvalid { errors { message } }
-  }
-}
-"""
-
-
 def partition_tags(partition: str | None) -> dict[str, str]:
     """The tags the UI puts on a run of one partition (per dimension for experiment x seed)."""
     if not partition:
@@ -212,7 +194,7 @@ def launch(dev: DagsterDev, stage: Stage) -> str:
             "tags": [{"key": k, "value": v} for k, v in partition_tags(stage.partition).items()]
         },
     }
-    answer = dev.graphql(LAUNCH, {"params": params})
+    answer = dev.graphql(LAUNCH_RUN, {"params": params})
     result = answer.get("data", {}).get("launchRun", {})
     assert result.get("__typename") == "LaunchRunSuccess", answer
     return result["run"]["runId"]
@@ -407,10 +389,10 @@ def compare(ref: Path, got: Path) -> dict[str, str]:
     found["generation"] = f"{len(ib)} images, mean |pixel diff| {pixel:.3f} gray levels"
 
     ra, rb = (load_run(Layout(d).classifier_run("baseline", 0)) for d in (ref, got))
-    la = [h["train_loss"] for h in ra["history"]]
-    lb = [h["train_loss"] for h in rb["history"]]
+    la = [h["train_loss"] for h in ra.history]
+    lb = [h["train_loss"] for h in rb.history]
     assert np.allclose(la, lb, atol=1e-4), (la, lb)
-    assert ra["test_selected"]["accuracy"] == rb["test_selected"]["accuracy"]
+    assert ra.test_selected["accuracy"] == rb.test_selected["accuracy"]
     found["classifier"] = (
         f"train losses {np.round(lb, 5).tolist()} (uninterrupted {np.round(la, 5).tolist()}), "
         "test accuracy equal"

@@ -29,6 +29,7 @@ from synth_xray_assets.evaluation.features import (
     resolve_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import (
+    ReferenceImages,
     cached_reference_features,
     fidelity_metrics,
     reference_features_key,
@@ -86,38 +87,38 @@ def real() -> np.ndarray:
 def score(sets, reference, weights, cache_dir, settings=SETTINGS, space="cxr", key="v1-train-normal"):
     return score_sets(
         sets,
-        reference,
+        ReferenceImages(reference, key, cache_dir),
         get_feature_space(space, settings, cxr_weights=weights),
-        reference_cache_key=key,
-        cache_dir=cache_dir,
-        settings=settings,
+        settings,
     )
 
 
 @pytest.fixture(scope="module")
-def scored(weights, real, tmp_path_factory) -> dict:
+def scored(weights, real, tmp_path_factory):
     sets = {"same": real, "mild": shifted(real, 0.3), "strong": shifted(real, 1.0)}
     return score(sets, real, weights, tmp_path_factory.mktemp("cache"))
 
 
 def test_fid_is_zero_for_the_same_set_and_grows_with_the_shift(scored):
-    same, mild, strong = (scored["scores"][k] for k in ("same", "mild", "strong"))
-    assert scored["available"] and scored["feature_dim"] == 1024 and scored["feature_resolution"] == 64
-    assert scored["feature_extractor"] == CXR_EXTRACTOR and "torch-fidelity" in scored["implementation"]
-    assert abs(same["fid"]) < 1e-3
-    assert mild["fid"] > 1000 * max(abs(same["fid"]), 1e-6)
-    assert strong["fid"] > 2 * mild["fid"]
-    assert strong["kid_mean"] > mild["kid_mean"] > same["kid_mean"]
-    assert same["precision"] == same["recall"] == 1.0
-    assert strong["recall"] < 1.0  # fewer real images lie near a shifted set
-    assert (same["n_images"], same["n_reference"], same["kid_subset_size"]) == (32, 32, 16)
-    assert same["skipped"] == {}
-    assert scored["reference_cache"]["hit"] is False
+    same, mild, strong = (scored.scores[k] for k in ("same", "mild", "strong"))
+    assert scored.available and scored.feature_dim == 1024 and scored.fingerprint["feature_resolution"] == 64
+    assert (
+        scored.fingerprint["feature_extractor"] == CXR_EXTRACTOR and "torch-fidelity" in scored.implementation
+    )
+    assert abs(same.fid) < 1e-3
+    assert mild.fid > 1000 * max(abs(same.fid), 1e-6)
+    assert strong.fid > 2 * mild.fid
+    assert strong.kid_mean > mild.kid_mean > same.kid_mean
+    assert same.precision == same.recall == 1.0
+    assert strong.recall < 1.0  # fewer real images lie near a shifted set
+    assert (same.n_images, same.n_reference, same.kid_subset_size) == (32, 32, 16)
+    assert same.skipped == {}
+    assert scored.reference_cache["hit"] is False
 
 
 def test_scores_match_torch_fidelity_calculate_metrics(scored, weights, real):
     """Our extractor is registered with torch-fidelity: its calculate_metrics gives the same numbers."""
-    ours = scored["scores"]["mild"]
+    ours = scored.scores["mild"]
     theirs = calculate_metrics(
         input1=GrayImageDataset(shifted(real, 0.3)),
         input2=GrayImageDataset(real),
@@ -134,9 +135,9 @@ def test_scores_match_torch_fidelity_calculate_metrics(scored, weights, real):
         verbose=False,
         save_cpu_ram=True,
     )
-    assert ours["fid"] == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
-    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
-    assert (ours["precision"], ours["recall"]) == (theirs["precision"], theirs["recall"])
+    assert ours.fid == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert ours.kid_mean == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-6)
+    assert (ours.precision, ours.recall) == (theirs["precision"], theirs["recall"])
 
 
 def test_reference_features_are_cached_per_key_and_feature_space(weights, real, tmp_path):
@@ -145,7 +146,7 @@ def test_reference_features_are_cached_per_key_and_feature_space(weights, real, 
     images = real[:16]
 
     def cached(images, key="v1-train-normal"):
-        return cached_reference_features(images, space, extractor, cache_key=key, cache_dir=tmp_path)
+        return cached_reference_features(ReferenceImages(images, key, tmp_path), space, extractor)
 
     first, first_info = cached(images)
     again, again_info = cached(images)
@@ -173,10 +174,10 @@ def test_small_sets_skip_what_cannot_be_computed():
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(10, 8)).astype(np.float32)
     three = fidelity_metrics(rng.normal(size=(3, 8)), reference, SETTINGS)
-    assert three["fid"] is not None and three["kid_subset_size"] == 3
-    assert three["precision"] is None and "prc" in three["skipped"]
+    assert three.fid is not None and three.kid_subset_size == 3
+    assert three.precision is None and "prc" in three.skipped
     one = fidelity_metrics(rng.normal(size=(1, 8)), reference, SETTINGS)
-    assert one["fid"] is None and one["kid_mean"] is None and set(one["skipped"]) == {"fid", "kid", "prc"}
+    assert one.fid is None and one.kid_mean is None and set(one.skipped) == {"fid", "kid", "prc"}
 
 
 def test_classifier_files_load_and_wrong_or_missing_files_fail_clearly(weights, real, tmp_path):
@@ -211,11 +212,11 @@ def test_inception_with_a_local_weights_file_gives_finite_scores(real, tmp_path)
     path = write_random_inception_weights(tmp_path / "inception.pth", seed=0)
     settings = SETTINGS.model_copy(update={"inception_weights": str(path)})
     result = score({"synthetic": shifted(real[:10], 1.0)}, real[:10], None, tmp_path, settings, "inception")
-    scores = result["scores"]["synthetic"]
-    assert result["available"] and result["feature_extractor"] == "inception-v3-compat-local"
-    assert result["feature_dim"] == 2048 and result["feature_resolution"] == 299
-    assert math.isfinite(scores["fid"]) and scores["fid"] > 0 and math.isfinite(scores["kid_mean"])
-    assert scores["n_images"] == scores["n_reference"] == 10
+    scores = result.scores["synthetic"]
+    assert result.available and result.fingerprint["feature_extractor"] == "inception-v3-compat-local"
+    assert result.feature_dim == 2048 and result.fingerprint["feature_resolution"] == 299
+    assert math.isfinite(scores.fid) and scores.fid > 0 and math.isfinite(scores.kid_mean)
+    assert scores.n_images == scores.n_reference == 10
 
 
 def test_inception_without_weights_or_network_is_unavailable_with_a_reason(real, tmp_path, monkeypatch):
@@ -225,16 +226,16 @@ def test_inception_without_weights_or_network_is_unavailable_with_a_reason(real,
         update={"inception_download": True, "inception_url": "http://127.0.0.1:9/weights-inception.pth"}
     )
     result = score({"synthetic": real}, real, None, tmp_path, failing, "inception")
-    assert result == {"available": False, "feature_space": "inception", "reason": result["reason"]}
-    assert "download" in result["reason"] and "127.0.0.1:9" in result["reason"]
+    assert result.to_dict() == {"available": False, "feature_space": "inception", "reason": result.reason}
+    assert "download" in result.reason and "127.0.0.1:9" in result.reason
     assert not any((tmp_path / "hub").rglob("*.pth"))
 
     missing = SETTINGS.model_copy(update={"inception_weights": str(tmp_path / "nope.pth")})
     result = score({"synthetic": real}, real, None, tmp_path, missing, "inception")
-    assert result["available"] is False and "not found" in result["reason"]
+    assert result.available is False and "not found" in result.reason
 
     result = score({"synthetic": real}, real, None, tmp_path, SETTINGS, "inception")  # download disabled
-    assert result["available"] is False and "disabled" in result["reason"]
+    assert result.available is False and "disabled" in result.reason
 
 
 def test_inception_download_checks_the_sha256_prefix_in_its_name(tmp_path, monkeypatch):

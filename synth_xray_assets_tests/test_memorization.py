@@ -9,6 +9,7 @@ from synth_xray_assets.classifier.model import build_densenet121
 from synth_xray_assets.evaluation.features import build_cxr_extractor, extract_features
 from synth_xray_assets.evaluation.memorization import (
     COLUMNS,
+    PairsView,
     closest_pairs_image,
     memorization_histogram,
     memorization_summary,
@@ -70,12 +71,12 @@ def test_real_baseline_leaves_each_image_out_and_finds_real_duplicates(case):
 def test_pictures_for_the_ui(case):
     real, synthetic, real_f, syn_f = case
     table = nearest_real_images(synthetic, real, syn_f, real_f, SETTINGS)
-    pairs = closest_pairs_image(synthetic, real, table, n=4, cell=40, pairs_per_row=2)
+    pairs = closest_pairs_image(synthetic, real, table, PairsView(n=4, cell=40, pairs_per_row=2))
     assert isinstance(pairs, Image.Image) and pairs.size == (4 * 40, 2 * 40)
     top_left = np.asarray(pairs.convert("L"))[:40, :40].astype(int)  # the closest synthetic image: the copy
     expected = np.asarray(Image.fromarray(real[5]).resize((40, 40), Image.Resampling.BILINEAR)).astype(int)
     assert np.abs(top_left - expected).mean() < 2
-    by_pixels = closest_pairs_image(synthetic, real, table, n=2, by="pixel_correlation", cell=40)
+    by_pixels = closest_pairs_image(synthetic, real, table, PairsView("pixel_correlation", 2, cell=40))
     assert by_pixels.size == (4 * 40, 40)
     histogram = memorization_histogram(table, SETTINGS, real_baseline(real, real_f, SETTINGS))
     assert histogram.size[0] > 400 and histogram.mode == "RGB"

@@ -18,7 +18,7 @@ from synth_xray_assets.dreambooth.presets import (
     has_bitsandbytes,
     resolve_preset,
 )
-from synth_xray_assets.dreambooth.training import train_dreambooth
+from synth_xray_assets.dreambooth.training import RunDirs, RunInputs, train_dreambooth
 from synth_xray_assets.evaluation import memorization
 from synth_xray_assets.settings import DreamBoothSettings, GenerationSettings
 
@@ -32,13 +32,9 @@ def _images(n: int, seed: int) -> np.ndarray:
 
 def _train(base: Path, tmp_path: Path, settings: DreamBoothSettings, **kw):
     return train_dreambooth(
-        base,
-        _images(6, 1),
-        _images(4, 2),
-        PROMPT,
+        RunInputs(base, _images(6, 1), _images(4, 2), PROMPT),
         settings,
-        tmp_path / "out",
-        tmp_path / "work",
+        RunDirs(tmp_path / "out", tmp_path / "work"),
         "cpu",
         log=lambda m: None,
         **kw,

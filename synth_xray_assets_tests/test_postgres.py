@@ -9,7 +9,7 @@ import dagster as dg
 import psutil
 import pytest
 import sqlalchemy
-from servers import REPO, postgres_server, production_home, repo_env, stop_group
+from servers import LAUNCH_RUN, REPO, postgres_server, production_home, repo_env, stop_group
 
 POOL_DEFS = Path(__file__).with_name("gpu_pool_defs.py")
 # The event log stores run events under their historical names (PIPELINE_START, ...).
@@ -93,8 +93,7 @@ def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
         assert second["STEP_START"] >= first["STEP_SUCCESS"], runs
         # The pool's slots live in Postgres: one slot (deploy/dagster.yaml), none left claimed.
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            info = instance.event_log_storage.get_concurrency_info("gpu")
-            assert (info.slot_count, info.claimed_slots, info.pending_steps) == (1, [], [])
+            _assert_one_free_gpu_slot(instance)
         print(
             f"run overlap {first['STEP_SUCCESS'] - second['RUN_START']:.1f} s; "
             f"gpu steps {first['STEP_START']:.1f}-{first['STEP_SUCCESS']:.1f} and "
@@ -116,14 +115,6 @@ DEAD_RUN_INSTANCE = {
     },
     "run_retries": {"enabled": True, "max_retries": 1},
 }
-LAUNCH = """
-mutation Launch($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on PythonError { message }
-  }
-}"""
 LOCATION = "gpu_pool"
 
 
@@ -162,6 +153,12 @@ def _wait(what: str, condition, timeout_s: float = 120.0, every_s: float = 0.3):
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
+def _assert_one_free_gpu_slot(instance: dg.DagsterInstance) -> None:
+    """The gpu pool has one slot (deploy/dagster.yaml), none claimed and no step waiting."""
+    info = instance.event_log_storage.get_concurrency_info("gpu")
+    assert (info.slot_count, info.claimed_slots, info.pending_steps) == (1, [], [])
+
+
 def _gpu_claims(instance: dg.DagsterInstance, run_id: str) -> list[str]:
     info = instance.event_log_storage.get_concurrency_info("gpu")
     return [slot.step_key for slot in info.claimed_slots if slot.run_id == run_id]
@@ -177,7 +174,7 @@ def _launch(dev, asset: str) -> str:
         },
         "runConfigData": {"execution": {"config": {"in_process": {}}}},
     }
-    result = dev.graphql(LAUNCH, {"params": params})["launchRun"]
+    result = dev.graphql(LAUNCH_RUN, {"params": params})["launchRun"]
     assert result["__typename"] == "LaunchRunSuccess", result
     return result["run"]["runId"]
 
@@ -261,8 +258,7 @@ def test_a_killed_run_worker_is_failed_by_monitoring_its_slot_freed_and_the_retr
             status, tags = _status_in_postgres(pg, retry)
             assert status == "SUCCESS", dev.log_tail()
             assert (tags["dagster/parent_run_id"], tags["dagster/retry_number"]) == (run_id, "1")
-            info = instance.event_log_storage.get_concurrency_info("gpu")
-            assert (info.slot_count, info.claimed_slots, info.pending_steps) == (1, [], [])
+            _assert_one_free_gpu_slot(instance)
         print(
             f"killed worker pid {worker.pid} of run {run_id[:8]} holding gpu slot {held}; "
             f"FAILURE after {failed_s:.1f} s ({reasons[-1][:90]}...); slot free after {freed_s:.1f} s; "

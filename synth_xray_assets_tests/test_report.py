@@ -11,7 +11,7 @@ from PIL import Image
 
 from synth_xray_assets.classifier.experiment import run_dir, save_run, settings_fingerprint
 from synth_xray_assets.classifier.stats import binary_metrics, holm
-from synth_xray_assets.classifier.train import SELECTION_LABELS, RunResult
+from synth_xray_assets.classifier.train import SELECTION_LABELS, RunExtra, RunResult
 from synth_xray_assets.evaluation.fidelity import ClassFidelity, save_fidelity
 from synth_xray_assets.reports import assets as report_assets
 from synth_xray_assets.reports.report import ReportOptions, build_report
@@ -82,19 +82,19 @@ def fake_run(
         train_images_per_s=100.0,
         device="cpu",
         settings=ClassifierSettings(epochs=3).model_dump(mode="json"),
-        extra={
-            "n_real": 0 if experiment == "synth-only" else 100,
-            "n_synthetic": n_synth,
-            "profile": "demo",
-            "initial_weights": "none: random initialisation",
-            "dataset_version": "v1",
-            "settings_fingerprint": settings_fingerprint(settings, experiment),
-            "synthetic_versions": dict(SYNTHETIC_VERSIONS) if n_synth else {},
-            "generator_keys": {"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
-            "normal_share": 0.3 if experiment != "balance-synth-25" else 0.34,
-            "balance_like": "synth-25" if experiment == "balance-synth-25" else None,
-            "validation_split": {"describe": "by patient: 90 patients / 100 images train"},
-        },
+        extra=RunExtra(
+            n_real=0 if experiment == "synth-only" else 100,
+            n_synthetic=n_synth,
+            profile="demo",
+            initial_weights="none: random initialisation",
+            dataset_version="v1",
+            settings_fingerprint=settings_fingerprint(settings, experiment),
+            synthetic_versions=dict(SYNTHETIC_VERSIONS) if n_synth else {},
+            generator_keys={"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
+            normal_share=0.3 if experiment != "balance-synth-25" else 0.34,
+            balance_like="synth-25" if experiment == "balance-synth-25" else None,
+            validation_split={"describe": "by patient: 90 patients / 100 images train"},
+        ),
     )
 
 
@@ -113,8 +113,8 @@ def write_fake_runs(data_dir: Path, runs: list[RunResult]) -> None:
         save_run(r, run_dir(data_dir, r.experiment, r.seed), TEST_IDS)
 
 
-def as_loaded(r: RunResult) -> dict:
-    return {**r.to_dict(), "test_image_ids": TEST_IDS}
+def as_loaded(r: RunResult) -> RunResult:
+    return RunResult.from_dict({**r.to_dict(), "test_image_ids": TEST_IDS})
 
 
 def test_report_with_two_seeds(tmp_path):
@@ -194,7 +194,7 @@ def test_one_seed_says_the_seed_level_cannot_be_estimated_and_study_protocol_is_
 
 def test_runs_on_different_test_sets_are_refused(tmp_path):
     a, b = as_loaded(fake_run("baseline", 0, 0.8)), as_loaded(fake_run("synth-25", 0, 0.8))
-    b["test_labels"] = b["test_labels"][::-1]
+    b.test_labels = b.test_labels[::-1]
     with pytest.raises(ValueError, match="different test sets"):
         build_report([a, b], PUBLISHED_RESULTS, tmp_path, ReportOptions(n_boot=10))
 

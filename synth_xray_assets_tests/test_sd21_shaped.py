@@ -16,7 +16,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from synth_xray_assets.dreambooth.training import LORA_WEIGHTS_NAME, train_dreambooth
+from synth_xray_assets.dreambooth.training import LORA_WEIGHTS_NAME, RunDirs, RunInputs, train_dreambooth
 from synth_xray_assets.settings import DreamBoothSettings
 from synth_xray_assets_tests.sd21 import build_sd21_shaped
 
@@ -53,7 +53,12 @@ def _killed_then_resumed(base, tmp_path, settings):
     rng = np.random.default_rng(0)
     instance = rng.integers(0, 256, (2, RESOLUTION, RESOLUTION), dtype=np.uint8)
     prior = rng.integers(0, 256, (1, RESOLUTION, RESOLUTION), dtype=np.uint8)
-    args = (base, instance, prior, PROMPT, settings, tmp_path / "out", tmp_path / "work", "cpu")
+    args = (
+        RunInputs(base, instance, prior, PROMPT),
+        settings,
+        RunDirs(tmp_path / "out", tmp_path / "work"),
+        "cpu",
+    )
 
     def kill_after_step_1(step, metrics):
         assert np.isfinite(metrics["loss"])

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import ttest_rel
 
 from synth_xray_assets.classifier.stats import (
+    Bootstrap,
     bootstrap_ci,
     delong_test,
     holm,
@@ -21,9 +22,9 @@ def test_hierarchical_bootstrap_resamples_seeds_exactly():
     # seed-mean over two seeds drawn with replacement is 0, 1/2 or 1 with chances 1/4, 1/2, 1/4.
     y = np.r_[np.zeros(30), np.ones(30)].astype(int)
     prob = np.stack([y * 0.8 + 0.1, (1 - y) * 0.8 + 0.1])
-    est, low, high = bootstrap_ci(y, prob, "accuracy", 2000, seed=1)
+    est, low, high = bootstrap_ci(y, prob, "accuracy", Bootstrap(2000, seed=1))
     assert (est, low, high) == (0.5, 0.0, 1.0)
-    assert bootstrap_ci(y, prob, "accuracy", 500, resample_seeds=False) == (0.5, 0.5, 0.5)
+    assert bootstrap_ci(y, prob, "accuracy", Bootstrap(500, resample_seeds=False)) == (0.5, 0.5, 0.5)
 
 
 def test_hierarchical_bootstrap_variance_matches_the_two_level_formula():
@@ -46,9 +47,9 @@ def test_hierarchical_bootstrap_variance_matches_the_two_level_formula():
         draws.append(c[np.ix_(s, i)].mean())
     assert np.var(draws) == pytest.approx(expected, rel=0.1)
     # the library's interval has the width of that variance (normal approximation, 10%)
-    _, low, high = bootstrap_ci(y, prob, "accuracy", 4000, seed=5)
+    _, low, high = bootstrap_ci(y, prob, "accuracy", Bootstrap(4000, seed=5))
     assert (high - low) / (2 * 1.96) == pytest.approx(math.sqrt(expected), rel=0.1)
-    _, low1, high1 = bootstrap_ci(y, prob, "accuracy", 4000, seed=5, resample_seeds=False)
+    _, low1, high1 = bootstrap_ci(y, prob, "accuracy", Bootstrap(4000, seed=5, resample_seeds=False))
     assert high1 - low1 < 0.7 * (high - low)  # leaving the seeds out understates the uncertainty
 
 
@@ -56,12 +57,12 @@ def test_paired_hierarchical_difference():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
     noisy = np.stack([np.where(rng.random(200) < 0.8, y, 1 - y).astype(float) for _ in range(3)])
-    same = paired_bootstrap_diff(y, noisy, noisy, 300)
+    same = paired_bootstrap_diff(y, noisy, noisy, boot=Bootstrap(300))
     assert same["diff"] == 0 and same["p_value"] == 1.0
-    better = paired_bootstrap_diff(y, noisy, np.stack([y.astype(float)] * 3), 300)
+    better = paired_bootstrap_diff(y, noisy, np.stack([y.astype(float)] * 3), boot=Bootstrap(300))
     assert better["diff"] == pytest.approx(1 - (noisy == y).mean())
     assert better["ci_low"] > 0 and better["p_value"] == pytest.approx(1 / 300)
-    auc = paired_bootstrap_diff(y, noisy, noisy[::-1], 200, metric="auc")
+    auc = paired_bootstrap_diff(y, noisy, noisy[::-1], "auc", Bootstrap(200))
     assert auc["ci_low"] < auc["diff"] < auc["ci_high"]
 
 

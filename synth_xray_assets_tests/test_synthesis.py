@@ -30,9 +30,15 @@ def make(base, out, count=5, batch_size=2, version="v1", **kw):
         make_pipe,
         out,
         count,
-        Recipe(PROMPT, num_inference_steps=2, guidance_scale=4.0, resolution=32, **kw),
+        Recipe(
+            PROMPT,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            resolution=32,
+            extra_columns={"class_key": "normal", "label": 0, "checkpoint_version": version},
+            **kw,
+        ),
         batch_size=batch_size,
-        extra_columns={"class_key": "normal", "label": 0, "checkpoint_version": version},
         log=lambda m: None,
     )
     return report, calls

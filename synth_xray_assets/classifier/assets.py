@@ -5,8 +5,10 @@ import math
 import dagster as dg
 from PIL import Image
 
+from synth_xray_assets.classifier.data import ExperimentData
 from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
 from synth_xray_assets.classifier.stats import METRICS
+from synth_xray_assets.classifier.train import RunResult
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import experiment_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
@@ -62,34 +64,11 @@ def classifier_experiment(
     device = compute.resolve_device()
     result, data = run_experiment(s, experiment, seed, device, log=context.log.info)
 
-    counts = data.counts()
     sel, last = result.test_selected, result.test_last
     (tn, fp), (fn, tp) = sel["confusion"]
-    out = data.composition
-    test_ids = set(out.loc[out.role == "test", "image_id"])
-    leaked = sorted(set(out.loc[out.role.isin(["train", "val"]), "image_id"]) & test_ids)
-    numbers = [sel[m] for m in METRICS] + [last[m] for m in METRICS]
-    numbers += [h[k] for h in result.history for k in ("train_loss", "val_loss")]
-    not_finite = sum(not math.isfinite(v) for v in numbers)
     folder = run_dir(s.data_dir, experiment, seed)
     with Image.open(folder / CURVES_FILE) as im:
         curves = im.convert("RGB")
-    composition = "\n".join(
-        [
-            "| | NORMAL | PNEUMONIA |",
-            "|---|---|---|",
-            *(
-                f"| {label} | {counts[f'{key}_normal']} | {counts[f'{key}_pneumonia']} |"
-                for label, key in [
-                    ("train, real", "train_real"),
-                    ("train, real copies (balance control)", "train_real_copy"),
-                    ("train, synthetic", "train_synthetic"),
-                    ("validation (real train)", "val_real"),
-                    ("test", "test_real"),
-                ]
-            ),
-        ]
-    )
     metadata = {
         "experiment": experiment,
         "seed": seed,
@@ -102,7 +81,7 @@ def classifier_experiment(
             f"| | pred NORMAL | pred PNEUMONIA |\n|---|---|---|\n| NORMAL | {tn} | {fp} |\n"
             f"| PNEUMONIA | {fn} | {tp} |"
         ),
-        "composition": dg.MetadataValue.md(composition),
+        "composition": dg.MetadataValue.md(_composition_markdown(data.counts())),
         "validation_split": data.split.describe(),
         "validation_split_counts": dg.MetadataValue.json(data.split.summary()),
         "generators": f"{s.dreambooth.generators}: {data.generators or 'no synthetic images'}",
@@ -113,11 +92,11 @@ def classifier_experiment(
             if data.spec.balance_like
             else "no"
         ),
-        "settings_fingerprint": result.extra["settings_fingerprint"],
+        "settings_fingerprint": result.extra.settings_fingerprint,
         "n_train": result.n_train,
-        "n_real": result.extra["n_real"],
-        "n_synthetic": result.extra["n_synthetic"],
-        "initial_weights": result.extra["initial_weights"],
+        "n_real": result.extra.n_real,
+        "n_synthetic": result.extra.n_synthetic,
+        "initial_weights": result.extra.initial_weights,
         "training_curves": dg.MetadataValue.md(png_markdown(curves, "loss and accuracy per epoch")),
         "history": dg.MetadataValue.json(
             [{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in result.history]
@@ -136,25 +115,52 @@ def classifier_experiment(
         "synthetic_versions": dg.MetadataValue.json(data.synthetic_versions),
         "settings": dg.MetadataValue.json(s.section_json("classifier")),
     }
-    return dg.MaterializeResult(
-        metadata=metadata,
-        check_results=[
-            dg.AssetCheckResult(
-                check_name=LEAKAGE_CHECK,
-                passed=not leaked,
-                metadata={
-                    "num_leaked": len(leaked),
-                    "leaked_hashes": ", ".join(leaked[:20]) or "none",
-                    "num_test": len(test_ids),
-                },
-            ),
-            dg.AssetCheckResult(
-                check_name=FINITE_CHECK,
-                passed=not_finite == 0,
-                metadata={"num_not_finite": not_finite, "num_checked": len(numbers)},
-            ),
-        ],
+    return dg.MaterializeResult(metadata=metadata, check_results=_run_checks(result, data))
+
+
+def _composition_markdown(counts: dict[str, int]) -> str:
+    """The training, validation and test images per source and class, as a markdown table."""
+    rows = [
+        ("train, real", "train_real"),
+        ("train, real copies (balance control)", "train_real_copy"),
+        ("train, synthetic", "train_synthetic"),
+        ("validation (real train)", "val_real"),
+        ("test", "test_real"),
+    ]
+    return "\n".join(
+        [
+            "| | NORMAL | PNEUMONIA |",
+            "|---|---|---|",
+            *(f"| {name} | {counts[f'{key}_normal']} | {counts[f'{key}_pneumonia']} |" for name, key in rows),
+        ]
     )
+
+
+def _run_checks(result: RunResult, data: ExperimentData) -> list[dg.AssetCheckResult]:
+    """No test image among the training or validation images; every score and loss finite."""
+    out = data.composition
+    test_ids = set(out.loc[out.role == "test", "image_id"])
+    leaked = sorted(set(out.loc[out.role.isin(["train", "val"]), "image_id"]) & test_ids)
+    sel, last = result.test_selected, result.test_last
+    numbers = [sel[m] for m in METRICS] + [last[m] for m in METRICS]
+    numbers += [h[k] for h in result.history for k in ("train_loss", "val_loss")]
+    not_finite = sum(not math.isfinite(v) for v in numbers)
+    return [
+        dg.AssetCheckResult(
+            check_name=LEAKAGE_CHECK,
+            passed=not leaked,
+            metadata={
+                "num_leaked": len(leaked),
+                "leaked_hashes": ", ".join(leaked[:20]) or "none",
+                "num_test": len(test_ids),
+            },
+        ),
+        dg.AssetCheckResult(
+            check_name=FINITE_CHECK,
+            passed=not_finite == 0,
+            metadata={"num_not_finite": not_finite, "num_checked": len(numbers)},
+        ),
+    ]
 
 
 def build_defs(s: Settings) -> dg.Definitions:

@@ -133,7 +133,19 @@ def compose_experiment(
 
 
 @dataclass
-class ExperimentData:
+class SplitArrays:
+    """Images and int64 labels of the three splits (train, validation, test)."""
+
+    train_x: torch.Tensor
+    train_y: np.ndarray
+    val_x: torch.Tensor
+    val_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: np.ndarray
+
+
+@dataclass
+class ExperimentData(SplitArrays):
     """One experiment's images at the classifier's size (uint8 ``[N, r, r]``) and labels.
 
     ``composition`` has one row per image: ``role`` (train / val / test), ``source`` (real /
@@ -143,12 +155,6 @@ class ExperimentData:
 
     experiment: str
     seed: int
-    train_x: torch.Tensor
-    train_y: np.ndarray
-    val_x: torch.Tensor
-    val_y: np.ndarray
-    test_x: torch.Tensor
-    test_y: np.ndarray
     composition: pd.DataFrame
     dataset_version: str
     synthetic_versions: dict[str, str] = field(default_factory=dict)
@@ -199,62 +205,29 @@ def load_experiment_data(
     c = s.classifier
     spec = experiment_spec(c, experiment)
     ds = StandardizedDataset.open(s.layout.dataset)
-    cache = classifier_cache_dir(s.data_dir)
-    size = f"{c.resize}-{c.resolution}"
-
-    def real(split: str) -> tuple[torch.Tensor, pd.DataFrame]:
-        rows = ds.rows(split)
-        x = cached_prepared_images(
-            cache / f"real-{ds.version}-{size}" / f"{split}.npy", len(rows), c, lambda: ds.images(split)
-        )
-        return x, rows
-
-    train_all, train_rows = real("train")
+    cache = _ImageCache(classifier_cache_dir(s.data_dir), f"{c.resize}-{c.resolution}", c)
+    train_all, train_rows = cache.real(ds, "train")
     n_synthetic = s.synthetic_count(spec.n_synthetic, len(train_rows))  # the study's count, to this dataset
-    test_x, test_rows = real("test")
+    test_x, test_rows = cache.real(ds, "test")
     labels = train_rows.label.to_numpy(np.int64)
     split = shared_validation_split(s, train_rows)
     pool, val_idx = split.keep, split.val
-
-    synth_x, synth_y, synth_ids, versions, used = [], [], [], {}, {}
-    if n_synthetic > 0:
-        for label, key in enumerate(CLASS_KEYS):
-            used[key] = generator_for(key, spec.real_fraction, s.dreambooth.generators)
-            images = SyntheticImages.open(synthetic_dir(s.data_dir, used[key]))
-            if (images.manifest.label != label).any():
-                raise ValueError(f"{images.root}: manifest labels other than {label} for class {key!r}")
-            versions[used[key]] = images.version()
-            synth_x.append(
-                cached_prepared_images(
-                    cache / f"synthetic-{used[key]}-{versions[used[key]]}-{size}.npy",
-                    len(images),
-                    c,
-                    images.images,
-                )
-            )
-            synth_y.append(np.full(len(images), label, np.int64))
-            synth_ids += [f"synthetic/{used[key]}/{i}" for i in images.manifest["index"]]
-    synth_y_all = np.concatenate(synth_y) if synth_y else np.zeros(0, np.int64)
+    synth = _synthetic_pool(s, spec, cache) if n_synthetic > 0 else _SyntheticPool()
     real_sel, synth_idx = compose_experiment(
-        labels[pool], synth_y_all, spec.real_fraction, n_synthetic, seed, subset_seed(s, seed)
+        labels[pool], synth.y, spec.real_fraction, n_synthetic, seed, subset_seed(s, seed)
     )
     real_idx = pool[real_sel]
-    copies, target = np.zeros(0, np.int64), None
-    if spec.balance_like is not None:
-        like = experiment_spec(c, spec.balance_like)
-        like_synthetic = s.synthetic_count(like.n_synthetic, len(train_rows))
-        target = mix_normal_share(labels[pool], like.real_fraction, like_synthetic)
-        copies = real_idx[oversample_to_share(labels[real_idx], target, seed)]
+    copies, target = _balance_copies(s, spec, labels, _Subset(pool, real_idx, len(train_rows)), seed)
 
     xs = [train_all[torch.as_tensor(real_idx)], train_all[torch.as_tensor(copies)]]
     if len(synth_idx):
-        xs.append(torch.cat(synth_x)[torch.as_tensor(synth_idx)])
-    train_y = np.concatenate([labels[real_idx], labels[copies], synth_y_all[synth_idx]]).astype(np.int64)
+        xs.append(torch.cat(synth.x)[torch.as_tensor(synth_idx)])
+    train_y = np.concatenate([labels[real_idx], labels[copies], synth.y[synth_idx]]).astype(np.int64)
     sha = train_rows.sha256.to_numpy()
     frames = [
         _rows("train", REAL, labels[real_idx], sha[real_idx], real_idx),
         _rows("train", REAL_COPY, labels[copies], sha[copies], copies),
-        _rows("train", SYNTHETIC, synth_y_all[synth_idx], np.asarray(synth_ids)[synth_idx], synth_idx),
+        _rows("train", SYNTHETIC, synth.y[synth_idx], np.asarray(synth.ids)[synth_idx], synth_idx),
         _rows("val", REAL, labels[val_idx], sha[val_idx], val_idx),
         _rows(
             "test", REAL, test_rows.label.to_numpy(), test_rows.sha256.to_numpy(), np.arange(len(test_rows))
@@ -281,12 +254,76 @@ def load_experiment_data(
         test_y=test_rows.label.to_numpy(np.int64),
         composition=pd.concat(frames, ignore_index=True),
         dataset_version=ds.version,
-        synthetic_versions=versions,
+        synthetic_versions=synth.versions,
         split=split,
         spec=spec,
-        generators=used,
+        generators=synth.used,
         target_normal_share=target,
     )
+
+
+@dataclass
+class _ImageCache:
+    """The cache folder of images prepared at the classifier's size (``size`` is ``resize-resolution``)."""
+
+    folder: Path
+    size: str
+    settings: ClassifierSettings
+
+    def real(self, ds: StandardizedDataset, split: str) -> tuple[torch.Tensor, pd.DataFrame]:
+        """One real split's prepared images and its rows."""
+        rows = ds.rows(split)
+        path = self.folder / f"real-{ds.version}-{self.size}" / f"{split}.npy"
+        return cached_prepared_images(path, len(rows), self.settings, lambda: ds.images(split)), rows
+
+
+@dataclass
+class _SyntheticPool:
+    """The synthetic images of both classes at the classifier's size, with labels and ids."""
+
+    x: list[torch.Tensor] = field(default_factory=list)
+    y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ids: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)  # generator key -> image set version
+    used: dict[str, str] = field(default_factory=dict)  # class -> generator key
+
+
+def _synthetic_pool(s: Settings, spec: ExperimentSpec, cache: _ImageCache) -> _SyntheticPool:
+    """Each class's synthetic images from the generator the experiment's real fraction selects."""
+    pool, ys = _SyntheticPool(), []
+    for label, key in enumerate(CLASS_KEYS):
+        used = pool.used[key] = generator_for(key, spec.real_fraction, s.dreambooth.generators)
+        images = SyntheticImages.open(synthetic_dir(s.data_dir, used))
+        if (images.manifest.label != label).any():
+            raise ValueError(f"{images.root}: manifest labels other than {label} for class {key!r}")
+        pool.versions[used] = images.version()
+        path = cache.folder / f"synthetic-{used}-{pool.versions[used]}-{cache.size}.npy"
+        pool.x.append(cached_prepared_images(path, len(images), cache.settings, images.images))
+        ys.append(np.full(len(images), label, np.int64))
+        pool.ids += [f"synthetic/{used}/{i}" for i in images.manifest["index"]]
+    pool.y = np.concatenate(ys)
+    return pool
+
+
+@dataclass
+class _Subset:
+    """Positions in real train: the training pool, the experiment's real images, and the train size."""
+
+    pool: np.ndarray
+    chosen: np.ndarray
+    n_train: int
+
+
+def _balance_copies(
+    s: Settings, spec: ExperimentSpec, labels: np.ndarray, subset: _Subset, seed: int
+) -> tuple[np.ndarray, float | None]:
+    """A balance control's oversampled copies (positions in real train) and the NORMAL share they reach."""
+    if spec.balance_like is None:
+        return np.zeros(0, np.int64), None
+    like = experiment_spec(s.classifier, spec.balance_like)
+    like_synthetic = s.synthetic_count(like.n_synthetic, subset.n_train)
+    target = mix_normal_share(labels[subset.pool], like.real_fraction, like_synthetic)
+    return subset.chosen[oversample_to_share(labels[subset.chosen], target, seed)], target
 
 
 def _rows(role: str, source: str, labels, ids, positions) -> pd.DataFrame:

@@ -25,7 +25,7 @@ import pandas as pd
 from synth_xray_assets.classifier.curves import run_curves
 from synth_xray_assets.classifier.data import ExperimentData, experiment_spec, load_experiment_data
 from synth_xray_assets.classifier.model import describe_weights
-from synth_xray_assets.classifier.train import RunResult, train_classifier
+from synth_xray_assets.classifier.train import RunExtra, RunResult, TrainRun, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import sha256_bytes, write_json_atomic, write_parquet_atomic
@@ -34,7 +34,7 @@ RUN_FILE = "run.json"
 PREDICTIONS_FILE = "predictions.parquet"
 COMPOSITION_FILE = "composition.parquet"
 CURVES_FILE = "curves.png"
-_PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last")
+_PER_IMAGE = ("test_labels", "test_prob_selected", "test_prob_last", "test_image_ids")
 
 
 # Classifier settings that do not change what one run computes (which runs exist, how they are reported).
@@ -70,14 +70,7 @@ def run_experiment(
     out = run_dir(s.data_dir, experiment, seed)
     (out / RUN_FILE).unlink(missing_ok=True)  # the old run's summary no longer describes this folder
     counts = data.counts()
-    result = train_classifier(
-        data.train_x,
-        data.train_y,
-        data.val_x,
-        data.val_y,
-        data.test_x,
-        data.test_y,
-        s.classifier,
+    run = TrainRun(
         seed,
         device,
         out,
@@ -85,24 +78,25 @@ def run_experiment(
         prepared=True,
         experiment=experiment,
         num_workers=num_workers,
-        extra={
-            "n_real": counts["train_real_normal"] + counts["train_real_pneumonia"],
-            "n_synthetic": counts["train_synthetic_normal"] + counts["train_synthetic_pneumonia"],
-            "counts": counts,
-            "real_fraction": data.spec.real_fraction,
-            "balance_like": data.spec.balance_like,
-            "target_normal_share": data.target_normal_share,
-            "normal_share": data.normal_share(),
-            "generators": s.dreambooth.generators,
-            "generator_keys": data.generators,
-            "validation_split": {**data.split.summary(), "describe": data.split.describe()},
-            "settings_fingerprint": settings_fingerprint(s, experiment),
-            "dataset_version": data.dataset_version,
-            "synthetic_versions": data.synthetic_versions,
-            "initial_weights": describe_weights(s.classifier),
-            "profile": s.profile,
-        },
+        extra=RunExtra(
+            n_real=counts["train_real_normal"] + counts["train_real_pneumonia"],
+            n_synthetic=counts["train_synthetic_normal"] + counts["train_synthetic_pneumonia"],
+            counts=counts,
+            real_fraction=data.spec.real_fraction,
+            balance_like=data.spec.balance_like,
+            target_normal_share=data.target_normal_share,
+            normal_share=data.normal_share(),
+            generators=s.dreambooth.generators,
+            generator_keys=data.generators,
+            validation_split={**data.split.summary(), "describe": data.split.describe()},
+            settings_fingerprint=settings_fingerprint(s, experiment),
+            dataset_version=data.dataset_version,
+            synthetic_versions=data.synthetic_versions,
+            initial_weights=describe_weights(s.classifier),
+            profile=s.profile,
+        ),
     )
+    result = train_classifier(data, s.classifier, run)
     write_parquet_atomic(data.composition, out / COMPOSITION_FILE)
     save_run(result, out, data.composition.loc[data.composition.role == "test", "image_id"].tolist())
     return result, data
@@ -127,8 +121,8 @@ def save_run(result: RunResult, folder: str | Path, test_image_ids: list[str]) -
     return write_json_atomic(folder / RUN_FILE, summary)
 
 
-def load_run(path: str | Path) -> dict[str, Any]:
-    """A finished run as :meth:`RunResult.to_dict` gives it (per-image test probabilities included)."""
+def load_run(path: str | Path) -> RunResult:
+    """A finished run, its per-image test labels, probabilities and image ids included."""
     path = Path(path)
     run = json.loads((path / RUN_FILE).read_text())
     pred = pd.read_parquet(path / PREDICTIONS_FILE)
@@ -136,8 +130,7 @@ def load_run(path: str | Path) -> dict[str, Any]:
     run["test_prob_selected"] = pred.prob_selected.astype(float).tolist()
     run["test_prob_last"] = pred.prob_last.astype(float).tolist()
     run["test_image_ids"] = pred.image_id.astype(str).tolist()
-    run["run_dir"] = str(path)
-    return run
+    return RunResult.from_dict(run)
 
 
 def is_finished(path: str | Path) -> bool:

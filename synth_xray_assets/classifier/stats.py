@@ -13,6 +13,7 @@ seeds, DeLong's test for AUC; Holm's adjustment for a family of comparisons.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -97,12 +98,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
-def _hierarchical_draws(n_seeds: int, n_images: int, n_boot: int, seed: int, resample_seeds: bool):
-    """``n_boot`` pairs ``(seed_idx [S], image_idx [N])``: seeds drawn with replacement (when asked and
-    there are two or more), then test images with replacement, the same images for every seed."""
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        seeds = rng.integers(0, n_seeds, n_seeds) if resample_seeds and n_seeds > 1 else np.arange(n_seeds)
+def _hierarchical_draws(n_seeds: int, n_images: int, boot: Bootstrap):
+    """``boot.n_boot`` pairs ``(seed_idx [S], image_idx [N])``: seeds drawn with replacement (when asked
+    and there are two or more), then test images with replacement, the same images for every seed."""
+    rng = np.random.default_rng(boot.seed)
+    resample = boot.resample_seeds and n_seeds > 1
+    for _ in range(boot.n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds) if resample else np.arange(n_seeds)
         yield seeds, rng.integers(0, n_images, n_images)
 
 
@@ -115,21 +117,25 @@ def _quantiles(stats: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """A two-level percentile bootstrap: resamples, their seed, the level, whether seeds are resampled."""
+
+    n_boot: int = 2000
+    seed: int = 0
+    level: float = 0.95
+    resample_seeds: bool = True
+
+
 def bootstrap_ci(
-    y_true: np.ndarray,
-    prob: np.ndarray,
-    metric: str = "accuracy",
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
-    resample_seeds: bool = True,
+    y_true: np.ndarray, prob: np.ndarray, metric: str = "accuracy", boot: Bootstrap = Bootstrap()
 ) -> tuple[float, float, float]:
     """``(estimate, low, high)``: two-level (hierarchical) percentile bootstrap CI of ``metric``.
 
     ``prob`` is ``[N]`` or ``[S, N]``; the statistic is the mean over seeds. Each resample draws
     ``S`` seeds with replacement, then ``N`` test images with replacement (the same for every
     drawn seed), so the interval covers seed-to-seed and test-image variance. With one seed
-    (or ``resample_seeds=False``) only test images are resampled.
+    (or ``boot.resample_seeds=False``) only test images are resampled.
     """
     y = np.asarray(y_true).astype(np.int64)
     runs = _as_runs(prob)
@@ -137,21 +143,18 @@ def bootstrap_ci(
     stats = np.array(
         [
             metric_value(y[idx], runs[np.ix_(seeds, idx)], metric)
-            for seeds, idx in _hierarchical_draws(len(runs), len(y), n_boot, seed, resample_seeds)
+            for seeds, idx in _hierarchical_draws(len(runs), len(y), boot)
         ]
     )
-    return (estimate, *_quantiles(stats, level))
+    return (estimate, *_quantiles(stats, boot.level))
 
 
 def paired_bootstrap_diff(
     y_true: np.ndarray,
     prob_baseline: np.ndarray,
     prob_other: np.ndarray,
-    n_boot: int = 2000,
-    seed: int = 0,
-    level: float = 0.95,
     metric: str = "accuracy",
-    resample_seeds: bool = True,
+    boot: Bootstrap = Bootstrap(),
 ) -> dict[str, float]:
     """``metric`` of ``other`` minus ``baseline`` with a two-level paired bootstrap CI and p-value.
 
@@ -168,13 +171,13 @@ def paired_bootstrap_diff(
         [
             metric_value(y[idx], other[np.ix_(seeds, idx)], metric)
             - metric_value(y[idx], base[np.ix_(seeds, idx)], metric)
-            for seeds, idx in _hierarchical_draws(len(base), len(y), n_boot, seed, resample_seeds)
+            for seeds, idx in _hierarchical_draws(len(base), len(y), boot)
         ]
     )
-    low, high = _quantiles(diffs, level)
+    low, high = _quantiles(diffs, boot.level)
     diffs = diffs[~np.isnan(diffs)]
     p = (
-        min(1.0, max(1.0 / n_boot, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
+        min(1.0, max(1.0 / boot.n_boot, 2 * min((diffs <= 0).mean(), (diffs >= 0).mean())))
         if diffs.size
         else float("nan")
     )

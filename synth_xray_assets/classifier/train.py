@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from synth_xray_assets.classifier.checkpoint import (  # noqa: F401 (file names 
 )
 from synth_xray_assets.classifier.data import (
     EpochBatchSampler,
+    SplitArrays,
     make_train_loader,
     normalize_batch,
     prepare_images,
@@ -38,6 +39,7 @@ from synth_xray_assets.classifier.model import build_densenet121
 from synth_xray_assets.classifier.stats import binary_metrics, roc_auc  # noqa: F401 (re-exported)
 from synth_xray_assets.classifier.step import (
     MicroBatchStep,
+    Precision,
     choose_precision,
     oom_note,
     prepare_model,
@@ -54,6 +56,34 @@ SELECTION_LABELS = {
 
 
 # ---------------------------------------------------------------- result
+
+
+@dataclass
+class RunExtra:
+    """What an experiment run was trained on and under which settings (``None``: not recorded, as
+    by an older version or a run outside the experiments, such as the feature extractor's)."""
+
+    n_real: int | None = None
+    n_synthetic: int | None = None
+    counts: dict[str, int] | None = None  # images per role, source and class (ExperimentData.counts)
+    real_fraction: float | None = None
+    balance_like: str | None = None  # balance controls: the mix whose class shares they copy
+    target_normal_share: float | None = None
+    normal_share: float | None = None
+    generators: str | None = None  # the arrangement of the settings (study / matched)
+    generator_keys: dict[str, str] | None = None  # class -> generator used
+    validation_split: dict[str, Any] | None = None  # its summary and "describe"
+    settings_fingerprint: str | None = None
+    dataset_version: str | None = None
+    synthetic_versions: dict[str, str] | None = None  # generator -> image set version
+    initial_weights: str | None = None
+    profile: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> RunExtra:
+        """From a saved run's ``extra`` (keys it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
 
 @dataclass
@@ -85,11 +115,19 @@ class RunResult:
     train_images_per_s: float
     device: str
     settings: dict[str, Any]
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: RunExtra = field(default_factory=RunExtra)
     precision: str = "fp32"  # fp32, bf16 or fp16 (+ GradScaler): autocast on CUDA only
     # batch_size, micro_batch, gradient_accumulation, oom_events, batchnorm_note, channels_last,
     # augmentation ("gpu" or "N workers")
     compute: dict[str, Any] = field(default_factory=dict)
+    test_image_ids: list[str] = field(default_factory=list)  # as a saved run is loaded (not in run.json)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """A run from :meth:`to_dict`'s data (keys it does not know are left out)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{**values, "extra": RunExtra.from_dict(data.get("extra"))})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able data (NaN kept as float NaN)."""
@@ -217,28 +255,16 @@ class TrainBatches:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), None
 
 
-@dataclass
-class _Splits:
-    """Prepared uint8 images and int64 labels of the three splits."""
-
-    train_x: torch.Tensor
-    train_y: np.ndarray
-    val_x: torch.Tensor
-    val_y: np.ndarray
-    test_x: torch.Tensor
-    test_y: np.ndarray
-
-
-def _splits(arrays: tuple, settings: ClassifierSettings, prepared: bool) -> _Splits:
-    train_x, train_y, val_x, val_y, test_x, test_y = arrays
-    ys = [np.asarray(a).astype(np.int64) for a in (train_y, val_y, test_y)]
-    xs = [_as_prepared(a, settings, prepared) for a in (train_x, val_x, test_x)]
+def _splits(arrays: SplitArrays, settings: ClassifierSettings, prepared: bool) -> SplitArrays:
+    """The splits as uint8 tensors at the classifier's size and int64 labels; checked."""
+    ys = [np.asarray(a).astype(np.int64) for a in (arrays.train_y, arrays.val_y, arrays.test_y)]
+    xs = [_as_prepared(a, settings, prepared) for a in (arrays.train_x, arrays.val_x, arrays.test_x)]
     for name, x, y in zip(("train", "val", "test"), xs, ys):
         if len(x) != len(y):
             raise ValueError(f"{name}: {len(x)} images but {len(y)} labels")
     if len(xs[0]) < 2 or len(xs[1]) == 0:
         raise ValueError(f"need >= 2 training and >= 1 validation images, got {len(xs[0])} and {len(xs[1])}")
-    return _Splits(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
+    return SplitArrays(xs[0], ys[0], xs[1], ys[1], xs[2], ys[2])
 
 
 def _run_epoch(step: MicroBatchStep, batches: TrainBatches, epoch: int) -> dict[str, Any]:
@@ -258,7 +284,7 @@ def _run_epoch(step: MicroBatchStep, batches: TrainBatches, epoch: int) -> dict[
 
 
 def _evaluate_epoch(
-    model: nn.Module, data: _Splits, settings: ClassifierSettings, device: str, record: dict[str, Any]
+    model: nn.Module, data: SplitArrays, settings: ClassifierSettings, device: str, record: dict[str, Any]
 ) -> tuple[float, float]:
     """Add validation (and, under the study's protocol, test) scores to ``record``; the selection key."""
     cl = use_channels_last(settings, device)
@@ -273,20 +299,23 @@ def _evaluate_epoch(
     return record["test_accuracy"], test_loss
 
 
-def _train_epochs(
-    parts: TrainingParts,
-    step: MicroBatchStep,
-    batches: TrainBatches,
-    data: _Splits,
-    saver: CheckpointSaver,
-    progress: Progress,
-    label: str,
-) -> Progress:
+@dataclass
+class _Loop:
+    """What the epoch loop drives: the training parts, the step, the batches, the files, a label."""
+
+    parts: TrainingParts
+    step: MicroBatchStep
+    batches: TrainBatches
+    saver: CheckpointSaver
+    label: str
+
+
+def _train_epochs(loop: _Loop, data: SplitArrays, progress: Progress) -> Progress:
     """Epochs ``progress.epoch + 1 ..`` : train, score, keep the best weights, save the state."""
-    settings = step.settings
+    parts, step, settings = loop.parts, loop.step, loop.step.settings
     for epoch in range(progress.epoch, settings.epochs):
         lr = parts.optimizer.param_groups[0]["lr"]
-        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **_run_epoch(step, batches, epoch)}
+        record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, **_run_epoch(step, loop.batches, epoch)}
         parts.scheduler.step()
         key = _evaluate_epoch(parts.model, data, settings, parts.device, record)
         progress.history.append(record)
@@ -294,10 +323,10 @@ def _train_epochs(
         progress.epoch = epoch + 1
         if _better(key, progress.best_key):
             progress.best_key, progress.best_epoch = key, epoch + 1
-            saver.save_best(parts.model, epoch + 1)
-        saver.save_state(parts, progress)
+            loop.saver.save_best(parts.model, epoch + 1)
+        loop.saver.save_state(parts, progress)
         step.log(
-            f"{label} epoch {epoch + 1}/{settings.epochs}: "
+            f"{loop.label} epoch {epoch + 1}/{settings.epochs}: "
             f"loss {record['train_loss']:.4f}, val acc {record['val_accuracy']:.3f}"
             + (f", test acc {record['test_accuracy']:.3f}" if "test_accuracy" in record else "")
             + f" ({record['train_images'] / max(record['train_seconds'], 1e-9):.1f} img/s)"
@@ -305,95 +334,97 @@ def _train_epochs(
     return progress
 
 
-def train_classifier(
-    train_x: np.ndarray | torch.Tensor,
-    train_y: np.ndarray,
-    val_x: np.ndarray | torch.Tensor,
-    val_y: np.ndarray,
-    test_x: np.ndarray | torch.Tensor,
-    test_y: np.ndarray,
-    settings: ClassifierSettings,
-    seed: int,
-    device: str,
-    out_dir: Path,
-    log: Callable[[str], Any] = print,
-    *,
-    prepared: bool = False,
-    experiment: str = "",
-    extra: dict[str, Any] | None = None,
-    num_workers: int | None = None,
-    keep_state: bool = False,
-) -> RunResult:
+@dataclass
+class TrainRun:
+    """One classifier run beyond its settings: seed, device, folder, log, and what it is called."""
+
+    seed: int
+    device: str
+    out_dir: Path
+    log: Callable[[str], Any] = print
+    prepared: bool = False  # images already at the classifier's size (``cached_prepared_images``)
+    experiment: str = ""
+    extra: RunExtra = field(default_factory=RunExtra)
+    num_workers: int | None = None  # augmentation processes; None: settings.num_workers or the cores
+    keep_state: bool = False  # keep train_state.pt after the run
+
+
+def train_classifier(data: SplitArrays, settings: ClassifierSettings, run: TrainRun) -> RunResult:
     """Train one classifier and score it on the test set at its selected and at its last epoch.
 
     Images are uint8 ``[N, H, W]`` at the dataset's resolution, resized and cropped here, or
-    already at the classifier's size with ``prepared=True`` (see ``cached_prepared_images``).
+    already at the classifier's size with ``run.prepared`` (see ``cached_prepared_images``).
     AdamW + cosine annealing over ``settings.epochs``; cross-entropy. Selection follows
     ``settings.selection``: ``"validation"`` never lets the test set touch training or the
     choice of epoch (it is scored only after the loop); ``"test"`` reproduces the study.
-    After each epoch the full training state goes to ``out_dir/train_state.pt``; a later call
+    After each epoch the full training state goes to ``run.out_dir/train_state.pt``; a later call
     with the same settings, seed and data resumes after the last finished epoch and ends as an
-    uninterrupted run would. The state file is removed at the end unless ``keep_state``.
-    ``num_workers`` overrides ``settings.num_workers`` (augmentation processes; None: from the
+    uninterrupted run would. The state file is removed at the end unless ``run.keep_state``.
+    ``run.num_workers`` overrides ``settings.num_workers`` (augmentation processes; None: from the
     cores available). On CUDA: mixed precision (``settings.mixed_precision``), channels_last,
     augmentation on the GPU, and an out-of-memory error halves the micro-batch (see ``step.py``).
     """
     started = time.perf_counter()
-    data = _splits((train_x, train_y, val_x, val_y, test_x, test_y), settings, prepared)
-    selection_arrays = (data.test_x, data.test_y) if settings.selection == "test" else ()
-    fingerprint = _fingerprint(
-        settings, seed, data.train_x, data.train_y, data.val_x, data.val_y, *selection_arrays
-    )
-    label = f"{experiment or 'run'} seed {seed}"
-    precision = choose_precision(device, settings.mixed_precision)
-
-    cuda = device.startswith("cuda")
-    rng_devices = [torch.device(device).index or 0] if cuda else []
+    data = _splits(data, settings, run.prepared)
+    precision = choose_precision(run.device, settings.mixed_precision)
+    cuda = run.device.startswith("cuda")
+    rng_devices = [torch.device(run.device).index or 0] if cuda else []
     with torch.random.fork_rng(devices=rng_devices, device_type="cuda" if cuda else "cpu"):
-        torch.manual_seed(seed)
-        model = prepare_model(build_densenet121(settings), device, use_channels_last(settings, device))
-        # best + last weights (4 bytes a weight each) and the state (weights + AdamW's 2 moments)
-        n_weights = sum(p.numel() for p in model.parameters())
-        require_free_space(out_dir, n_weights * 4 * 5, f"classifier training of {label}")
-        saver = CheckpointSaver(
-            out_dir,
-            fingerprint,
-            {"experiment": experiment, "seed": str(seed), "selection": settings.selection},
-        )
-        optimizer = torch.optim.AdamW(
-            model.parameters(),
-            lr=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-            foreach=True,  # CUDA's default; on the CPU too it steps DenseNet's 364 tensors faster
-        )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
-        step = MicroBatchStep(model, optimizer, settings, precision, device, log)
-        parts = TrainingParts(model, optimizer, scheduler, step, device)
-        progress = saver.resume(parts, log)
+        torch.manual_seed(run.seed)
+        loop = _start(data, settings, run, precision)
+        progress = loop.saver.resume(loop.parts, run.log)
         resumed_from = progress.epoch
         if resumed_from:
-            log(f"resuming {label} after epoch {resumed_from}/{settings.epochs}")
-        batches = TrainBatches(data.train_x, data.train_y, settings, seed, device, num_workers)
-        log(f"{label}: precision {precision.label}, augmentation on {batches.description}")
-        progress = _train_epochs(parts, step, batches, data, saver, progress, label)
-        description = batches.description
-        del batches
+            run.log(f"resuming {loop.label} after epoch {resumed_from}/{settings.epochs}")
+        run.log(f"{loop.label}: precision {precision.label}, augmentation on {loop.batches.description}")
+        progress = _train_epochs(loop, data, progress)
+        description = loop.batches.description
+        loop.batches = None  # the loader's worker processes end here
 
     # Only now, with the epoch chosen, does the test set come in (under "validation").
-    probs = _final_scores(model, saver, data, settings, device)
-    if not keep_state:
-        saver.clear_state()
-    info = _RunInfo(experiment, seed, device, started, resumed_from, dict(extra or {}), precision.label)
+    probs = _final_scores(loop.parts.model, loop.saver, data, settings, run.device)
+    if not run.keep_state:
+        loop.saver.clear_state()
     compute = {
-        **oom_note(step),
-        "channels_last": use_channels_last(settings, device),
+        **oom_note(loop.step),
+        "channels_last": use_channels_last(settings, run.device),
         "augmentation": description,
     }
-    return _run_result(info, settings, data, progress, saver, probs, compute)
+    info = _RunInfo(run, settings, started, resumed_from, precision.label, compute)
+    return _run_result(info, data, progress, loop.saver, probs)
+
+
+def _start(data: SplitArrays, settings: ClassifierSettings, run: TrainRun, precision: Precision) -> _Loop:
+    """A fresh model, optimizer, schedule, step, batches and checkpoint saver for ``run``."""
+    label = f"{run.experiment or 'run'} seed {run.seed}"
+    selection_arrays = (data.test_x, data.test_y) if settings.selection == "test" else ()
+    fingerprint = _fingerprint(
+        settings, run.seed, data.train_x, data.train_y, data.val_x, data.val_y, *selection_arrays
+    )
+    model = prepare_model(build_densenet121(settings), run.device, use_channels_last(settings, run.device))
+    # best + last weights (4 bytes a weight each) and the state (weights + AdamW's 2 moments)
+    n_weights = sum(p.numel() for p in model.parameters())
+    require_free_space(run.out_dir, n_weights * 4 * 5, f"classifier training of {label}")
+    saver = CheckpointSaver(
+        run.out_dir,
+        fingerprint,
+        {"experiment": run.experiment, "seed": str(run.seed), "selection": settings.selection},
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        foreach=True,  # CUDA's default; on the CPU too it steps DenseNet's 364 tensors faster
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.epochs)
+    step = MicroBatchStep(model, optimizer, settings, precision, run.device, run.log)
+    parts = TrainingParts(model, optimizer, scheduler, step, run.device)
+    batches = TrainBatches(data.train_x, data.train_y, settings, run.seed, run.device, run.num_workers)
+    return _Loop(parts, step, batches, saver, label)
 
 
 def _final_scores(
-    model: nn.Module, saver: CheckpointSaver, data: _Splits, settings: ClassifierSettings, device: str
+    model: nn.Module, saver: CheckpointSaver, data: SplitArrays, settings: ClassifierSettings, device: str
 ) -> dict[str, np.ndarray]:
     """Save the last epoch's weights; test probabilities at the last and the selected epoch, and the
     selected epoch's validation probabilities (the model ends holding the selected weights)."""
@@ -408,30 +439,28 @@ def _final_scores(
 
 @dataclass
 class _RunInfo:
-    experiment: str
-    seed: int
-    device: str
+    run: TrainRun
+    settings: ClassifierSettings
     started: float
     resumed_from: int
-    extra: dict[str, Any]
     precision: str
+    compute: dict[str, Any]
 
 
 def _run_result(
     info: _RunInfo,
-    settings: ClassifierSettings,
-    data: _Splits,
+    data: SplitArrays,
     progress: Progress,
     saver: CheckpointSaver,
     probs: dict[str, np.ndarray],
-    compute: dict[str, Any],
 ) -> RunResult:
+    settings = info.settings
     history = progress.history
     train_time = float(sum(h["train_seconds"] for h in history))
     n_images = int(sum(h["train_images"] for h in history))
     return RunResult(
-        experiment=info.experiment,
-        seed=info.seed,
+        experiment=info.run.experiment,
+        seed=info.run.seed,
         selection=settings.selection,
         selection_note=SELECTION_LABELS[settings.selection],
         epochs=settings.epochs,
@@ -453,9 +482,9 @@ def _run_result(
         wall_time_s=time.perf_counter() - info.started,
         train_time_s=train_time,
         train_images_per_s=n_images / train_time if train_time > 0 else 0.0,
-        device=info.device,
+        device=info.run.device,
         settings=settings.model_dump(mode="json"),
-        extra=info.extra,
+        extra=info.run.extra,
         precision=info.precision,
-        compute=compute,
+        compute=info.compute,
     )

@@ -66,6 +66,35 @@ def _cached_png(out_dir: Path, settings: DatasetSettings, split: str, class_name
     return out_dir / "images" / recipe / split / class_name / f"{sha[:20]}.png"
 
 
+_MANIFEST_COLUMNS = [
+    "split",
+    "label",
+    "class_name",
+    "source_id",
+    "sha256",
+    "orig_width",
+    "orig_height",
+    "orig_mode",
+    "path",
+]
+
+
+@dataclass
+class _Build:
+    """What standardizing the splits gathers: manifest rows, skipped records, pixels, cache counts."""
+
+    settings: DatasetSettings
+    out_dir: Path
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    reused: int = 0
+    decoded: int = 0
+
+    def skip(self, split: str, rec: SourceRecord, reason: str) -> None:
+        self.skipped.append({"split": split, "source_id": rec.source_id, "reason": reason})
+
+
 def build_standardized_dataset(
     records: dict[str, Iterable[SourceRecord]],
     settings: DatasetSettings,
@@ -73,114 +102,106 @@ def build_standardized_dataset(
     log: Callable[[str], None] = print,
 ) -> BuildReport:
     """Standardize every record of every split into ``out_dir`` and return the manifest."""
-    rows: list[dict] = []
-    skipped: list[dict] = []
-    arrays: dict[str, list[np.ndarray]] = {}
-    reused = decoded = 0
+    build = _Build(settings, out_dir)
     for split, split_records in records.items():
-        arrays[split] = []
-        todo: list[SourceRecord] = []
-        for rec in split_records:
-            if rec.skip_reason:
-                skipped.append({"split": split, "source_id": rec.source_id, "reason": rec.skip_reason})
-                continue
-            if rec.label is None:
-                skipped.append(
-                    {
-                        "split": split,
-                        "source_id": rec.source_id,
-                        "reason": f"unknown label {rec.label_name!r}",
-                    }
-                )
-                continue
-            todo.append(rec)
-        hashes = [sha256_bytes(r.data) for r in todo]
-        cached = [
-            _cached_png(out_dir, settings, split, settings.class_names[r.label], h)
-            for r, h in zip(todo, hashes)
-        ]
-        fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
-        results = iter(
-            standardize_many(
-                fresh, settings.resolution, settings.mode, settings.max_image_pixels, workers=settings.workers
-            )
-        )
-        for rec, sha, png in zip(todo, hashes, cached):
-            if png.exists():
-                with Image.open(png) as im:
-                    meta = json.loads(im.info.get("synth_xray", "{}"))
-                    result = StandardizeResult(
-                        sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode")
-                    )
-                reused += 1
-            else:
-                result = next(results)
-                decoded += 1
-                if result.pixels is not None:
-                    _save_png_with_origin(result, png)
-            if result.pixels is None:
-                skipped.append({"split": split, "source_id": rec.source_id, "reason": result.reason})
-                continue
-            arrays[split].append(result.pixels)
-            rows.append(
-                {
-                    "split": split,
-                    "label": rec.label,
-                    "class_name": settings.class_names[rec.label],
-                    "source_id": rec.source_id,
-                    "sha256": sha,
-                    "orig_width": result.original_size[0],
-                    "orig_height": result.original_size[1],
-                    "orig_mode": result.original_mode,
-                    "path": str(png.relative_to(out_dir)),
-                }
-            )
-        log(f"{split}: {len(arrays[split])} images standardized to {settings.resolution} px")
-    dropped: list[dict] = []
+        _standardize_split(build, split, split_records)
+        log(f"{split}: {len(build.arrays[split])} images standardized to {settings.resolution} px")
+    rows, arrays, dropped = build.rows, build.arrays, []
     if settings.drop_train_test_duplicates:
         rows, arrays, dropped = _drop_duplicates_of_test(rows, arrays)
         log(f"train: {len(dropped)} images identical to a test image dropped (drop_train_test_duplicates)")
-    manifest = pd.DataFrame(
-        rows,
-        columns=[
-            "split",
-            "label",
-            "class_name",
-            "source_id",
-            "sha256",
-            "orig_width",
-            "orig_height",
-            "orig_mode",
-            "path",
-        ],
-    )
-    skipped_df = pd.DataFrame(skipped, columns=["split", "source_id", "reason"])
+    manifest = pd.DataFrame(rows, columns=_MANIFEST_COLUMNS)
+    skipped_df = pd.DataFrame(build.skipped, columns=["split", "source_id", "reason"])
     version = data_version(manifest, settings)
-    shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
+    counts = {"reused": build.reused, "decoded": build.decoded}
     if _complete_with_version(out_dir, version, arrays):
         # The same content is already there, complete: rewriting it would only make the folder read
         # as incomplete meanwhile to other runs' readers (a double click, a retry beside a run).
-        return BuildReport(version, manifest, skipped_df, reused=reused, decoded=decoded)
+        return BuildReport(version, manifest, skipped_df, **counts)
+    dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
+    _write_dataset(build, arrays, BuildReport(version, manifest, skipped_df, dropped_df))
+    return BuildReport(version, manifest, skipped_df, dropped_df, **counts)
+
+
+def _standardize_split(build: _Build, split: str, split_records: Iterable[SourceRecord]) -> None:
+    """Standardize one split's records (reusing cached PNGs) into ``build``."""
+    settings, out_dir = build.settings, build.out_dir
+    build.arrays[split] = []
+    todo: list[SourceRecord] = []
+    for rec in split_records:
+        if rec.skip_reason:
+            build.skip(split, rec, rec.skip_reason)
+        elif rec.label is None:
+            build.skip(split, rec, f"unknown label {rec.label_name!r}")
+        else:
+            todo.append(rec)
+    hashes = [sha256_bytes(r.data) for r in todo]
+    cached = [
+        _cached_png(out_dir, settings, split, settings.class_names[r.label], h) for r, h in zip(todo, hashes)
+    ]
+    fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
+    results = iter(
+        standardize_many(
+            fresh, settings.resolution, settings.mode, settings.max_image_pixels, workers=settings.workers
+        )
+    )
+    for rec, sha, png in zip(todo, hashes, cached):
+        if png.exists():
+            result = _read_cached_png(png, sha)
+            build.reused += 1
+        else:
+            result = next(results)
+            build.decoded += 1
+            if result.pixels is not None:
+                _save_png_with_origin(result, png)
+        if result.pixels is None:
+            build.skip(split, rec, result.reason)
+            continue
+        build.arrays[split].append(result.pixels)
+        build.rows.append(
+            {
+                "split": split,
+                "label": rec.label,
+                "class_name": settings.class_names[rec.label],
+                "source_id": rec.source_id,
+                "sha256": sha,
+                "orig_width": result.original_size[0],
+                "orig_height": result.original_size[1],
+                "orig_mode": result.original_mode,
+                "path": str(png.relative_to(out_dir)),
+            }
+        )
+
+
+def _read_cached_png(png: Path, sha: str) -> StandardizeResult:
+    """A standardized image written earlier, with the original size and mode it records."""
+    with Image.open(png) as im:
+        meta = json.loads(im.info.get("synth_xray", "{}"))
+        return StandardizeResult(sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode"))
+
+
+def _write_dataset(build: _Build, arrays: dict[str, list[np.ndarray]], report: BuildReport) -> None:
+    """Write the arrays, the skipped / dropped lists and the manifest; ``version.json`` last."""
+    settings, out_dir = build.settings, build.out_dir
+    shape = (0, settings.resolution, settings.resolution) + ((3,) if settings.mode == "RGB" else ())
     # Until the new version.json is written last, the folder reads as incomplete, never as the old
     # version with new arrays.
     (out_dir / "version.json").unlink(missing_ok=True)
     for split, images in arrays.items():
         stacked = np.stack(images) if images else np.zeros(shape, np.uint8)
         save_numpy_atomic(stacked, out_dir / "arrays" / f"{split}.npy")
-    write_bytes_atomic(out_dir / SKIPPED_FILE, skipped_df.to_csv(index=False).encode())
-    dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
-    write_bytes_atomic(out_dir / DROPPED_FILE, dropped_df.to_csv(index=False).encode())
-    write_parquet_atomic(manifest, out_dir / "manifest.parquet")
+    write_bytes_atomic(out_dir / SKIPPED_FILE, report.skipped.to_csv(index=False).encode())
+    write_bytes_atomic(out_dir / DROPPED_FILE, report.dropped.to_csv(index=False).encode())
+    write_parquet_atomic(report.manifest, out_dir / "manifest.parquet")
     write_json_atomic(
         out_dir / "version.json",
         {
-            "version": version,
+            "version": report.version,
             "resolution": settings.resolution,
             "mode": settings.mode,
             "standardize": STANDARDIZE_VERSION,
         },
     )
-    return BuildReport(version, manifest, skipped_df, dropped_df, reused=reused, decoded=decoded)
 
 
 def _drop_duplicates_of_test(

@@ -11,8 +11,8 @@ class images alike.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -44,6 +44,8 @@ class Recipe:
     guidance_scale: float
     resolution: int
     seed_offset: int = 0
+    # More manifest columns an image must match (e.g. the checkpoint's version, the class).
+    extra_columns: Mapping[str, object] = field(default_factory=dict)
 
     def columns(self) -> dict[str, object]:
         """The manifest columns an image must match to be kept (the seed is checked apart)."""
@@ -52,6 +54,7 @@ class Recipe:
             "num_inference_steps": self.num_inference_steps,
             "guidance_scale": float(self.guidance_scale),
             "resolution": self.resolution,
+            **self.extra_columns,
         }
 
 
@@ -69,18 +72,17 @@ def generate_set(
     recipe: Recipe,
     *,
     batch_size: int,
-    extra_columns: dict[str, object] | None = None,
     log: Callable[[str], None] = print,
 ) -> GenerationReport:
     """Make images ``0..count-1`` in ``out_dir/images/``, keeping those already there.
 
-    An existing image is kept when the manifest lists it with the same recipe, seed and
-    ``extra_columns`` (for example the checkpoint's version) and its file is intact; everything
+    An existing image is kept when the manifest lists it with the same recipe (its
+    ``extra_columns`` too, for example the checkpoint's version) and seed, and its file is intact; everything
     else is made (again). The manifest is rewritten atomically after every batch, so an
     interrupted run loses at most one batch. ``make_pipe`` is called only if work is left.
     """
     out_dir = Path(out_dir)
-    columns = {**recipe.columns(), **(extra_columns or {})}
+    columns = recipe.columns()
     manifest_path = out_dir / MANIFEST
     rows = _kept_rows(manifest_path, count, recipe.seed_offset, columns)
     reused = len(rows)

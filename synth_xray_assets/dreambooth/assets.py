@@ -5,12 +5,15 @@ demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 """
 
 import time
+from typing import Any
 
 import dagster as dg
 import numpy as np
+from PIL import Image
 
+from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.assets import chest_xray_dataset
-from synth_xray_assets.dataset.splits import generator_positions
+from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.image_sets import manifest_version
@@ -22,9 +25,12 @@ from synth_xray_assets.diffusion.pipelines import (
 )
 from synth_xray_assets.dreambooth import store
 from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretraining_images
-from synth_xray_assets.dreambooth.presets import generation_plan, resolve_preset, with_plan
+from synth_xray_assets.dreambooth.presets import PresetChoice, generation_plan, resolve_preset, with_plan
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
+    RunDirs,
+    RunInputs,
+    TrainResult,
     num_train_steps,
     train_dreambooth,
 )
@@ -38,7 +44,7 @@ from synth_xray_assets.partitions import (
     with_generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
-from synth_xray_assets.settings import Settings
+from synth_xray_assets.settings import DreamBoothSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
 
 OWNERS = ["team:synth-xray"]
@@ -172,9 +178,9 @@ def prior_class_images(
             db.class_image_guidance,
             db.resolution,
             seed_offset=seed_stream_offset(s.generation, "prior"),
+            extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         ),
         batch_size=plan.batch_size,
-        extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         log=context.log.info,
     )
     images = store.prior_images(s.data_dir)
@@ -226,13 +232,7 @@ def dreambooth_checkpoint(
     key = context.partition_key
     label = class_label(key)
     dataset = StandardizedDataset.open(s.layout.dataset)
-    # Real train less the classifiers' validation split (or, matched, the limited subset).
-    positions, split = generator_positions(s, dataset.rows("train"), key)
-    instance_images = dataset.images("train")[positions]
-    if len(instance_images) == 0:
-        raise ValueError(
-            f"no {s.dataset.class_names[label]} training images for generator {key!r} in {dataset.root}"
-        )
+    instance_images, split = _instance_images(s, dataset, key)
     class_images = store.prior_images(s.data_dir) if db.with_prior_preservation else None
     base_path = store.base_model_path(s.data_dir)
     device = compute.resolve_device()
@@ -248,28 +248,13 @@ def dreambooth_checkpoint(
         f"method {settings_used.method}, device {device}"
     )
     result = train_dreambooth(
-        base_path,
-        instance_images,
-        class_images,
-        prompt,
+        RunInputs(base_path, instance_images, class_images, prompt),
         settings_used,
-        out,
-        store.work_dir(s.data_dir, key),
+        RunDirs(out, store.work_dir(s.data_dir, key)),
         device,
         log=context.log.info,
     )
-    pipe = load_trained_pipeline(out, base_path, device)
-    use_dpm_solver(pipe)
-    samples = sample_images(
-        pipe,
-        prompt,
-        list(range(db.sample_images)),
-        db.sample_steps,
-        s.generation.guidance_scale,
-        db.resolution,
-    )
-    real = instance_images[: db.sample_images]
-    smooth = smoothed(result.losses)
+    grid = _samples_grid(s, load_trained_pipeline(out, base_path, device), prompt, instance_images)
     curve = loss_curve(
         result.losses,
         f"DreamBooth {key} ({settings_used.method})",
@@ -278,12 +263,7 @@ def dreambooth_checkpoint(
     )
     return dg.MaterializeResult(
         metadata={
-            "method": settings_used.method,
-            "memory_preset": preset.name,
-            "memory_preset_reason": preset.reason,
-            "gradient_checkpointing": settings_used.gradient_checkpointing,
-            "use_8bit_adam": settings_used.use_8bit_adam,
-            "disk_needed_gib": round(result.disk_needed_bytes / 2**30, 3),
+            **_training_metadata(result, preset, settings_used, device),
             "instance_prompt": prompt,
             "num_instance_images": len(instance_images),
             "instance_images": (
@@ -297,48 +277,83 @@ def dreambooth_checkpoint(
             ),
             "generators": s.dreambooth.generators,
             "num_class_images": 0 if class_images is None else len(class_images),
-            "steps": result.global_step,
-            "epochs": result.epochs,
-            "resumed_from_step": result.resumed_from_step,
-            "steps_this_run": len(result.steps_run),
-            "final_loss": float(result.losses[-1]),
-            "smoothed_loss": float(smooth[-1]),
-            "first_smoothed_loss": float(smooth[min(len(smooth) - 1, 9)]),
-            "wall_time_s": round(result.wall_s, 1),
-            "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1),
-            "device": device,
-            "precision": settings_used.mixed_precision if device.startswith("cuda") else "fp32",
             "base_model_version": folder_version(base_path),
             "dataset_version": dataset.version,
             "path": dg.MetadataValue.path(str(out)),
             "loss_curve": dg.MetadataValue.md(png_markdown(curve, "loss curve")),
             "samples (top) and real training images (bottom)": dg.MetadataValue.md(
-                png_markdown(image_grid(list(samples) + list(real), columns=len(samples), cell=96), "samples")
+                png_markdown(grid, "samples")
             ),
         },
         data_version=dg.DataVersion(folder_version(out)),
     )
 
 
-def checkpoint_loads_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
-    """``checkpoint_loads`` on the generator partitions ``partitions_def``."""
+def _instance_images(
+    s: Settings, dataset: StandardizedDataset, key: str
+) -> tuple[np.ndarray, ValidationSplit]:
+    """Generator ``key``'s training images: real train less the classifiers' validation split (or,
+    matched, the limited subset), and that split."""
+    positions, split = generator_positions(s, dataset.rows("train"), key)
+    instance_images = dataset.images("train")[positions]
+    if len(instance_images) == 0:
+        raise ValueError(
+            f"no {s.dataset.class_names[class_label(key)]} training images for generator {key!r} "
+            f"in {dataset.root}"
+        )
+    return instance_images, split
 
-    @dg.asset_check(
-        asset=dreambooth_checkpoint,
-        name="checkpoint_loads",
-        partitions_def=partitions_def,
-        blocking=True,
-        pool="gpu",
-        description="The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+
+def _samples_grid(s: Settings, pipe: Any, prompt: str, instance_images: np.ndarray) -> Image.Image:
+    """``sample_images`` samples of the trained pipeline above as many real training images."""
+    db = s.dreambooth
+    use_dpm_solver(pipe)
+    samples = sample_images(
+        pipe,
+        prompt,
+        list(range(db.sample_images)),
+        db.sample_steps,
+        s.generation.guidance_scale,
+        db.resolution,
     )
-    def checkpoint_loads(
-        context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
-    ) -> dg.AssetCheckResult:
-        s = settings.get()
-        result = check_checkpoint(s, context.partition_key, compute.resolve_device())
-        return dg.AssetCheckResult(passed=result["ok"], metadata={k: str(v) for k, v in result.items()})
+    real = instance_images[: db.sample_images]
+    return image_grid(list(samples) + list(real), columns=len(samples), cell=96)
 
-    return checkpoint_loads
+
+def _training_metadata(
+    result: TrainResult, preset: PresetChoice, settings_used: DreamBoothSettings, device: str
+) -> dict[str, Any]:
+    """What the run did: method and memory options, steps, losses, time, memory, precision."""
+    smooth = smoothed(result.losses)
+    return {
+        "method": settings_used.method,
+        "memory_preset": preset.name,
+        "memory_preset_reason": preset.reason,
+        "gradient_checkpointing": settings_used.gradient_checkpointing,
+        "use_8bit_adam": settings_used.use_8bit_adam,
+        "disk_needed_gib": round(result.disk_needed_bytes / 2**30, 3),
+        "steps": result.global_step,
+        "epochs": result.epochs,
+        "resumed_from_step": result.resumed_from_step,
+        "steps_this_run": len(result.steps_run),
+        "final_loss": float(result.losses[-1]),
+        "smoothed_loss": float(smooth[-1]),
+        "first_smoothed_loss": float(smooth[min(len(smooth) - 1, 9)]),
+        "wall_time_s": round(result.wall_s, 1),
+        "peak_memory_mb": round(result.peak_memory_bytes / 2**20, 1),
+        "device": device,
+        "precision": settings_used.mixed_precision if device.startswith("cuda") else "fp32",
+    }
+
+
+# ``checkpoint_loads`` on given generator partitions.
+checkpoint_loads_check = partition_check(
+    dreambooth_checkpoint,
+    "checkpoint_loads",
+    "The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
+    lambda s, key, compute: check_checkpoint(s, key, compute.resolve_device()),
+    pool="gpu",
+)
 
 
 checkpoint_loads = checkpoint_loads_check(class_partitions)

@@ -6,10 +6,11 @@ By concern:
 * ``checkpoints.py``: resumable checkpoints (save, find, prune), the final model
   (it loads back with ``diffusion.pipelines.load_trained_pipeline``).
 * ``presets.py``: memory presets chosen from the free GPU memory; 8-bit Adam's requirement.
-* this file: the small diffusion helpers shared with the tiny model's pre-training in
-  ``tiny.py`` (images to tensors, latents, noise), then ``train_dreambooth``, the loop: full
-  fine-tuning (UNet and text encoder) or LoRA, accelerate for mixed precision, a disk
-  preflight, checkpoints every ``checkpointing_steps`` and exact resume.
+* ``latents.py``: the small diffusion helpers shared with the tiny model's pre-training in
+  ``tiny.py`` (images to tensors, latents, noise; re-exported here).
+* this file: ``train_dreambooth``, the loop: full fine-tuning (UNet and text encoder) or LoRA,
+  accelerate for mixed precision, a disk preflight, checkpoints every ``checkpointing_steps``
+  and exact resume.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -44,6 +43,15 @@ from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exporte
     save_checkpoint,
     save_final_model,
 )
+from synth_xray_assets.dreambooth.latents import (
+    encode_latent_distribution,
+    encode_tokens,
+    noisy_latents_and_target,
+    sample_latents,
+    step_generator,
+    tokenize_prompts,
+)
+from synth_xray_assets.dreambooth.latents import images_to_tensor as images_to_tensor  # for tiny.py
 from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
     dreambooth_loss,
     num_train_steps,
@@ -63,95 +71,6 @@ MEMORY_OPTIONS_HINT = (
     "use_8bit_adam=true, a smaller train_batch_size (raise gradient_accumulation_steps to keep the "
     "effective batch), mixed_precision='fp16' or 'bf16', method='lora'"
 )
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared diffusion helpers (also used by the tiny model's pre-training)
-# ---------------------------------------------------------------------------------------------
-
-
-def images_to_tensor(images: np.ndarray, resolution: int) -> torch.Tensor:
-    """uint8 grayscale ``[N, H, W]`` -> float ``[N, 3, R, R]`` in [-1, 1], as Stable Diffusion expects."""
-    if images.ndim != 3 or images.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images of shape [N, H, W], got {images.dtype} {images.shape}")
-    if images.shape[1] != images.shape[2]:
-        raise ValueError(f"expected square images, got {images.shape[1]}x{images.shape[2]}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)[:, None]
-    if x.shape[-1] != resolution:
-        x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", antialias=True)
-    return x.expand(-1, 3, -1, -1).contiguous()
-
-
-def tokenize_prompts(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """Token ids ``[len(prompts), max_length]``, padded as the Stable Diffusion pipeline pads them."""
-    return tokenizer(
-        prompts,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-
-
-def encode_tokens(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The text encoder's last hidden state, as ``StableDiffusionPipeline.encode_prompt`` uses it."""
-    return text_encoder(input_ids.to(next(text_encoder.parameters()).device))[0]
-
-
-@torch.no_grad()
-def encode_latent_distribution(
-    vae: torch.nn.Module, images: np.ndarray, resolution: int, batch_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior (mean, std) of every image, on the CPU in float32.
-
-    The VAE is frozen during diffusion training and there is no augmentation, so drawing
-    ``mean + std * noise`` each step is exactly what encoding every step would give, for a
-    fraction of the cost.
-    """
-    param = next(vae.parameters())
-    means, stds = [], []
-    for start in range(0, len(images), batch_size):
-        x = images_to_tensor(images[start : start + batch_size], resolution)
-        dist = vae.encode(x.to(param.device, param.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, scaling_factor: float, generator: torch.Generator
-) -> torch.Tensor:
-    """Draw scaled latents from the cached VAE posterior."""
-    return (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
-
-
-def noisy_latents_and_target(
-    latents: torch.Tensor, noise_scheduler: Any, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward diffusion at a random timestep per image: (noisy latents, timesteps, target).
-
-    The target is the noise for epsilon prediction (SD 2.1 base), the velocity for v-prediction.
-    """
-    noise = torch.randn(latents.shape, generator=generator)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
-    )
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise ValueError(f"unsupported prediction_type {prediction_type!r}")
-    return noisy, timesteps, target
-
-
-def step_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, *keys)``: step k's noise does not depend on earlier steps,
-    so a resumed run draws exactly what an uninterrupted run would."""
-    state = np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,40 +96,47 @@ class TrainResult:
     disk_needed_bytes: int = 0  # the preflight's estimate of what the run writes
 
 
+@dataclass
+class RunDirs:
+    """Where a DreamBooth run writes: the final model, and its checkpoints."""
+
+    output_dir: Path
+    work_dir: Path
+
+
 def train_dreambooth(
-    base_model_dir: Path,
-    instance_images: np.ndarray,
-    class_images: np.ndarray | None,
-    instance_prompt: str,
+    inputs: RunInputs,
     settings: DreamBoothSettings,
-    output_dir: Path,
-    work_dir: Path,
+    dirs: RunDirs,
     device: str,
     log: Callable[[str], None] = print,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Fine-tune the model in ``base_model_dir`` on ``instance_images`` (uint8 ``[N, H, W]``).
+    """Fine-tune the model in ``inputs.base_model_dir`` on ``inputs.instance_images`` (uint8 ``[N, H, W]``).
 
     ``settings.method`` "full" trains the UNet (and the text encoder when ``train_text_encoder``)
-    and saves a whole diffusers pipeline to ``output_dir``; "lora" trains LoRA adapters and saves
-    ``pytorch_lora_weights.safetensors``. Checkpoints go to ``work_dir/checkpoint-<step>``; a new
-    call resumes from the latest one made with the same settings and data. ``on_step(step, metrics)``
+    and saves a whole diffusers pipeline to ``dirs.output_dir``; "lora" trains LoRA adapters and
+    saves ``pytorch_lora_weights.safetensors``. Checkpoints go to ``dirs.work_dir/checkpoint-<step>``;
+    a new call resumes from the latest one made with the same settings and data.
+    ``inputs.class_images`` are used only with ``with_prior_preservation``. ``on_step(step, metrics)``
     is called after each optimizer step (1-based). Before any write, the disk the run needs is
     compared with what is free (``OSError`` naming both when short); ``use_8bit_adam`` without
     bitsandbytes is a ``RuntimeError`` before any work.
     """
+    class_images = inputs.class_images
     if settings.with_prior_preservation and (class_images is None or len(class_images) == 0):
         raise ValueError("with_prior_preservation needs class images (made by the base model)")
-    if len(instance_images) == 0:
+    if len(inputs.instance_images) == 0:
         raise ValueError("no instance images to train on")
     require_bitsandbytes(settings)
     inputs = RunInputs(
-        Path(base_model_dir),
-        instance_images,
+        Path(inputs.base_model_dir),
+        inputs.instance_images,
         class_images if settings.with_prior_preservation else None,
-        instance_prompt,
+        inputs.instance_prompt,
     )
-    run = _Run(settings, Path(output_dir), Path(work_dir), log, on_step, time.perf_counter())
+    output_dir, work_dir = Path(dirs.output_dir), Path(dirs.work_dir)
+    run = _Run(settings, output_dir, work_dir, log, on_step, time.perf_counter())
     try:
         return _train(inputs, run, device)
     except torch.OutOfMemoryError as exc:

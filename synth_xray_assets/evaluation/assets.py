@@ -1,41 +1,54 @@
-"""Dagster wiring of the evaluation: ``cxr_feature_extractor``, ``fid_scores`` and ``memorization``.
+"""Dagster wiring of the evaluation: ``cxr_feature_extractor``, ``fid_scores``, ``memorization``
+and ``class_fidelity``.
 
 The numerical work lives in ``extractor.py`` (training the chest-X-ray DenseNet-121), ``fid.py``
-(FID / KID / precision-recall with cached reference features) and ``memorization.py`` (nearest
-real image of every synthetic one). Here: inputs, metadata and checks.
+(FID / KID / precision-recall with cached reference features), ``memorization.py`` (nearest
+real image of every synthetic one) and ``fidelity.py``; what they read in ``inputs.py``. Here:
+metadata and checks.
 """
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.dataset.splits import generator_positions, validation_split
-from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
-from synth_xray_assets.diffusion.pipelines import load_pipeline
-from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
-from synth_xray_assets.dreambooth.store import base_model_path
+from synth_xray_assets.classifier.data import SplitArrays
+from synth_xray_assets.dataset.splits import validation_split
 from synth_xray_assets.evaluation.extractor import (
     extractor_dir,
     extractor_weights,
     train_cxr_feature_extractor,
 )
 from synth_xray_assets.evaluation.features import get_feature_space
-from synth_xray_assets.evaluation.fid import features_in_space, real_floor_set, score_sets
+from synth_xray_assets.evaluation.fid import (
+    ReferenceImages,
+    SpaceScores,
+    features_in_space,
+    real_floor_set,
+    score_sets,
+)
 from synth_xray_assets.evaluation.fidelity import measure_class_fidelity, save_fidelity
+from synth_xray_assets.evaluation.inputs import (
+    FidReferences,
+    base_model_images,
+    checkpoint_versions,
+    class_reference,
+    extractor_predictor,
+    fid_references,
+    open_dataset,
+    reference_note,
+    synthetic_set,
+)
 from synth_xray_assets.evaluation.memorization import (
+    PairsView,
     closest_pairs_image,
     memorization_histogram,
     memorization_summary,
     nearest_real_images,
     real_baseline,
 )
-from synth_xray_assets.hardware import free_gpu_memory
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import (
@@ -47,139 +60,20 @@ from synth_xray_assets.partitions import (
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import (
-    folder_version,
     png_markdown,
     sha256_file,
     write_json_atomic,
     write_parquet_atomic,
 )
-from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
+from synth_xray_assets.synthesis.store import images_per_class
 
 OWNERS = ["team:synth-xray"]
 SPACES = ("cxr", "inception")
 METRICS = ("fid", "kid_mean", "precision", "recall")
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def _dataset(s: Settings) -> StandardizedDataset:
-    return StandardizedDataset.open(s.layout.dataset)
-
-
-def _reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.ndarray, pd.DataFrame, str]:
-    """The real standardized training images of the class, their manifest rows, and the cache key."""
-    ds = _dataset(s)
-    label = class_label(class_key)
-    rows = ds.rows("train")
-    rows = rows[rows.label == label].reset_index(drop=True)
-    images = ds.images("train", label)
-    if len(images) == 0:
-        raise ValueError(f"chest_xray_dataset has no {class_key} training images to compare with")
-    return ds, images, rows, f"{ds.version}-train-{class_key}"
-
-
-@dataclass(frozen=True)
-class FidReferences:
-    """One generator's reference sets: its own training images, held-out real images of its class
-    (never seen by any generator), and a real set disjoint from the held-out one for the floor."""
-
-    train: np.ndarray
-    train_note: str
-    held_out: np.ndarray
-    held_out_note: str
-    floor_pool: np.ndarray
-    cache_key: str
-
-
-def _fid_references(s: Settings, ds: StandardizedDataset, key: str) -> FidReferences:
-    rows = ds.rows("train")
-    positions, split = generator_positions(s, rows, key)
-    label, name = class_label(key), s.dataset.class_names[class_label(key)]
-    train_all = ds.images("train")
-    same_class = split.keep[rows.label.to_numpy()[split.keep] == label]
-    held = split.val[rows.label.to_numpy()[split.val] == label]
-    if len(held):
-        held_out = train_all[held]
-        held_note = (
-            f"the {len(held)} {name} images of the classifiers' validation split of real train "
-            f"({split.describe()}), never seen by a generator"
-        )
-    else:  # the study's protocol carves no validation split: the dataset's own validation split
-        held_out = ds.images("validation", label)
-        held_note = (
-            f"the {len(held_out)} {name} images of the dataset's own validation split (nothing carved)"
-        )
-    train_note = (
-        f"generator {key}'s own {len(positions)} {name} training images "
-        f"(dataset version {ds.version}, {s.dataset.resolution} px, {s.dataset.mode})"
-    )
-    return FidReferences(
-        train=train_all[positions],
-        train_note=train_note,
-        held_out=held_out,
-        held_out_note=held_note,
-        floor_pool=train_all[same_class],
-        cache_key=f"{ds.version}-{key}-{split.unit}-{s.classifier.split_seed}",
-    )
-
-
-def _base_model_images(
-    s: Settings, key: str, device: str, log: Callable[[str], object]
-) -> tuple[np.ndarray, str]:
-    """The base model's images of the class's instance prompt with the fine-tuned sets' sampler
-    (generation.*: steps, guidance, count), made once per class and kept."""
-    g, class_key = s.generation, class_key_of(key)
-    base = base_model_path(s.data_dir)
-    version = folder_version(base)
-    root = s.layout.base_model_images(class_key)
-    recipe = Recipe(
-        s.dreambooth.instance_prompts[class_key],
-        g.num_inference_steps,
-        g.guidance_scale,
-        s.dreambooth.resolution,
-        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
-    )
-    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
-    generate_set(
-        lambda: with_plan(load_pipeline(base, device), plan),
-        root,
-        images_per_class(s),
-        recipe,
-        batch_size=plan.batch_size,
-        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
-        log=log,
-    )
-    return SyntheticImages.open(root).images(), version
-
-
-def _image_set(asset: str, root: Path, read: Callable[[], np.ndarray]) -> tuple[np.ndarray, SyntheticImages]:
-    """A generated image set (``SyntheticImages`` layout); clear errors name the asset that makes it."""
-    if not (root / MANIFEST).is_file():
-        raise FileNotFoundError(f"no {asset} at {root} (no {MANIFEST}): materialize {asset} first")
-    try:
-        opened, images = SyntheticImages.open(root), read()
-    except Exception as exc:
-        raise RuntimeError(f"could not read {asset} at {root}: {type(exc).__name__}: {exc}") from exc
-    if len(images) == 0:
-        raise ValueError(f"{asset} at {root} holds no images: materialize {asset} again")
-    return images, opened
-
-
-def _synthetic(s: Settings, class_key: str) -> tuple[np.ndarray, SyntheticImages]:
-    root = synthetic_dir(s.data_dir, class_key)
-    return _image_set(f"synthetic_images[{class_key}]", root, lambda: SyntheticImages.open(root).images())
-
-
-def _versions(manifest: pd.DataFrame) -> str:
-    return ", ".join(sorted(map(str, manifest["checkpoint_version"].unique())))
-
-
-def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int) -> str:
-    return (
-        f"all {n} {s.dataset.class_names[class_label(class_key)]} images of the chest_xray_dataset train "
-        f"split (standardized to {s.dataset.resolution} px, {s.dataset.mode}), dataset version {ds.version}"
-    )
+# What every evaluation asset's decorator shares; the per-generator ones are partitioned by class
+# here and by generator in build_defs.
+_ON_GPU = dict(group_name="evaluation", pool="gpu", kinds={"pytorch"}, owners=OWNERS)
+_PER_GENERATOR = dict(partitions_def=class_partitions, **_ON_GPU)
 
 
 # --------------------------------------------------------------------------- cxr_feature_extractor
@@ -187,10 +81,7 @@ def _reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int
 
 @dg.asset(
     deps=["chest_xray_dataset"],
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_ON_GPU,
     code_version="cxr-extractor-v2",
     description=(
         "The chest-X-ray feature space: a DenseNet-121 trained with the study's classifier recipe on "
@@ -205,50 +96,51 @@ def cxr_feature_extractor(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
-    ds = _dataset(s)
+    ds = open_dataset(s)
     device = compute.resolve_device()
     # The epoch is chosen on the classifier experiments' validation split, carved from real train
     # (the dataset's own validation split is 16 images in the Hub dataset).
     images, labels = ds.images("train"), ds.labels("train")
     split = validation_split(ds.rows("train"), s.classifier.val_fraction, s.classifier.split_seed)
     keep, val = split.keep, split.val
+    splits = SplitArrays(
+        images[keep], labels[keep], images[val], labels[val], ds.images("test"), ds.labels("test")
+    )
     info = train_cxr_feature_extractor(
-        (images[keep], labels[keep]),
-        (images[val], labels[val]),
-        (ds.images("test"), ds.labels("test")),
+        splits,
         s.classifier,
         s.evaluation,
         extractor_dir(s.data_dir),
         device=device,
         log=context.log.info,
     )
-    per_class = ", ".join(f"{c} {n}" for c, n in zip(s.dataset.class_names, info["n_train_per_class"]))
-    curve = pd.DataFrame(info["history"])
+    per_class = ", ".join(f"{c} {n}" for c, n in zip(s.dataset.class_names, info.n_train_per_class))
+    curve = pd.DataFrame(info.history)
     return dg.MaterializeResult(
         metadata={
-            "path": dg.MetadataValue.path(info["weights_path"]),
-            "weights_sha256": info["weights_sha256"],
+            "path": dg.MetadataValue.path(info.weights_path),
+            "weights_sha256": info.weights_sha256,
             "training_set": (
                 f"chest_xray_dataset train split less the classifiers' validation split, real images only: "
-                f"{info['n_train']} ({per_class}); "
+                f"{info.n_train} ({per_class}); "
                 f"dataset version {ds.version}"
             ),
             "dataset_version": ds.version,
             "validation_split": split.describe(),
-            "validation_accuracy": dg.MetadataValue.float(float(info["validation_accuracy"])),
-            "test_accuracy": dg.MetadataValue.float(float(info["test_accuracy"])),
-            "test_auc": dg.MetadataValue.float(_finite_or_nan(info["test_auc"])),
-            "selected_epoch": f"{info['selected_epoch']} of {info['epochs']} (by validation accuracy, "
-            f"{info['n_validation']} images)",
-            "feature_resolution": info["resolution"],
-            "initial_weights": info["pretrained"],
-            "train_images_per_s": dg.MetadataValue.float(round(float(info["train_images_per_s"]), 2)),
+            "validation_accuracy": dg.MetadataValue.float(float(info.validation_accuracy)),
+            "test_accuracy": dg.MetadataValue.float(float(info.test_accuracy)),
+            "test_auc": dg.MetadataValue.float(_finite_or_nan(info.test_auc)),
+            "selected_epoch": f"{info.selected_epoch} of {info.epochs} (by validation accuracy, "
+            f"{info.n_validation} images)",
+            "feature_resolution": info.resolution,
+            "initial_weights": info.pretrained,
+            "train_images_per_s": dg.MetadataValue.float(round(float(info.train_images_per_s), 2)),
             "device": device,
-            "precision": info.get("precision", "fp32"),
-            "micro_batch": info.get("compute", {}).get("micro_batch", 0),  # < batch size after an OOM
+            "precision": info.precision,
+            "micro_batch": info.compute.get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
         },
-        data_version=dg.DataVersion(info["weights_sha256"][:16]),
+        data_version=dg.DataVersion(info.weights_sha256[:16]),
     )
 
 
@@ -275,11 +167,7 @@ FID_CHECKS = [
 
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="fid-scores-v2",
     check_specs=FID_CHECKS,
     description=(
@@ -300,11 +188,11 @@ def fid_scores(
 ) -> dg.MaterializeResult:
     s = settings.get()
     key = context.partition_key
-    ds = _dataset(s)
-    refs = _fid_references(s, ds, key)
-    synthetic, syn_set = _synthetic(s, key)
+    ds = open_dataset(s)
+    refs = fid_references(s, ds, key)
+    synthetic, syn_set = synthetic_set(s, key)
     device = compute.resolve_device()
-    base, base_version = _base_model_images(s, key, device, context.log.info)
+    base, base_version = base_model_images(s, key, device, context.log.info)
     sets = {"synthetic": synthetic, "base_model": base}
     if len(base) < len(synthetic):  # FID falls with the number of images: also compare at equal counts
         sets["synthetic_matched"] = synthetic[: len(base)]
@@ -312,30 +200,13 @@ def fid_scores(
     held_sets = {"synthetic": synthetic, "base_model": base, "real_floor": floor}
     if len(floor) < len(synthetic):
         held_sets["synthetic_at_floor_size"] = synthetic[: len(floor)]
-    results, held_out = {}, {}
-    for name in SPACES:
-        space = get_feature_space(name, s.evaluation, cxr_weights=extractor_weights(s.data_dir))
-        context.log.info(f"{key}: scoring {', '.join(sets)} in the {name} space")
-        common = {
-            "space": space,
-            "cache_dir": s.layout.reference_features,
-            "settings": s.evaluation,
-            "device": device,
-        }
-        results[name] = score_sets(sets, refs.train, reference_cache_key=f"{refs.cache_key}-train", **common)
-        held_out[name] = score_sets(
-            held_sets, refs.held_out, reference_cache_key=f"{refs.cache_key}-held-out", **common
-        )
-        if not results[name]["available"]:
-            context.log.warning(f"{name} scores unavailable: {results[name]['reason']}")
-    reference_note = refs.train_note
-    real = refs.train
+    results, held_out = _score_spaces(context, s, refs, (sets, held_sets), device)
     record = {
         "class": class_key_of(key),
         "generator": key,
-        "reference_set": reference_note,
+        "reference_set": refs.train_note,
         "dataset_version": ds.version,
-        "synthetic_checkpoint_version": _versions(syn_set.manifest),
+        "synthetic_checkpoint_version": checkpoint_versions(syn_set.manifest),
         "synthetic_version": syn_set.version(),
         "base_model_version": base_version,
         "base_model_images": (
@@ -343,21 +214,21 @@ def fid_scores(
             f"DPM-Solver steps, guidance {s.generation.guidance_scale} (the fine-tuned sets' sampler)"
         ),
         "published_fid_inception": s.evaluation.published_fid.get(class_key_of(key)),
-        "spaces": results,
+        "spaces": {name: r.to_dict() for name, r in results.items()},
         "held_out": {
             "reference_set": refs.held_out_note,
             "n_reference": len(refs.held_out),
             "real_floor": f"{len(floor)} real {class_key_of(key)} training images outside the held-out set "
             f"(seed {s.evaluation.floor_seed}), scored against it like the synthetic set",
-            "spaces": held_out,
+            "spaces": {name: r.to_dict() for name, r in held_out.items()},
         },
     }
     path = s.layout.fid_scores(key)
     write_json_atomic(path, record)
 
     metadata: dict = {
-        "reference_set": reference_note,
-        "n_reference": len(real),
+        "reference_set": refs.train_note,
+        "n_reference": len(refs.train),
         "n_synthetic": len(synthetic),
         "n_base_model": len(base),
         "base_model_images": record["base_model_images"],
@@ -373,39 +244,71 @@ def fid_scores(
         ),
         "scores": metadata_table(_scores_frame(results)),
         "path": dg.MetadataValue.path(str(path)),
+        **_score_metadata(results, held_out),
     }
-    for space, result in results.items():
-        if not result["available"]:
-            metadata[f"{space}_unavailable"] = result["reason"]
-            continue
-        metadata[f"{space}_weights_sha256"] = result["weights_sha256"]
-        metadata[f"{space}_reference_features_reused"] = bool(result["reference_cache"]["hit"])
-        for ref, by_space in (("", results), ("_held_out", held_out)):
-            for set_name, scores in by_space[space]["scores"].items():
-                suffix = ("" if set_name == "synthetic" else f"_{set_name}") + ref
-                for metric in METRICS:
-                    if scores[metric] is not None:
-                        label = "kid" if metric == "kid_mean" else metric
-                        metadata[f"{label}_{space}{suffix}"] = dg.MetadataValue.float(scores[metric])
     return dg.MaterializeResult(metadata=metadata, check_results=_fid_checks(results, s, len(synthetic)))
 
 
-def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCheckResult]:
-    available = {k: v for k, v in results.items() if v["available"]}
+def _score_spaces(
+    context: dg.AssetExecutionContext,
+    s: Settings,
+    refs: FidReferences,
+    sets: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+    device: str,
+) -> tuple[dict[str, SpaceScores], dict[str, SpaceScores]]:
+    """Scores of the first sets against the generator's training images and of the second against
+    the held-out reference, in every feature space."""
+    key, cache = context.partition_key, s.layout.reference_features
+    train_ref = ReferenceImages(refs.train, f"{refs.cache_key}-train", cache)
+    held_ref = ReferenceImages(refs.held_out, f"{refs.cache_key}-held-out", cache)
+    results, held_out = {}, {}
+    for name in SPACES:
+        space = get_feature_space(name, s.evaluation, cxr_weights=extractor_weights(s.data_dir))
+        context.log.info(f"{key}: scoring {', '.join(sets[0])} in the {name} space")
+        results[name] = score_sets(sets[0], train_ref, space, s.evaluation, device)
+        held_out[name] = score_sets(sets[1], held_ref, space, s.evaluation, device)
+        if not results[name].available:
+            context.log.warning(f"{name} scores unavailable: {results[name].reason}")
+    return results, held_out
+
+
+def _score_metadata(results: dict[str, SpaceScores], held_out: dict[str, SpaceScores]) -> dict[str, Any]:
+    """Each score as its own float (e.g. ``fid_cxr``, ``kid_inception_base_model_held_out``), the
+    weights' hashes, whether the reference features were reused, and why a space is unavailable."""
+    metadata: dict[str, Any] = {}
+    for space, result in results.items():
+        if not result.available:
+            metadata[f"{space}_unavailable"] = result.reason
+            continue
+        metadata[f"{space}_weights_sha256"] = result.fingerprint["weights_sha256"]
+        metadata[f"{space}_reference_features_reused"] = bool(result.reference_cache["hit"])
+        for ref, by_space in (("", results), ("_held_out", held_out)):
+            for set_name, scores in by_space[space].scores.items():
+                suffix = ("" if set_name == "synthetic" else f"_{set_name}") + ref
+                for metric in METRICS:
+                    if getattr(scores, metric) is not None:
+                        label = "kid" if metric == "kid_mean" else metric
+                        metadata[f"{label}_{space}{suffix}"] = dg.MetadataValue.float(getattr(scores, metric))
+    return metadata
+
+
+def _fid_checks(results: dict[str, SpaceScores], s: Settings, n_synthetic: int) -> list[dg.AssetCheckResult]:
+    available = {k: v for k, v in results.items() if v.available}
     values = {
-        f"{metric}_{space}_{set_name}": scores[metric]
+        f"{metric}_{space}_{set_name}": getattr(scores, metric)
         for space, r in available.items()
-        for set_name, scores in r["scores"].items()
+        for set_name, scores in r.scores.items()
         for metric in METRICS
-        if scores[metric] is not None
+        if getattr(scores, metric) is not None
     }
     bad = sorted(k for k, v in values.items() if not math.isfinite(v))
     # the number of images behind each space's score of the synthetic set
-    counts = {space: r["scores"]["synthetic"]["n_images"] for space, r in available.items()}
+    counts = {space: r.scores["synthetic"].n_images for space, r in available.items()}
     expected = images_per_class(s)
-    cxr = available.get("cxr", {}).get("scores", {})
-    fine_tuned = cxr.get("synthetic_matched", cxr.get("synthetic", {})).get("fid")
-    base = cxr.get("base_model", {}).get("fid")
+    cxr = available["cxr"].scores if "cxr" in available else {}
+    fine_tuned = cxr.get("synthetic_matched", cxr.get("synthetic"))
+    fine_tuned_fid = None if fine_tuned is None else fine_tuned.fid
+    base = cxr["base_model"].fid if "base_model" in cxr else None
     return [
         dg.AssetCheckResult(
             check_name="scores_are_finite",
@@ -423,26 +326,26 @@ def _fid_checks(results: dict, s: Settings, n_synthetic: int) -> list[dg.AssetCh
         ),
         dg.AssetCheckResult(
             check_name="closer_to_real_than_base_model",
-            passed=fine_tuned is not None and base is not None and fine_tuned < base,
+            passed=fine_tuned_fid is not None and base is not None and fine_tuned_fid < base,
             severity=dg.AssetCheckSeverity.WARN,
             metadata={
-                "fid_cxr_fine_tuned_at_equal_count": _finite_or_nan(fine_tuned),
+                "fid_cxr_fine_tuned_at_equal_count": _finite_or_nan(fine_tuned_fid),
                 "fid_cxr_base_model": _finite_or_nan(base),
             },
         ),
     ]
 
 
-def _scores_frame(results: dict) -> pd.DataFrame:
+def _scores_frame(results: dict[str, SpaceScores]) -> pd.DataFrame:
     """One row per feature space and image set: n, FID, KID, precision, recall."""
     rows = []
     for space, r in results.items():
-        if not r["available"]:
-            rows.append({"space": space, "images": f"unavailable: {r['reason']}", "n": None})
+        if not r.available:
+            rows.append({"space": space, "images": f"unavailable: {r.reason}", "n": None})
             continue
-        for set_name, sc in r["scores"].items():
+        for set_name, sc in r.scores.items():
             rows.append(
-                {"space": space, "images": set_name, "n": sc["n_images"], **{m: sc[m] for m in METRICS}}
+                {"space": space, "images": set_name, "n": sc.n_images, **{m: getattr(sc, m) for m in METRICS}}
             )
     frame = pd.DataFrame(rows, columns=["space", "images", "n", *METRICS])
     return frame.astype({"n": "Int64", **{m: float for m in METRICS}}).rename(columns={"kid_mean": "kid"})
@@ -453,11 +356,7 @@ def _scores_frame(results: dict) -> pd.DataFrame:
 
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="memorization-v1",
     check_specs=[
         dg.AssetCheckSpec(
@@ -481,18 +380,12 @@ def memorization(
     s = settings.get()
     e = s.evaluation
     key = context.partition_key
-    ds, real, rows, cache_key = _reference(s, key)
-    synthetic, syn_set = _synthetic(s, key)
+    ds, real, rows, cache_key = class_reference(s, key)
+    synthetic, syn_set = synthetic_set(s, key)
     space = get_feature_space("cxr", e, cxr_weights=extractor_weights(s.data_dir))
-    feats = features_in_space(
-        {"synthetic": synthetic},
-        real,
-        space,
-        reference_cache_key=cache_key,
-        cache_dir=s.layout.reference_features,
-        batch_size=e.batch_size,
-        device=compute.resolve_device(),
-    )
+    reference = ReferenceImages(real, cache_key, s.layout.reference_features)
+    device = compute.resolve_device()
+    feats = features_in_space({"synthetic": synthetic}, reference, space, e.batch_size, device)
     table = nearest_real_images(synthetic, real, feats.sets["synthetic"], feats.reference, e)
     baseline = real_baseline(real, feats.reference, e) if len(real) >= 2 else None
     summary = memorization_summary(table, e, baseline)
@@ -509,9 +402,9 @@ def memorization(
         metadata={
             "n_synthetic": len(synthetic),
             "n_real": len(real),
-            "real_set": _reference_note(s, ds, key, len(real)),
+            "real_set": reference_note(s, ds, key, len(real)),
             "dataset_version": ds.version,
-            "checkpoint_version": _versions(syn_set.manifest),
+            "checkpoint_version": checkpoint_versions(syn_set.manifest),
             "n_near_copies": summary["n_near_copies"],
             "min_cosine_distance": dg.MetadataValue.float(summary["min_cosine_distance"]),
             "median_cosine_distance": dg.MetadataValue.float(summary["median_cosine_distance"]),
@@ -519,10 +412,14 @@ def memorization(
             "summary": dg.MetadataValue.json(summary),
             "distribution": dg.MetadataValue.md(png_markdown(memorization_histogram(table, e, baseline))),
             "closest_pairs_features": dg.MetadataValue.md(
-                png_markdown(closest_pairs_image(synthetic, real, table, n, "cosine_distance", cell=80))
+                png_markdown(
+                    closest_pairs_image(synthetic, real, table, PairsView("cosine_distance", n, cell=80))
+                )
             ),
             "closest_pairs_pixels": dg.MetadataValue.md(
-                png_markdown(closest_pairs_image(synthetic, real, table, n, "pixel_correlation", cell=80))
+                png_markdown(
+                    closest_pairs_image(synthetic, real, table, PairsView("pixel_correlation", n, cell=80))
+                )
             ),
             "path": dg.MetadataValue.path(str(path)),
         },
@@ -557,30 +454,9 @@ def memorization(
 FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 
 
-def extractor_predictor(s: Settings, device: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Images (uint8 ``[N, H, W]``) to the chest-X-ray feature extractor's PNEUMONIA probabilities."""
-    from synth_xray_assets.classifier.data import prepare_images
-    from synth_xray_assets.classifier.model import load_classifier
-    from synth_xray_assets.classifier.train import predict_proba
-    from synth_xray_assets.evaluation.extractor import extractor_settings
-
-    c = extractor_settings(s.classifier, s.evaluation)
-    model = load_classifier(extractor_weights(s.data_dir), c, device)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        x = prepare_images(np.ascontiguousarray(images), c.resize, c.resolution)
-        return predict_proba(model, x, None, s.evaluation.batch_size, device)[0]
-
-    return predict
-
-
 @dg.asset(
     deps=["cxr_feature_extractor", "synthetic_images"],
-    partitions_def=class_partitions,
-    group_name="evaluation",
-    pool="gpu",
-    kinds={"pytorch"},
-    owners=OWNERS,
+    **_PER_GENERATOR,
     code_version="class-fidelity-v1",
     check_specs=[
         dg.AssetCheckSpec(
@@ -603,7 +479,7 @@ def class_fidelity(
     s = settings.get()
     e = s.evaluation
     key = context.partition_key
-    synthetic, syn_set = _synthetic(s, key)
+    synthetic, syn_set = synthetic_set(s, key)
     weights = extractor_weights(s.data_dir)
     about = {
         "generator": key,

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from synth_xray_assets.classifier.train import train_classifier
+from synth_xray_assets.classifier.data import SplitArrays
+from synth_xray_assets.classifier.train import TrainRun, train_classifier
 from synth_xray_assets.layout import Layout
 from synth_xray_assets.settings import ClassifierSettings, EvaluationSettings
 from synth_xray_assets.storage import atomic_path, sha256_file, write_json_atomic
@@ -40,6 +40,48 @@ def extractor_weights(data_dir: str | Path) -> Path:
     return extractor_dir(data_dir) / WEIGHTS_FILE
 
 
+# ExtractorInfo's fields that are the training run's own (RunResult's fields of the same name).
+_AS_IN_THE_RUN = (
+    "n_train",
+    "n_train_per_class",
+    "n_test",
+    "epochs",
+    "selected_epoch",
+    "train_images_per_s",
+    "train_time_s",
+    "precision",
+    "compute",
+    "history",
+)
+
+
+@dataclass
+class ExtractorInfo:
+    """The trained extractor: its weights, data, selected epoch and scores, speed and history
+    (``extractor.json``)."""
+
+    weights_path: str
+    weights_sha256: str
+    n_train: int
+    n_train_per_class: list[int]
+    n_validation: int
+    n_test: int
+    epochs: int
+    selected_epoch: int
+    validation_accuracy: float
+    test_accuracy: float
+    test_auc: float
+    train_images_per_s: float
+    train_time_s: float
+    resolution: int
+    pretrained: str | bool
+    seed: int
+    device: str
+    precision: str
+    compute: dict[str, Any]  # micro-batch (after any out-of-memory halving), channels_last, ...
+    history: list[dict[str, Any]]
+
+
 def extractor_settings(classifier: ClassifierSettings, evaluation: EvaluationSettings) -> ClassifierSettings:
     """The classifier recipe at the feature space's input size (resize = crop = resolution) and epochs."""
     r = evaluation.feature_resolution
@@ -49,59 +91,41 @@ def extractor_settings(classifier: ClassifierSettings, evaluation: EvaluationSet
 
 
 def train_cxr_feature_extractor(
-    train: tuple[np.ndarray, np.ndarray],
-    validation: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    data: SplitArrays,
     classifier: ClassifierSettings,
     evaluation: EvaluationSettings,
     out_dir: str | Path,
     device: str = "cpu",
     log: Callable[[str], Any] = print,
-) -> dict[str, Any]:
-    """Train the extractor on ``train`` (uint8 images ``[N, H, W]``, labels), choose its epoch on
-    ``validation``, score it on ``test``; write ``out_dir/cxr_densenet121.safetensors`` and
-    ``extractor.json``. Returns what ``extractor.json`` holds."""
+) -> ExtractorInfo:
+    """Train the extractor on ``data``'s train split (uint8 images ``[N, H, W]``, labels), choose its
+    epoch on its validation split, score it on its test split; write
+    ``out_dir/cxr_densenet121.safetensors`` and ``extractor.json`` (what the returned record holds)."""
     out_dir = Path(out_dir)
-    if len(validation[0]) == 0:
+    if len(data.val_x) == 0:
         raise ValueError(
             "the chest-X-ray feature extractor needs a non-empty validation split to choose its epoch"
         )
     settings = extractor_settings(classifier, evaluation)
-    result = train_classifier(
-        *train,
-        *validation,
-        *test,
-        settings,
-        seed=evaluation.feature_seed,
-        device=device,
-        out_dir=out_dir / "training",
-        log=log,
-        experiment="cxr_feature_extractor",
+    run = TrainRun(
+        evaluation.feature_seed, device, out_dir / "training", log, experiment="cxr_feature_extractor"
     )
+    result = train_classifier(data, settings, run)
     weights = out_dir / WEIGHTS_FILE
     with atomic_path(weights) as tmp:
         shutil.copyfile(result.weights_path, tmp)
-    info = {
-        "weights_path": str(weights),
-        "weights_sha256": sha256_file(weights),
-        "n_train": result.n_train,
-        "n_train_per_class": result.n_train_per_class,
-        "n_validation": result.n_val,
-        "n_test": result.n_test,
-        "epochs": result.epochs,
-        "selected_epoch": result.selected_epoch,
-        "validation_accuracy": result.val_selected["accuracy"],
-        "test_accuracy": result.test_selected["accuracy"],
-        "test_auc": result.test_selected["auc"],
-        "train_images_per_s": result.train_images_per_s,
-        "train_time_s": result.train_time_s,
-        "resolution": settings.resolution,
-        "pretrained": settings.pretrained,
-        "seed": evaluation.feature_seed,
-        "device": device,
-        "precision": result.precision,
-        "compute": result.compute,  # micro-batch (after any out-of-memory halving), channels_last, ...
-        "history": result.history,
-    }
-    write_json_atomic(out_dir / "extractor.json", info)
+    info = ExtractorInfo(
+        weights_path=str(weights),
+        weights_sha256=sha256_file(weights),
+        n_validation=result.n_val,
+        validation_accuracy=result.val_selected["accuracy"],
+        test_accuracy=result.test_selected["accuracy"],
+        test_auc=result.test_selected["auc"],
+        resolution=settings.resolution,
+        pretrained=settings.pretrained,
+        seed=evaluation.feature_seed,
+        device=device,
+        **{name: getattr(result, name) for name in _AS_IN_THE_RUN},
+    )
+    write_json_atomic(out_dir / "extractor.json", asdict(info))
     return info

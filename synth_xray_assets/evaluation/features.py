@@ -313,9 +313,6 @@ class Unavailable:
     name: str
     reason: str
 
-    def summary(self) -> dict[str, Any]:
-        return {"available": False, "feature_space": self.name, "reason": self.reason}
-
 
 def get_feature_space(
     name: str, settings: EvaluationSettings, cxr_weights: str | Path | None = None

@@ -20,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +53,19 @@ class SpaceFeatures:
     seconds: dict[str, float]
 
 
+@dataclass
+class ReferenceImages:
+    """Real reference images (uint8 ``[N, H, W]``) and where their features are cached, under what key."""
+
+    images: np.ndarray
+    cache_key: str
+    cache_dir: str | Path
+
+
 def features_in_space(
     sets: Mapping[str, np.ndarray],
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace,
-    *,
-    reference_cache_key: str,
-    cache_dir: str | Path,
     batch_size: int,
     device: str | torch.device = "cpu",
 ) -> SpaceFeatures:
@@ -69,15 +75,7 @@ def features_in_space(
     extractor = space.build(device)
     seconds["build_extractor"] = time.perf_counter() - start
     start = time.perf_counter()
-    ref, cache = cached_reference_features(
-        reference,
-        space,
-        extractor,
-        cache_key=reference_cache_key,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        device=device,
-    )
+    ref, cache = cached_reference_features(reference, space, extractor, batch_size=batch_size, device=device)
     seconds["reference_features"] = time.perf_counter() - start
     features = {}
     for name, images in sets.items():
@@ -87,52 +85,87 @@ def features_in_space(
     return SpaceFeatures(space, features, ref, cache, seconds)
 
 
+@dataclass
+class SetScores:
+    """FID, KID and precision/recall of one image set against the reference; ``None`` where a
+    metric cannot be computed, with the reason under ``skipped``."""
+
+    fid: float | None
+    kid_mean: float | None
+    kid_std: float | None
+    precision: float | None
+    recall: float | None
+    n_images: int
+    n_reference: int
+    kid_subset_size: int
+    kid_subsets: int
+    prc_neighborhood: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SpaceScores:
+    """Every set's scores in one feature space, or (``available`` False) why the space has none."""
+
+    available: bool
+    fingerprint: dict[str, Any]  # the space: name, extractor, layer, weights hash, input size
+    reason: str = ""
+    weights_path: str = ""
+    feature_dim: int = 0
+    implementation: str = IMPLEMENTATION
+    reference_cache: dict[str, Any] = field(default_factory=dict)  # key, hit, path (note)
+    scores: dict[str, SetScores] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able data: the fingerprint's keys at the top level beside the scores."""
+        if not self.available:
+            return {"available": False, **self.fingerprint, "reason": self.reason}
+        return {
+            "available": True,
+            **self.fingerprint,
+            "weights_path": self.weights_path,
+            "feature_dim": self.feature_dim,
+            "implementation": self.implementation,
+            "reference_cache": self.reference_cache,
+            "scores": {name: asdict(sc) for name, sc in self.scores.items()},
+            "seconds": self.seconds,
+        }
+
+
 def score_sets(
     sets: Mapping[str, np.ndarray],
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace | Unavailable,
-    *,
-    reference_cache_key: str,
-    cache_dir: str | Path,
     settings: EvaluationSettings,
     device: str | torch.device = "cpu",
-) -> dict[str, Any]:
-    """FID, KID and precision/recall of every set in ``sets`` against ``reference`` (uint8 ``[N, H, W]``).
+) -> SpaceScores:
+    """FID, KID and precision/recall of every set in ``sets`` against ``reference``.
 
-    Returns JSON-able data: the space's fingerprint, the reference cache entry (``hit`` says
-    whether the real images' features were reused), ``scores[name]`` from
-    :func:`fidelity_metrics`, and timings. An :class:`Unavailable` space gives
-    ``{"available": False, "reason": ...}`` and no score.
+    The space's fingerprint, the reference cache entry (``hit`` says whether the real images'
+    features were reused), ``scores[name]`` from :func:`fidelity_metrics`, and timings. An
+    :class:`Unavailable` space gives ``available=False``, the reason and no score.
     """
     if isinstance(space, Unavailable):
-        return space.summary()
-    feats = features_in_space(
-        sets,
-        reference,
-        space,
-        reference_cache_key=reference_cache_key,
-        cache_dir=cache_dir,
-        batch_size=settings.batch_size,
-        device=device,
-    )
+        return SpaceScores(False, {"feature_space": space.name}, reason=space.reason)
+    feats = features_in_space(sets, reference, space, settings.batch_size, device)
     start = time.perf_counter()
     scores = {name: fidelity_metrics(f, feats.reference, settings) for name, f in feats.sets.items()}
     feats.seconds["metrics"] = time.perf_counter() - start
-    return {
-        "available": True,
-        **space.fingerprint(),
-        "weights_path": str(space.weights_path),
-        "feature_dim": int(feats.reference.shape[1]),
-        "implementation": IMPLEMENTATION,
-        "reference_cache": feats.reference_cache,
-        "scores": scores,
-        "seconds": {k: round(v, 3) for k, v in feats.seconds.items()},
-    }
+    return SpaceScores(
+        True,
+        space.fingerprint(),
+        weights_path=str(space.weights_path),
+        feature_dim=int(feats.reference.shape[1]),
+        reference_cache=feats.reference_cache,
+        scores=scores,
+        seconds={k: round(v, 3) for k, v in feats.seconds.items()},
+    )
 
 
 def fidelity_metrics(
     features: np.ndarray, reference_features: np.ndarray, settings: EvaluationSettings
-) -> dict[str, Any]:
+) -> SetScores:
     """FID, KID and precision/recall of one set's features against the reference features.
 
     KID draws ``kid_subsets`` subsets of ``min(kid_subset_size, n, n_reference)`` images;
@@ -143,22 +176,11 @@ def fidelity_metrics(
     f2 = torch.from_numpy(np.ascontiguousarray(reference_features, dtype=np.float32))
     n1, n2, k = len(f1), len(f2), settings.prc_neighborhood
     subset = min(settings.kid_subset_size, n1, n2)
-    out: dict[str, Any] = {
-        "fid": None,
-        "kid_mean": None,
-        "kid_std": None,
-        "precision": None,
-        "recall": None,
-        "n_images": n1,
-        "n_reference": n2,
-        "kid_subset_size": subset,
-        "kid_subsets": settings.kid_subsets,
-        "prc_neighborhood": k,
-    }
-    skipped: dict[str, str] = {}
+    out = SetScores(None, None, None, None, None, n1, n2, subset, settings.kid_subsets, k)
+    skipped = out.skipped
     if min(n1, n2) >= 2:
         stats = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
-        out["fid"] = float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
+        out.fid = float(fid_statistics_to_metric(*stats, verbose=False)[KEY_METRIC_FID])
     else:
         skipped["fid"] = f"needs at least 2 images per set (have {n1} and {n2} reference)"
     if subset >= 2:
@@ -170,35 +192,32 @@ def fidelity_metrics(
             rng_seed=settings.metrics_seed,
             verbose=False,
         )
-        out["kid_mean"], out["kid_std"] = float(kid[KEY_METRIC_KID_MEAN]), float(kid[KEY_METRIC_KID_STD])
+        out.kid_mean, out.kid_std = float(kid[KEY_METRIC_KID_MEAN]), float(kid[KEY_METRIC_KID_STD])
     else:
         skipped["kid"] = f"needs subsets of at least 2 images (have {n1} and {n2} reference)"
     if min(n1, n2) > k:
         prc = prc_features_to_metric(f1, f2, prc_neighborhood=k, verbose=False)
-        out["precision"], out["recall"] = float(prc[KEY_METRIC_PRECISION]), float(prc[KEY_METRIC_RECALL])
+        out.precision, out.recall = float(prc[KEY_METRIC_PRECISION]), float(prc[KEY_METRIC_RECALL])
     else:
         skipped["prc"] = f"needs more than prc_neighborhood={k} images per set (have {n1} and {n2} reference)"
-    out["skipped"] = skipped
     return out
 
 
 def cached_reference_features(
-    reference: np.ndarray,
+    reference: ReferenceImages,
     space: FeatureSpace,
     extractor: FeatureExtractorBase,
-    *,
-    cache_key: str,
-    cache_dir: str | Path,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features of the real ``reference`` images in ``space``: from ``cache_dir`` when there, else
-    extracted with ``extractor`` (already on ``device``) and stored.
+    """Features of the real ``reference`` images in ``space``: from its cache folder when there,
+    else extracted with ``extractor`` (already on ``device``) and stored.
 
     Returns the features and ``{"key", "hit", "path"}`` (plus ``"note"`` when a stale entry, for
     other images under the same key, was replaced).
     """
-    reference = np.asarray(reference)
+    cache_key, cache_dir = reference.cache_key, reference.cache_dir
+    reference = np.asarray(reference.images)
     full_key = reference_features_key(cache_key, space)
     npy, meta_path = Path(cache_dir) / f"{full_key}.npy", Path(cache_dir) / f"{full_key}.json"
     images_hash = images_sha256(reference)

@@ -15,6 +15,7 @@ up there).
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -96,20 +97,25 @@ def memorization_summary(
     return out
 
 
+@dataclass(frozen=True)
+class PairsView:
+    """Which closest pairs to show (``by`` which measure, how many) and how: tile size, pairs per row."""
+
+    by: str = "cosine_distance"
+    n: int = 8
+    cell: int = 96
+    pairs_per_row: int = 4
+
+
 def closest_pairs_image(
-    synthetic: np.ndarray,
-    real: np.ndarray,
-    table: pd.DataFrame,
-    n: int = 8,
-    by: str = "cosine_distance",
-    cell: int = 96,
-    pairs_per_row: int = 4,
+    synthetic: np.ndarray, real: np.ndarray, table: pd.DataFrame, view: PairsView = PairsView()
 ) -> Image.Image:
-    """The ``n`` closest pairs side by side (synthetic left, its nearest real image right).
+    """The ``view.n`` closest pairs side by side (synthetic left, its nearest real image right).
 
     ``by="cosine_distance"``: nearest in feature space, real tile labelled ``d=`` (red past the
     threshold); ``by="pixel_correlation"``: nearest by pixels, labelled ``r=``.
     """
+    by, n, cell = view.by, view.n, view.cell
     if by == "cosine_distance":
         rows, real_col, flag = table.nsmallest(n, by), "nearest_real_index", "near_copy_feature"
     elif by == "pixel_correlation":
@@ -119,7 +125,7 @@ def closest_pairs_image(
     images: list[np.ndarray] = []
     for row in rows.itertuples(index=False):
         images += [synthetic[row.synthetic_index], real[getattr(row, real_col)]]
-    columns = 2 * max(1, min(pairs_per_row, len(rows)))
+    columns = 2 * max(1, min(view.pairs_per_row, len(rows)))
     grid = image_grid(images, columns=columns, cell=cell)
     draw = ImageDraw.Draw(grid)
     for i, row in enumerate(rows.itertuples(index=False)):

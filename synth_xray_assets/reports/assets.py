@@ -7,20 +7,14 @@ import dagster as dg
 from PIL import Image
 
 from synth_xray_assets.classifier.experiment import is_finished, load_run, run_dir, settings_fingerprint
+from synth_xray_assets.classifier.train import RunResult
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.evaluation.fidelity import load_fidelity
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import generator_keys
-from synth_xray_assets.reports.report import (
-    GeneratorQuality,
-    ReportOptions,
-    build_report,
-    comparisons_frame,
-    fidelity_text,
-    main_frame,
-    quality_frame,
-)
+from synth_xray_assets.reports.markdown import comparisons_frame, fidelity_text, main_frame, quality_frame
+from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions, build_report
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
 from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atomic
@@ -31,7 +25,7 @@ REPORT_VERSION = "report-v2"
 RUNS_FILE = "runs.json"  # which runs the last report read, and which were missing
 
 
-def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, str]]]:
+def collect_runs(s: Settings) -> tuple[list[RunResult], list[str], list[tuple[str, str]]]:
     """The finished runs of the settings' experiments x seeds: ``(runs, missing, excluded)``.
 
     Only runs that exist are read. A run is left out, with the reason, when it is stale: trained on
@@ -60,25 +54,25 @@ def collect_runs(s: Settings) -> tuple[list[dict], list[str], list[tuple[str, st
     return runs, missing, excluded
 
 
-def stale_reason(s: Settings, run: dict, dataset_version: str | None) -> str | None:
+def stale_reason(s: Settings, run: RunResult, dataset_version: str | None) -> str | None:
     """Why ``run`` does not belong in a report of the current settings and files (None: it does)."""
-    extra = run.get("extra", {})
-    version = extra.get("dataset_version")
+    extra = run.extra
+    version = extra.dataset_version
     if dataset_version is not None and version != dataset_version:
         return f"trained on dataset version {version}, current is {dataset_version}"
-    if run["selection"] != s.classifier.selection:
-        return f"selected on {run['selection']}, the settings say {s.classifier.selection}"
-    fingerprint, current = extra.get("settings_fingerprint"), settings_fingerprint(s, run["experiment"])
+    if run.selection != s.classifier.selection:
+        return f"selected on {run.selection}, the settings say {s.classifier.selection}"
+    fingerprint, current = extra.settings_fingerprint, settings_fingerprint(s, run.experiment)
     if fingerprint is None:
         return "no settings fingerprint recorded (made by an older version): cannot tell its settings"
     if fingerprint != current:
         return f"trained under other settings (fingerprint {fingerprint}, current {current})"
-    for generator, used in sorted((extra.get("synthetic_versions") or {}).items()):
+    for generator, used in sorted((extra.synthetic_versions or {}).items()):
         root = synthetic_dir(s.data_dir, generator)
         now = SyntheticImages.open(root).version() if (root / MANIFEST).is_file() else None
         if used != now:
             return f"trained on synthetic images {generator} version {used}, current is {now or 'none'}"
-    if extra.get("n_synthetic") and not extra.get("synthetic_versions"):
+    if extra.n_synthetic and not extra.synthetic_versions:
         return "used synthetic images but recorded no versions: cannot tell which"
     return None
 
@@ -180,7 +174,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
         write_json_atomic(
             tmp / RUNS_FILE,
             {
-                "reported": [f"{r['experiment']}/seed-{r['seed']}" for r in runs],
+                "reported": [f"{r.experiment}/seed-{r.seed}" for r in runs],
                 "missing": missing,
                 "excluded": [{"run": n, "reason": w} for n, w in excluded],
             },

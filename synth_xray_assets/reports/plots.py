@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -14,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from synth_xray_assets.classifier.train import RunResult  # noqa: E402
 from synth_xray_assets.settings import CLASS_NAMES  # noqa: E402
 from synth_xray_assets.storage import write_bytes_atomic  # noqa: E402
 
@@ -56,19 +56,19 @@ def accuracy_comparison(table: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def training_curves(runs_by_experiment: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+def training_curves(runs_by_experiment: dict[str, list[RunResult]], path: Path) -> Path:
     """Train loss and validation accuracy per epoch (mean over seeds); test accuracy when recorded."""
     has_test = any(
-        "test_accuracy" in h for runs in runs_by_experiment.values() for r in runs for h in r["history"]
+        "test_accuracy" in h for runs in runs_by_experiment.values() for r in runs for h in r.history
     )
     panels = [("train_loss", "training loss"), ("val_accuracy", "validation accuracy")]
     if has_test:
         panels.append(("test_accuracy", "test accuracy (used for selection)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8))
     for name, runs in runs_by_experiment.items():
-        epochs = min(len(r["history"]) for r in runs)
+        epochs = min(len(r.history) for r in runs)
         for ax, (key, title) in zip(axes, panels, strict=True):
-            values = [[h.get(key, np.nan) for h in r["history"][:epochs]] for r in runs]
+            values = [[h.get(key, np.nan) for h in r.history[:epochs]] for r in runs]
             ax.plot(np.arange(1, epochs + 1), np.nanmean(np.array(values, dtype=float), axis=0), label=name)
             ax.set_title(title)
             ax.set_xlabel("epoch")
@@ -80,7 +80,7 @@ def training_curves(runs_by_experiment: dict[str, list[dict[str, Any]]], path: P
 
 
 def confusion_matrices(
-    table: pd.DataFrame, runs_by_experiment: dict[str, list[dict[str, Any]]], path: Path
+    table: pd.DataFrame, runs_by_experiment: dict[str, list[RunResult]], path: Path
 ) -> Path:
     """One confusion matrix per experiment at the selected epoch, mean over seeds."""
     names = list(table["experiment"])
@@ -91,7 +91,7 @@ def confusion_matrices(
         ax.axis("off")
     for ax, name in zip(axes.flat, names, strict=False):
         cm = np.mean(
-            [np.array(r["test_selected"]["confusion"], dtype=float) for r in runs_by_experiment[name]], 0
+            [np.array(r.test_selected["confusion"], dtype=float) for r in runs_by_experiment[name]], 0
         )
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):

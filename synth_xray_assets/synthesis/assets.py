@@ -3,6 +3,7 @@
 import dagster as dg
 import numpy as np
 
+from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
@@ -81,9 +82,15 @@ def synthetic_images(
         lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
         out,
         count,
-        Recipe(prompt, g.num_inference_steps, g.guidance_scale, s.dreambooth.resolution, first_seed),
+        Recipe(
+            prompt,
+            g.num_inference_steps,
+            g.guidance_scale,
+            s.dreambooth.resolution,
+            first_seed,
+            {"class_key": key, "label": class_label(key), "checkpoint_version": version},
+        ),
         batch_size=plan.batch_size,
-        extra_columns={"class_key": key, "label": class_label(key), "checkpoint_version": version},
         log=context.log.info,
     )
     grid = samples_beside_real(SyntheticImages.open(out), s, key)
@@ -118,27 +125,14 @@ def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
     return image_grid(synthetic + [blank] * (-len(synthetic) % columns) + list(real), columns, 96)
 
 
-def no_blank_samples_check(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
-    """``no_blank_samples`` on the generator partitions ``partitions_def``."""
-
-    @dg.asset_check(
-        asset=synthetic_images,
-        name="no_blank_samples",
-        partitions_def=partitions_def,
-        blocking=True,
-        description=(
-            "The image count equals the setting (scaled to the real training split); no blank or NaN "
-            "images; sizes match the resolution."
-        ),
-    )
-    def no_blank_samples(
-        context: dg.AssetCheckExecutionContext, settings: SettingsResource
-    ) -> dg.AssetCheckResult:
-        s = settings.get()
-        found = check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, context.partition_key)), s)
-        return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
-
-    return no_blank_samples
+# ``no_blank_samples`` on given generator partitions.
+no_blank_samples_check = partition_check(
+    synthetic_images,
+    "no_blank_samples",
+    "The image count equals the setting (scaled to the real training split); no blank or NaN "
+    "images; sizes match the resolution.",
+    lambda s, key, compute: check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, key)), s),
+)
 
 
 no_blank_samples = no_blank_samples_check(class_partitions)

@@ -1,0 +1,44 @@
+"""Asset-check wiring shared by the domains: a blocking check on an asset's partitions from a
+plain function that returns its findings.
+
+No ``from __future__ import annotations`` here: Dagster reads the check's annotations as types.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+
+from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
+
+Findings = Callable[[Settings, str, ComputeResource], dict[str, Any]]
+
+
+def partition_check(
+    asset: dg.AssetsDefinition, name: str, description: str, find: Findings, **options: Any
+) -> Callable[[dg.PartitionsDefinition], dg.AssetChecksDefinition]:
+    """A factory of the blocking check ``name`` on ``asset`` for given partitions.
+
+    ``find(settings, partition_key, compute)`` returns the findings: ``ok`` is the verdict and
+    every finding shows as text metadata. ``options`` go to ``dg.asset_check`` (e.g. ``pool``).
+    """
+
+    def on_partitions(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+        @dg.asset_check(
+            asset=asset,
+            name=name,
+            partitions_def=partitions_def,
+            blocking=True,
+            description=description,
+            **options,
+        )
+        def check(
+            context: dg.AssetCheckExecutionContext, settings: SettingsResource, compute: ComputeResource
+        ) -> dg.AssetCheckResult:
+            found = find(settings.get(), context.partition_key, compute)
+            return dg.AssetCheckResult(passed=found["ok"], metadata={k: str(v) for k, v in found.items()})
+
+        return check
+
+    return on_partitions

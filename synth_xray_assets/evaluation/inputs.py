@@ -1,0 +1,163 @@
+"""What the evaluation assets read: the real reference sets, the generated image sets, the
+base model's images of each prompt, and the feature extractor as a predictor."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from synth_xray_assets.dataset.splits import generator_positions
+from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+from synth_xray_assets.dreambooth.store import base_model_path
+from synth_xray_assets.evaluation.extractor import extractor_weights
+from synth_xray_assets.hardware import free_gpu_memory
+from synth_xray_assets.partitions import class_key_of, class_label
+from synth_xray_assets.settings import Settings
+from synth_xray_assets.storage import folder_version
+from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
+
+
+def open_dataset(s: Settings) -> StandardizedDataset:
+    """The standardized dataset the settings point at."""
+    return StandardizedDataset.open(s.layout.dataset)
+
+
+def class_reference(s: Settings, class_key: str) -> tuple[StandardizedDataset, np.ndarray, pd.DataFrame, str]:
+    """The real standardized training images of the class, their manifest rows, and the cache key."""
+    ds = open_dataset(s)
+    label = class_label(class_key)
+    rows = ds.rows("train")
+    rows = rows[rows.label == label].reset_index(drop=True)
+    images = ds.images("train", label)
+    if len(images) == 0:
+        raise ValueError(f"chest_xray_dataset has no {class_key} training images to compare with")
+    return ds, images, rows, f"{ds.version}-train-{class_key}"
+
+
+@dataclass(frozen=True)
+class FidReferences:
+    """One generator's reference sets: its own training images, held-out real images of its class
+    (never seen by any generator), and a real set disjoint from the held-out one for the floor."""
+
+    train: np.ndarray
+    train_note: str
+    held_out: np.ndarray
+    held_out_note: str
+    floor_pool: np.ndarray
+    cache_key: str
+
+
+def fid_references(s: Settings, ds: StandardizedDataset, key: str) -> FidReferences:
+    """Generator ``key``'s FID reference sets (see :class:`FidReferences`)."""
+    rows = ds.rows("train")
+    positions, split = generator_positions(s, rows, key)
+    label, name = class_label(key), s.dataset.class_names[class_label(key)]
+    train_all = ds.images("train")
+    same_class = split.keep[rows.label.to_numpy()[split.keep] == label]
+    held = split.val[rows.label.to_numpy()[split.val] == label]
+    if len(held):
+        held_out = train_all[held]
+        held_note = (
+            f"the {len(held)} {name} images of the classifiers' validation split of real train "
+            f"({split.describe()}), never seen by a generator"
+        )
+    else:  # the study's protocol carves no validation split: the dataset's own validation split
+        held_out = ds.images("validation", label)
+        held_note = (
+            f"the {len(held_out)} {name} images of the dataset's own validation split (nothing carved)"
+        )
+    train_note = (
+        f"generator {key}'s own {len(positions)} {name} training images "
+        f"(dataset version {ds.version}, {s.dataset.resolution} px, {s.dataset.mode})"
+    )
+    return FidReferences(
+        train=train_all[positions],
+        train_note=train_note,
+        held_out=held_out,
+        held_out_note=held_note,
+        floor_pool=train_all[same_class],
+        cache_key=f"{ds.version}-{key}-{split.unit}-{s.classifier.split_seed}",
+    )
+
+
+def base_model_images(
+    s: Settings, key: str, device: str, log: Callable[[str], object]
+) -> tuple[np.ndarray, str]:
+    """The base model's images of the class's instance prompt with the fine-tuned sets' sampler
+    (generation.*: steps, guidance, count), made once per class and kept."""
+    g, class_key = s.generation, class_key_of(key)
+    base = base_model_path(s.data_dir)
+    version = folder_version(base)
+    root = s.layout.base_model_images(class_key)
+    recipe = Recipe(
+        s.dreambooth.instance_prompts[class_key],
+        g.num_inference_steps,
+        g.guidance_scale,
+        s.dreambooth.resolution,
+        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
+        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
+    )
+    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
+    generate_set(
+        lambda: with_plan(load_pipeline(base, device), plan),
+        root,
+        images_per_class(s),
+        recipe,
+        batch_size=plan.batch_size,
+        log=log,
+    )
+    return SyntheticImages.open(root).images(), version
+
+
+def image_set(asset: str, root: Path, read: Callable[[], np.ndarray]) -> tuple[np.ndarray, SyntheticImages]:
+    """A generated image set (``SyntheticImages`` layout); clear errors name the asset that makes it."""
+    if not (root / MANIFEST).is_file():
+        raise FileNotFoundError(f"no {asset} at {root} (no {MANIFEST}): materialize {asset} first")
+    try:
+        opened, images = SyntheticImages.open(root), read()
+    except Exception as exc:
+        raise RuntimeError(f"could not read {asset} at {root}: {type(exc).__name__}: {exc}") from exc
+    if len(images) == 0:
+        raise ValueError(f"{asset} at {root} holds no images: materialize {asset} again")
+    return images, opened
+
+
+def synthetic_set(s: Settings, class_key: str) -> tuple[np.ndarray, SyntheticImages]:
+    """Generator ``class_key``'s synthetic images and their set."""
+    root = synthetic_dir(s.data_dir, class_key)
+    return image_set(f"synthetic_images[{class_key}]", root, lambda: SyntheticImages.open(root).images())
+
+
+def checkpoint_versions(manifest: pd.DataFrame) -> str:
+    """The checkpoint versions a generated set's manifest names, joined."""
+    return ", ".join(sorted(map(str, manifest["checkpoint_version"].unique())))
+
+
+def reference_note(s: Settings, ds: StandardizedDataset, class_key: str, n: int) -> str:
+    """What the real reference set of ``class_key`` is, in words."""
+    return (
+        f"all {n} {s.dataset.class_names[class_label(class_key)]} images of the chest_xray_dataset train "
+        f"split (standardized to {s.dataset.resolution} px, {s.dataset.mode}), dataset version {ds.version}"
+    )
+
+
+def extractor_predictor(s: Settings, device: str) -> Callable[[np.ndarray], np.ndarray]:
+    """Images (uint8 ``[N, H, W]``) to the chest-X-ray feature extractor's PNEUMONIA probabilities."""
+    from synth_xray_assets.classifier.data import prepare_images
+    from synth_xray_assets.classifier.model import load_classifier
+    from synth_xray_assets.classifier.train import predict_proba
+    from synth_xray_assets.evaluation.extractor import extractor_settings
+
+    c = extractor_settings(s.classifier, s.evaluation)
+    model = load_classifier(extractor_weights(s.data_dir), c, device)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        x = prepare_images(np.ascontiguousarray(images), c.resize, c.resolution)
+        return predict_proba(model, x, None, s.evaluation.batch_size, device)[0]
+
+    return predict
