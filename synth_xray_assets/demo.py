@@ -3,7 +3,8 @@
 ``make demo`` runs this (demo profile). Each stage is one of the jobs of ``definitions.py``,
 run once per partition, in-process, against the persistent instance, so that ``dagster dev``
 then shows every materialization, check and lineage edge. Assets resume their own work, so
-running this again continues rather than starting over.
+running this again continues rather than starting over, also after ``kill -9``: runs whose
+process is gone are failed first and their pool slots freed (``operations/recovery.py``).
 """
 
 import sys
@@ -12,6 +13,7 @@ import time
 import dagster as dg
 
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
+from synth_xray_assets.operations.recovery import recover_dead_runs
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
@@ -46,6 +48,7 @@ def run_pipeline(instance: dg.DagsterInstance, stages: list[str] | None = None) 
 def main() -> None:
     start = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
+        recover_dead_runs(instance)  # a killed earlier demo must not hold the gpu slot for ever
         timings = run_pipeline(instance, sys.argv[1:] or None)
     total = time.perf_counter() - start
     print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

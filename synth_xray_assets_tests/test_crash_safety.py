@@ -24,6 +24,7 @@ from synth_xray_assets.operations.launcher import (
     worker_health,
 )
 from synth_xray_assets.operations.locks import OutputBusyError, lock_path, output_lock
+from synth_xray_assets.operations.recovery import recover_dead_runs
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = {"module": "synth_xray_assets.operations.launcher", "class": "LocalRunLauncher"}
@@ -312,3 +313,44 @@ def test_two_runs_of_the_same_partition_write_one_at_a_time(tmp_path):
     rel = [(round(a - spans[0][0], 2), round(b - spans[0][0], 2)) for a, b in spans]
     print(f"writer spans (s from the first): {rel}")
     assert spans[0][1] <= spans[1][0], spans  # the second held the lock only after the first let go
+
+
+GPU_JOB = """
+import os, signal, sys
+import dagster as dg
+
+@dg.asset(pool="gpu")
+def gpu_step() -> int:
+    if os.environ.get("KILL_IN_GPU_STEP"):
+        os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 or the out-of-memory killer would
+    return 1
+
+defs = dg.Definitions(assets=[gpu_step], jobs=[dg.define_asset_job("gpu_job", selection=[gpu_step])])
+job = defs.resolve_job_def("gpu_job")
+with dg.DagsterInstance.get() as instance:
+    sys.exit(0 if job.execute_in_process(instance=instance).success else 1)
+"""
+
+
+def test_a_demo_killed_in_a_gpu_step_is_recovered_by_the_next_demo(tmp_path):
+    """``make demo`` has no daemon: the next demo fails the dead run and frees its gpu slot."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text((REPO / "dagster.yaml").read_text())  # gpu pool limit 1
+    script = tmp_path / "gpu_job.py"
+    script.write_text(GPU_JOB)
+    env = {**os.environ, "DAGSTER_HOME": str(home)}
+    killed = subprocess.run([sys.executable, str(script)], env={**env, "KILL_IN_GPU_STEP": "1"}, timeout=120)
+    assert killed.returncode == -signal.SIGKILL
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        (run,) = instance.get_runs()
+        assert run.status == DagsterRunStatus.STARTED
+        assert len(instance.event_log_storage.get_concurrency_info("gpu").claimed_slots) == 1
+        messages = []
+        assert recover_dead_runs(instance, messages.append) == [run.run_id]
+        assert instance.get_run_by_id(run.run_id).status == DagsterRunStatus.FAILURE
+        assert "is gone" in messages[0] and run.run_id in messages[0]
+        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+        assert recover_dead_runs(instance, messages.append) == []  # nothing else to recover
+    again = subprocess.run([sys.executable, str(script)], env=env, timeout=120)
+    assert again.returncode == 0  # the slot is free: the rerun is not left waiting for it
