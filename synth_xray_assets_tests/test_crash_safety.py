@@ -354,3 +354,18 @@ def test_a_demo_killed_in_a_gpu_step_is_recovered_by_the_next_demo(tmp_path):
         assert recover_dead_runs(instance, messages.append) == []  # nothing else to recover
     again = subprocess.run([sys.executable, str(script)], env=env, timeout=120)
     assert again.returncode == 0  # the slot is free: the rerun is not left waiting for it
+
+
+def test_every_asset_that_writes_holds_its_output_lock(tmp_path):
+    """Every materializable asset; the observable source (it only reads a version) is not one."""
+    from conftest import tiny_settings
+
+    from synth_xray_assets.definitions import build_defs
+
+    graph = build_defs(tiny_settings(tmp_path)).resolve_asset_graph()
+    unlocked = {
+        key.to_user_string()
+        for key in graph.materializable_asset_keys
+        if not getattr(graph.get(key).assets_def.op.compute_fn.decorated_fn, "holds_output_lock", False)
+    }
+    assert unlocked == set(), unlocked

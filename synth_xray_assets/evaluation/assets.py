@@ -473,6 +473,7 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
         "(what FID does not show). data/evaluation/class_fidelity/{generator}.json."
     ),
 )
+@one_writer
 def class_fidelity(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -107,6 +107,7 @@ def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:
             with lock(context, kwargs):
                 yield from fn(context, *args, **kwargs)
 
+        generator_wrapper.holds_output_lock = True  # type: ignore[attr-defined]
         return generator_wrapper
 
     @functools.wraps(fn)
@@ -114,6 +115,7 @@ def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:
         with lock(context, kwargs):
             return fn(context, *args, **kwargs)
 
+    wrapper.holds_output_lock = True  # type: ignore[attr-defined]
     return wrapper
 
 
