@@ -6,7 +6,7 @@ import pytest
 from synth_xray_assets.dataset.phantoms import render_phantom
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_pipeline
-from synth_xray_assets.evaluation.fidelity import fidelity_share, measure_class_fidelity
+from synth_xray_assets.evaluation.fidelity import FidelityInputs, fidelity_share, measure_class_fidelity
 from synth_xray_assets.partitions import generator_keys
 from synth_xray_assets.settings import GenerationSettings, Settings
 from synth_xray_assets.synthesis.store import SyntheticImages
@@ -38,11 +38,21 @@ def test_class_fidelity_of_a_planted_set_is_near_zero():
         extractor_sha256="-",
         synthetic_version="-",
     )
+    real_test = _phantoms(1, 30, 5)  # the class's real test images: the recall to read the share by
     # planted: real NORMAL images presented as the PNEUMONIA generator's output
-    planted = measure_class_fidelity(predict, _phantoms(0, 40, 3), 1, about, 0.95)
+    planted = measure_class_fidelity(predict, FidelityInputs(_phantoms(0, 40, 3), real_test, 1), about, 0.95)
     assert planted.share < 0.1 and planted.ci_high < 0.25 and not planted.passed
-    honest = measure_class_fidelity(predict, _phantoms(1, 40, 4), 1, about, 0.95)
+    honest = measure_class_fidelity(predict, FidelityInputs(_phantoms(1, 40, 4), real_test, 1), about, 0.95)
     assert honest.share > 0.8 and honest.ci_low > 0.6 and honest.passed
+    # the recall on the real test images is measured the same way, whatever the synthetic set
+    recall = float((predict(real_test) > 0.5).mean())
+    assert planted.real_recall == honest.real_recall == recall > 0.6 and planted.n_real == 30
+    assert planted.real_recall_low < recall < planted.real_recall_high
+    # a mislabelled real test set (NORMAL images as PNEUMONIA's) gives the recall near zero
+    wrong = measure_class_fidelity(
+        predict, FidelityInputs(_phantoms(1, 40, 4), _phantoms(0, 30, 6), 1), about, 0.95
+    )
+    assert wrong.real_recall < 0.1
     # the Wilson interval, by hand: 0 of 40 -> [0, z^2 / (n + z^2)]
     k, share, low, high = fidelity_share(np.zeros(40), 1)
     z2 = 1.959964**2

@@ -227,7 +227,10 @@ def test_study_report_asset_reads_only_existing_runs_and_lists_the_missing(tmp_p
         tmp_path / "evaluation" / "fid" / "normal.json",
         {"spaces": {"cxr": fid}, "held_out": {"reference_set": "held", "spaces": {"cxr": held}}},
     )
-    save_fidelity(ClassFidelity("normal", "normal", 32, 8, 0.25, 0.13, 0.42, 0.95, 0.8, "x", "v"), tmp_path)
+    fidelity = ClassFidelity(
+        "normal", "normal", 32, 8, 0.25, 0.13, 0.42, 0.95, 0.8, "x", "v", 0.9, 0.8, 0.95, 40
+    )
+    save_fidelity(fidelity, tmp_path)
     result = materialize_report(tmp_path)
     assert result.success
     md = result.asset_materializations_for_node("study_report")[0].metadata
@@ -248,7 +251,10 @@ def test_study_report_asset_reads_only_existing_runs_and_lists_the_missing(tmp_p
     report = (tmp_path / "reports" / "report.md").read_text()
     assert "3 of 20 expected runs" in report and "**Missing (not yet materialized): 16**" in report
     assert "synth-only/seed-1: selected on test" in report
-    assert "| normal | 25% [13, 42] of 32 | 12.50 | 20.00 | 8.00 | 90.00 |" in report
+    assert (
+        "| normal | 25% [13, 42] of 32 (real test images: 90% of 40) | 12.50 | 20.00 | 8.00 | 90.00 |"
+        in report
+    )
     for name in ("accuracy_comparison", "training_curves", "confusion_matrices", "metrics_heatmap"):
         assert (tmp_path / "reports" / f"{name}.png").stat().st_size > 1000
     check = result.get_asset_check_evaluations()[0]

@@ -29,7 +29,7 @@ from synth_xray_assets.evaluation.fid import (
     real_floor_set,
     score_sets,
 )
-from synth_xray_assets.evaluation.fidelity import measure_class_fidelity, save_fidelity
+from synth_xray_assets.evaluation.fidelity import FidelityInputs, measure_class_fidelity, save_fidelity
 from synth_xray_assets.evaluation.inputs import (
     FidReferences,
     base_model_images,
@@ -38,6 +38,7 @@ from synth_xray_assets.evaluation.inputs import (
     extractor_predictor,
     fid_references,
     open_dataset,
+    real_test_images,
     reference_note,
     synthetic_set,
 )
@@ -457,7 +458,7 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 @dg.asset(
     deps=["cxr_feature_extractor", "synthetic_images"],
     **_PER_GENERATOR,
-    code_version="class-fidelity-v1",
+    code_version="class-fidelity-v2",
     check_specs=[
         dg.AssetCheckSpec(
             FIDELITY_CHECK,
@@ -490,15 +491,19 @@ def class_fidelity(
         "synthetic_version": syn_set.version(),
     }
     predict = extractor_predictor(s, compute.resolve_device())
-    record = measure_class_fidelity(predict, synthetic, class_label(key), about, e.class_fidelity_level)
+    inputs = FidelityInputs(synthetic, real_test_images(s, class_label(key)), class_label(key))
+    record = measure_class_fidelity(predict, inputs, about, e.class_fidelity_level)
     path = save_fidelity(record, s.data_dir)
     interval = f"{record.share:.3f} [{record.ci_low:.3f}, {record.ci_high:.3f}]"
+    recall = f"{record.real_recall:.3f} [{record.real_recall_low:.3f}, {record.real_recall_high:.3f}]"
     return dg.MaterializeResult(
         metadata={
             "class_fidelity": dg.MetadataValue.float(record.share),
             "interval": f"{interval} ({100 * record.level:g}% Wilson)",
             "n_assigned": record.n_assigned,
             "n_synthetic": record.n_images,
+            "real_test_recall": f"{recall} of {record.n_real} real test images of the class (for reading "
+            "the share: what a faithful generator can reach)",
             "classifier": "cxr_feature_extractor (DenseNet-121 trained on real train only)",
             "synthetic_version": record.synthetic_version,
             "path": dg.MetadataValue.path(str(path)),
@@ -508,7 +513,11 @@ def class_fidelity(
                 check_name=FIDELITY_CHECK,
                 passed=record.passed,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"class_fidelity": interval, "threshold": record.threshold},
+                metadata={
+                    "class_fidelity": interval,
+                    "threshold": record.threshold,
+                    "real_test_recall": recall,
+                },
             )
         ],
     )

@@ -3,7 +3,9 @@
 The share of one generator's synthetic images that the chest-X-ray feature extractor (a
 DenseNet-121 trained on real train only, ``extractor.py``) assigns to the generator's class,
 with a Wilson score interval. A generator whose NORMAL images look like PNEUMONIA to a
-real-trained classifier scores near zero, which FID alone does not show.
+real-trained classifier scores near zero, which FID alone does not show. Beside it, the same
+classifier's recall on the real test images of the class: the share a faithful generator can be
+expected to reach (a measurement for the reader; nothing is selected with it).
 
 Layout: ``data/evaluation/class_fidelity/{generator}.json`` (a :class:`ClassFidelity`).
 """
@@ -38,6 +40,11 @@ class ClassFidelity:
     threshold: float
     extractor_sha256: str
     synthetic_version: str
+    # The extractor's recall on the real test images of the class, with its interval (NaN: not measured).
+    real_recall: float = float("nan")
+    real_recall_low: float = float("nan")
+    real_recall_high: float = float("nan")
+    n_real: int = 0
 
     @property
     def passed(self) -> bool:
@@ -54,19 +61,42 @@ def fidelity_share(predicted: np.ndarray, label: int, level: float = 0.95) -> tu
     return k, k / pred.size, float(ci.low), float(ci.high)
 
 
+@dataclass(frozen=True)
+class FidelityInputs:
+    """The images to judge: synthetic and real test images of class ``label`` (uint8 ``[N, H, W]``)."""
+
+    synthetic: np.ndarray
+    real_test: np.ndarray
+    label: int
+
+
 def measure_class_fidelity(
     predict: Callable[[np.ndarray], np.ndarray],
-    images: np.ndarray,
-    label: int,
+    inputs: FidelityInputs,
     about: dict[str, Any],
     level: float,
 ) -> ClassFidelity:
-    """Class fidelity of ``images`` (uint8 ``[N, H, W]``) of class ``label`` under ``predict``
-    (images to PNEUMONIA probabilities); ``about`` fills the record's remaining fields."""
-    prob = np.asarray(predict(images), np.float64)
-    k, share, low, high = fidelity_share((prob > 0.5).astype(np.int64), label, level)
+    """Class fidelity of the synthetic images under ``predict`` (images to PNEUMONIA probabilities),
+    and recall on the real test images of the class; ``about`` fills the remaining fields."""
+
+    def assigned(images: np.ndarray) -> tuple[int, float, float, float]:
+        prob = np.asarray(predict(images), np.float64)
+        return fidelity_share((prob > 0.5).astype(np.int64), inputs.label, level)
+
+    k, share, low, high = assigned(inputs.synthetic)
+    _, recall, recall_low, recall_high = assigned(inputs.real_test)
     return ClassFidelity(
-        n_images=len(prob), n_assigned=k, share=share, ci_low=low, ci_high=high, level=level, **about
+        n_images=len(inputs.synthetic),
+        n_assigned=k,
+        share=share,
+        ci_low=low,
+        ci_high=high,
+        level=level,
+        real_recall=recall,
+        real_recall_low=recall_low,
+        real_recall_high=recall_high,
+        n_real=len(inputs.real_test),
+        **about,
     )
 
 

@@ -133,6 +133,11 @@ def synthetic_set(s: Settings, class_key: str) -> tuple[np.ndarray, SyntheticIma
     return image_set(f"synthetic_images[{class_key}]", root, lambda: SyntheticImages.open(root).images())
 
 
+def real_test_images(s: Settings, label: int) -> np.ndarray:
+    """The real test images of class ``label``: where the extractor's recall is read beside class fidelity."""
+    return open_dataset(s).images("test", label)
+
+
 def checkpoint_versions(manifest: pd.DataFrame) -> str:
     """The checkpoint versions a generated set's manifest names, joined."""
     return ", ".join(sorted(map(str, manifest["checkpoint_version"].unique())))

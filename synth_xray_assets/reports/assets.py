@@ -106,6 +106,8 @@ def generator_quality(s: Settings) -> list[GeneratorQuality]:
                 class_fidelity_low=fidelity.ci_low if fidelity else float("nan"),
                 class_fidelity_high=fidelity.ci_high if fidelity else float("nan"),
                 class_fidelity_n=fidelity.n_images if fidelity else 0,
+                real_test_recall=fidelity.real_recall if fidelity else float("nan"),
+                real_test_n=fidelity.n_real if fidelity else 0,
             )
         )
     return out

@@ -118,7 +118,10 @@ def fidelity_text(q: GeneratorQuality) -> str:
     if _nan(q.class_fidelity):
         return "n/a"
     low, high = 100 * q.class_fidelity_low, 100 * q.class_fidelity_high
-    return f"{100 * q.class_fidelity:.0f}% [{low:.0f}, {high:.0f}] of {q.class_fidelity_n}"
+    text = f"{100 * q.class_fidelity:.0f}% [{low:.0f}, {high:.0f}] of {q.class_fidelity_n}"
+    if _nan(q.real_test_recall):
+        return text
+    return f"{text} (real test images: {100 * q.real_test_recall:.0f}% of {q.real_test_n})"
 
 
 def _nan(v: Any) -> bool:

@@ -54,6 +54,8 @@ class GeneratorQuality:
     class_fidelity_low: float = float("nan")
     class_fidelity_high: float = float("nan")
     class_fidelity_n: int = 0
+    real_test_recall: float = float("nan")  # the same classifier on real test images of the class
+    real_test_n: int = 0
 
 
 @dataclass(frozen=True)
