@@ -57,7 +57,7 @@ _BASE_MODEL_ASSET = dict(
     kinds={"pytorch", "huggingface", "diffusers"},
     owners=OWNERS,
     pool="gpu",
-    code_version="base-model-v1",
+    code_version="base-model-v2",  # v2: the tiny model pre-trains on balanced train less validation
     retry_policy=RETRY,
     description=(
         "The Stable Diffusion DreamBooth starts from. Full profile: SD 2.1 base from the Hugging Face "

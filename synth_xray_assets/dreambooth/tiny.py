@@ -224,10 +224,11 @@ def _train_vae(vae: AutoencoderKL, run: _Run) -> float:
     loss = float("nan")
     for step in range(s.tiny_vae_steps):
         x = images_to_tensor(run.images[run.rng.choice(len(run.images), batch, replace=False)], resolution)
-        posterior = vae.encode(x.to(run.device)).latent_dist
+        x = x.to(run.device)
+        posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=step_generator(s.seed, 0, step))).sample
         kl = VAE_KL_WEIGHT * posterior.kl().mean()
-        loss = _step(torch.nn.functional.l1_loss(recon, x.to(run.device)) + kl, vae, optimizer, schedule)
+        loss = _step(torch.nn.functional.l1_loss(recon, x) + kl, vae, optimizer, schedule)
         if (step + 1) % max(1, s.tiny_vae_steps // 5) == 0:
             run.log(f"tiny VAE step {step + 1}/{s.tiny_vae_steps}: reconstruction loss {loss:.4f}")
     vae.eval().requires_grad_(False)

@@ -292,7 +292,7 @@ def estimate_disk_bytes(models: _Models, optim: _Optimization, settings: DreamBo
     fp32, or the LoRA weights). No checkpoint is written at the last step."""
     trained = sum(p.numel() for p in optim.params)
     per_checkpoint = trained * (4 + (2 if settings.use_8bit_adam else 8))
-    limit = settings.checkpoints_total_limit
+    limit = max(settings.checkpoints_total_limit, 1)  # save_checkpoint always keeps the newest
     made = _checkpoints_made(optim.total_steps, settings.checkpointing_steps)
     while_training = min(made, 2 if limit <= 1 else limit)
     if models.lora:

@@ -456,7 +456,7 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 
 
 @dg.asset(
-    deps=["cxr_feature_extractor", "synthetic_images"],
+    deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],  # the real test images too
     **_PER_GENERATOR,
     code_version="class-fidelity-v2",
     check_specs=[
