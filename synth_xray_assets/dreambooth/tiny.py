@@ -19,8 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from diffusers.optimization import get_scheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from synth_xray_assets.dreambooth.training import (
-    dreambooth_loss,
+from synth_xray_assets.dreambooth.latents import (
     encode_latent_distribution,
     encode_tokens,
     images_to_tensor,
@@ -29,6 +28,7 @@ from synth_xray_assets.dreambooth.training import (
     step_generator,
     tokenize_prompts,
 )
+from synth_xray_assets.dreambooth.loss import dreambooth_loss
 from synth_xray_assets.settings import BaseModelSettings, DreamBoothSettings
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"

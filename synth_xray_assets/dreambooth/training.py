@@ -7,7 +7,7 @@ By concern:
   (it loads back with ``diffusion.pipelines.load_trained_pipeline``).
 * ``presets.py``: memory presets chosen from the free GPU memory; 8-bit Adam's requirement.
 * ``latents.py``: the small diffusion helpers shared with the tiny model's pre-training in
-  ``tiny.py`` (images to tensors, latents, noise; re-exported here).
+  ``tiny.py`` (images to tensors, latents, noise), which imports them from there.
 * this file: ``train_dreambooth``, the loop: full fine-tuning (UNet and text encoder) or LoRA,
   accelerate for mixed precision, a disk preflight, checkpoints every ``checkpointing_steps``
   and exact resume.
@@ -51,7 +51,6 @@ from synth_xray_assets.dreambooth.latents import (
     step_generator,
     tokenize_prompts,
 )
-from synth_xray_assets.dreambooth.latents import images_to_tensor as images_to_tensor  # for tiny.py
 from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
     dreambooth_loss,
     num_train_steps,
