@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from synth_xray_assets.layout import Layout
@@ -53,9 +53,24 @@ class DatasetSettings(_Section):
     max_image_pixels: int = 178_956_970  # PIL's decompression-bomb limit (2x its warning)
     workers: int = 2  # processes for standardization
     observe_cron: str = "0 4 * * *"  # when the source's version is observed (daily)
-    # Drop train images identical (same bytes) to a test image, listed in dropped.csv; off: the
-    # blocking no_train_test_overlap check stops the pipeline and names the files instead.
-    drop_train_test_duplicates: bool = False
+    # Keep an image found (same bytes) in several splits in one only: test first, then validation,
+    # train last (never dropped from test); the rest are listed in dropped.csv. Off: the blocking
+    # no_duplicates_across_splits check stops the pipeline and names the files instead.
+    drop_cross_split_duplicates: bool = False
+    # The blocking check stored_images_match_their_sources re-standardizes this many rows (every
+    # row of a smaller dataset), drawn with verify_seed, and requires identical pixels.
+    verify_sample: int = 48
+    verify_seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "drop_train_test_duplicates" in data:
+            raise ValueError(
+                "dataset.drop_train_test_duplicates was renamed drop_cross_split_duplicates (it now "
+                "covers every pair of splits and never drops from test): set that instead"
+            )
+        return data
 
 
 class PhantomSettings(_Section):

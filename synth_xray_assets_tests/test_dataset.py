@@ -261,7 +261,8 @@ def materialize_dataset(settings_resource: SettingsResource):
     checks = [
         dataset_assets.every_class_in_every_split,
         dataset_assets.images_are_square,
-        dataset_assets.no_train_test_overlap,
+        dataset_assets.no_duplicates_across_splits,
+        dataset_assets.stored_images_match_their_sources,
         dataset_assets.all_source_images_readable,
     ]
     with dg.instance_for_test() as instance:
@@ -293,7 +294,8 @@ def test_asset_materializes_with_metadata_and_checks(tmp_path):
     assert checks == {
         "every_class_in_every_split": True,
         "images_are_square": True,
-        "no_train_test_overlap": True,
+        "no_duplicates_across_splits": True,
+        "stored_images_match_their_sources": True,
         "all_source_images_readable": True,
     }
 
@@ -309,8 +311,8 @@ def test_asset_check_fails_on_train_test_overlap_and_lists_bad_files(tmp_path):
         )
     )
     evals = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert not evals["no_train_test_overlap"].passed
-    assert evals["no_train_test_overlap"].metadata["num_shared"].value == 1
+    assert not evals["no_duplicates_across_splits"].passed
+    assert evals["no_duplicates_across_splits"].metadata["num_shared"].value == 1
     assert not evals["all_source_images_readable"].passed
     assert evals["all_source_images_readable"].metadata["num_skipped"].value == 4
     assert evals["every_class_in_every_split"].passed
@@ -321,7 +323,8 @@ def test_skipped_list_is_saved_beside_the_manifest(tmp_path):
     s = tiny_settings(tmp_path, source=str(folder))
     build(s)
     skipped = pd.read_csv(s.data_dir / "dataset" / "skipped.csv")
-    assert len(skipped) == 4 and set(skipped.columns) == {"split", "source_id", "reason"}
+    assert len(skipped) == 4 and set(skipped.columns) == {"split", "source_id", "source_path", "reason"}
+    assert "train/NORMAL/notes.jpeg" in set(skipped.source_path)
 
 
 # --- awkward input: EXIF orientation, hidden files, duplicates across splits ----------------
@@ -376,28 +379,32 @@ def test_train_test_overlap_names_the_files_on_each_side(tmp_path):
     folder = leaky_folder(tmp_path)
     overrides = f'{{"dataset": {{"source": "{folder}", "resolution": 32, "workers": 1}}}}'
     result = materialize_dataset(SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides))
-    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["no_train_test_overlap"]
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["no_duplicates_across_splits"]
     assert not check.passed and check.metadata["num_shared"].value == 1
-    (row,) = [r.data for r in check.metadata["shared (train and test files with the same content)"].records]
-    assert row["train"].endswith(":NORMAL_0.jpeg")
-    assert "leak.jpeg" in row["test"] and "leak-again.jpeg" in row["test"]
-    assert check.metadata["train_duplicates_of_test_dropped"].value == 0
+    (row,) = [r.data for r in check.metadata["shared (files with the same content)"].records]
+    assert row["splits"] == "test, train"
+    files = row["files"].split("; ")
+    assert {"train/NORMAL/NORMAL_0.jpeg", "test/NORMAL/leak.jpeg", "test/NORMAL/leak-again.jpeg"} == set(
+        files
+    )
+    assert "test/NORMAL/leak-again.jpeg" in check.description
+    assert check.metadata["duplicates_dropped"].value == 0
 
 
-def test_drop_train_test_duplicates_drops_them_from_train_and_records_them(tmp_path):
+def test_drop_cross_split_duplicates_drops_them_from_train_and_records_them(tmp_path):
     folder = leaky_folder(tmp_path)
     overrides = (
         f'{{"dataset": {{"source": "{folder}", "resolution": 32, "workers": 1, '
-        '"drop_train_test_duplicates": true}}'
+        '"drop_cross_split_duplicates": true}}'
     )
     result = materialize_dataset(SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides))
     assert result.success
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
-    assert checks["no_train_test_overlap"].passed
-    assert checks["no_train_test_overlap"].metadata["train_duplicates_of_test_dropped"].value == 1
+    assert checks["no_duplicates_across_splits"].passed
+    assert checks["no_duplicates_across_splits"].metadata["duplicates_dropped"].value == 1
     assert checks["all_source_images_readable"].passed  # a deliberate drop is not a bad file
     md = result.asset_materializations_for_node("chest_xray_dataset")[0].metadata
-    assert md["train_duplicates_of_test_dropped"].value == 1
+    assert md["duplicates_dropped"].value == 1
     (dropped_row,) = [r.data for r in md["dropped"].records]
     assert dropped_row["source_id"].endswith(":NORMAL_0.jpeg") and "leak.jpeg" in dropped_row["duplicate_of"]
     ds = StandardizedDataset.open(tmp_path / "data" / "dataset")
@@ -406,4 +413,5 @@ def test_drop_train_test_duplicates_drops_them_from_train_and_records_them(tmp_p
     assert len(ds.images("train")) == len(train) == 5
     assert len(ds.rows("test")) == 8  # test keeps both copies
     dropped = pd.read_csv(ds.root / "dropped.csv")
-    assert list(dropped.columns) == ["split", "source_id", "sha256", "duplicate_of"] and len(dropped) == 1
+    assert list(dropped.columns) == ["split", "source_id", "source_path", "sha256", "duplicate_of", "reason"]
+    assert len(dropped) == 1

@@ -2,10 +2,13 @@
 
 import dagster as dg
 import numpy as np
+import pandas as pd
 
+from synth_xray_assets.dataset.duplicates import cross_split_duplicates, straddling_validation
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     load_source,
+    record_at,
     resolve_source,
     source_fingerprint,
     source_records,
@@ -17,8 +20,8 @@ from synth_xray_assets.dataset.store import (
     STANDARDIZE_VERSION,
     StandardizedDataset,
     build_standardized_dataset,
-    train_test_duplicates,
 )
+from synth_xray_assets.dataset.verify import sample_positions, verify_rows
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.resources import SettingsResource
@@ -76,7 +79,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
     out = s.layout.dataset
     report = build_standardized_dataset(records, s.dataset, out, log=context.log.info)
     for row in report.skipped.itertuples():
-        context.log.warning(f"skipped {row.split} {row.source_id}: {row.reason}")
+        context.log.warning(f"skipped {row.source_path or row.source_id}: {row.reason}")
 
     m = report.manifest
     counts = m.groupby(["split", "class_name"]).size().unstack(fill_value=0)
@@ -110,7 +113,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "distinct_original_sizes": int(m[["orig_width", "orig_height"]].drop_duplicates().shape[0]),
             "num_skipped": len(report.skipped),
             "skipped": metadata_table(report.skipped.head(50)),
-            "train_duplicates_of_test_dropped": len(report.dropped),
+            "duplicates_dropped": len(report.dropped),
             "dropped": metadata_table(report.dropped.head(50)),
             "reused_from_previous_run": report.reused,
             "decoded": report.decoded,
@@ -156,23 +159,68 @@ def images_are_square(settings: SettingsResource) -> dg.AssetCheckResult:
     asset=chest_xray_dataset,
     blocking=True,
     description=(
-        "No image (by content hash) is in both train and test. The metadata names the files on each "
-        "side; dataset.drop_train_test_duplicates drops such train images (listed as dropped)."
+        "No image (by content hash) is in two splits, nor on both sides of the classifiers' carved "
+        "validation split. The failure names the files; dataset.drop_cross_split_duplicates keeps "
+        "each such image in one split (test first, never dropped from test; listed as dropped)."
     ),
 )
-def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
-    import pandas as pd
-
-    ds = StandardizedDataset.open(settings.get().layout.dataset)
-    shared = train_test_duplicates(ds.manifest)
+def no_duplicates_across_splits(
+    context: dg.AssetCheckExecutionContext, settings: SettingsResource
+) -> dg.AssetCheckResult:
+    s = settings.get()
+    ds = StandardizedDataset.open(s.layout.dataset)
+    train = ds.rows("train")
+    carved = shared_validation_split(s, train)
+    shared = pd.concat(
+        [cross_split_duplicates(ds.manifest), straddling_validation(train, carved.keep, carved.val)]
+    )
     dropped_csv = ds.root / DROPPED_FILE
     dropped = pd.read_csv(dropped_csv) if dropped_csv.exists() else pd.DataFrame()
+    lines = [f"{r.splits}: {r.files}" for r in shared.itertuples()]
+    for line in lines:
+        context.log.error(f"the same image in two splits ({line})")
+    summary = f"{len(shared)} images in more than one split: " + " | ".join(lines[:10]) if lines else None
     return dg.AssetCheckResult(
         passed=shared.empty,
+        description=summary,
         metadata={
             "num_shared": len(shared),
-            "shared (train and test files with the same content)": metadata_table(shared.head(50)),
-            "train_duplicates_of_test_dropped": len(dropped),
+            "shared (files with the same content)": metadata_table(shared.head(50)),
+            "duplicates_dropped": len(dropped),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=chest_xray_dataset,
+    blocking=True,
+    description=(
+        "A seeded sample of stored rows (dataset.verify_sample; every row of a smaller dataset), "
+        "re-read from the source and standardized afresh, has the stored pixels exactly."
+    ),
+)
+def stored_images_match_their_sources(
+    context: dg.AssetCheckExecutionContext, settings: SettingsResource
+) -> dg.AssetCheckResult:
+    s = settings.get()
+    ds = StandardizedDataset.open(s.layout.dataset)
+    resolved = resolve_source(s)
+    dsd = load_source(resolved, s, settings.hf_token)
+    names = s.dataset.class_names
+    positions = sample_positions(len(ds.manifest), s.dataset.verify_sample, s.dataset.verify_seed)
+    bad = verify_rows(ds, lambda split, i: record_at(dsd, split, i, names, resolved), s.dataset, positions)
+    for r in bad.itertuples():
+        context.log.error(f"stored {r.split} row {r.row} ({r.file}): {r.problem}")
+    lines = [f"{r.split} row {r.row} ({r.file}): {r.problem}" for r in bad.head(10).itertuples()]
+    return dg.AssetCheckResult(
+        passed=bad.empty,
+        description=f"{len(bad)} of {len(positions)} re-derived rows differ: " + " | ".join(lines)
+        if lines
+        else None,
+        metadata={
+            "rows_verified": len(positions),
+            "rows_differing": len(bad),
+            "differing": metadata_table(bad.head(50)),
         },
     )
 
@@ -181,8 +229,6 @@ def no_train_test_overlap(settings: SettingsResource) -> dg.AssetCheckResult:
     asset=chest_xray_dataset, description="Every source image was readable (bad files are listed)."
 )
 def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResult:
-    import pandas as pd
-
     skipped = pd.read_csv(settings.get().layout.dataset / SKIPPED_FILE)
     return dg.AssetCheckResult(
         passed=skipped.empty,
@@ -217,7 +263,8 @@ def build_defs(s: Settings) -> dg.Definitions:
         asset_checks=[
             every_class_in_every_split,
             images_are_square,
-            no_train_test_overlap,
+            no_duplicates_across_splits,
+            stored_images_match_their_sources,
             all_source_images_readable,
         ],
     )

@@ -17,7 +17,7 @@ naming the problem and the path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -55,6 +55,8 @@ class SourceRecord:
     source_id: str
     data: bytes
     skip_reason: str | None = None  # set: not an image to read (listed as skipped with this reason)
+    # where a person finds it: the file relative to the source folder, or the parquet file and row
+    source_path: str = ""
 
 
 def resolve_source(settings: Settings) -> ResolvedSource:
@@ -128,24 +130,68 @@ def check_splits_and_classes(dsd: Any, settings: Settings, location: str) -> Non
                 )
 
 
-def iter_records(dsd: Any, split: str, class_names: tuple[str, ...]) -> Iterator[SourceRecord]:
+def iter_records(
+    dsd: Any, split: str, class_names: tuple[str, ...], resolved: ResolvedSource | None = None
+) -> Iterator[SourceRecord]:
     """The split's images as bytes with our label index (None for an unknown label)."""
     ds = dsd[split]
-    names = _label_names(ds)
+    names, locate = _label_names(ds), _locator(resolved, split)
     for i, row in enumerate(ds):
-        raw = row["label"]
-        name = names[raw] if names and isinstance(raw, int) and 0 <= raw < len(names) else str(raw)
-        label = class_names.index(name) if name in class_names else None
-        image = row["image"] or {}
-        data, path = image.get("bytes"), image.get("path")
-        source_id = f"{split}/{i}" + (f":{Path(path).name}" if path else "")
-        if data is None and path:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as exc:
-                data = b""
-                source_id += f" (unreadable: {exc})"
-        yield SourceRecord(split, label, name, source_id, data or b"")
+        yield _record(split, i, row, (names, class_names), locate)
+
+
+def record_at(
+    dsd: Any, split: str, index: int, class_names: tuple[str, ...], resolved: ResolvedSource
+) -> SourceRecord:
+    """Row ``index`` of ``split`` as :func:`iter_records` gives it (to re-derive one stored image)."""
+    ds = dsd[split]
+    return _record(split, index, ds[int(index)], (_label_names(ds), class_names), _locator(resolved, split))
+
+
+def _record(
+    split: str,
+    i: int,
+    row: dict,
+    names: tuple[list[str], tuple[str, ...]],
+    locate: Callable[[int, str | None], str],
+) -> SourceRecord:
+    """One source row as a record; ``names``: the source's label names and ours."""
+    label_names, class_names = names
+    raw = row["label"]
+    name = (
+        label_names[raw] if label_names and isinstance(raw, int) and 0 <= raw < len(label_names) else str(raw)
+    )
+    label = class_names.index(name) if name in class_names else None
+    image = row["image"] or {}
+    data, path = image.get("bytes"), image.get("path")
+    source_id = f"{split}/{i}" + (f":{Path(path).name}" if path else "")
+    if data is None and path:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            data = b""
+            source_id += f" (unreadable: {exc})"
+    return SourceRecord(split, label, name, source_id, data or b"", source_path=locate(i, path))
+
+
+def _locator(resolved: ResolvedSource | None, split: str) -> Callable[[int, str | None], str]:
+    """How a row of ``split`` is named for people: its file relative to the source folder
+    (``train/NORMAL/x.jpeg``), or its parquet file and row (``data/train-00000-of-00001.parquet
+    row 12 (x.jpeg)``), or the Hub dataset's split and row."""
+    root = Path(resolved.location) if resolved and resolved.kind != "hub" else None
+    files = sorted(root.glob(f"**/{split}-*.parquet")) if root and resolved.kind == "parquet" else []
+    table = (
+        str(files[0].relative_to(root))
+        if len(files) == 1
+        else f"{resolved.location if resolved else ''}:{split}"
+    )
+
+    def locate(i: int, path: str | None) -> str:
+        if root is not None and resolved.kind == "imagefolder" and path and Path(path).is_relative_to(root):
+            return str(Path(path).relative_to(root))
+        return f"{table} row {i}" + (f" ({Path(path).name})" if path else "")
+
+    return locate
 
 
 def source_records(
@@ -154,7 +200,7 @@ def source_records(
     """Every split's records: its images, then its hidden files (listed, not read)."""
     names = settings.dataset.class_names
     return {
-        split: chain(iter_records(dsd, split, names), hidden_records(resolved, split))
+        split: chain(iter_records(dsd, split, names, resolved), hidden_records(resolved, split))
         for split in settings.dataset.splits
     }
 
@@ -172,7 +218,8 @@ def hidden_records(resolved: ResolvedSource, split: str) -> Iterator[SourceRecor
         if path.is_file() and any(part.startswith(".") for part in rel.parts):
             label_name = rel.parts[0] if len(rel.parts) > 1 else ""
             reason = "hidden file (its name or a folder's starts with '.'): not read"
-            yield SourceRecord(split, None, label_name, f"{folder.name}/{rel}", b"", skip_reason=reason)
+            name = f"{folder.name}/{rel}"
+            yield SourceRecord(split, None, label_name, name, b"", skip_reason=reason, source_path=name)
 
 
 def _label_names(ds: Any) -> list[str]:

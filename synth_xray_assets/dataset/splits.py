@@ -148,15 +148,37 @@ def patient_groups(source_ids: Sequence[str]) -> tuple[np.ndarray, int]:
     return groups, sum(p is None for p in ids)
 
 
+def identical_images_together(groups: np.ndarray, hashes: Sequence[str]) -> np.ndarray:
+    """``groups`` with the groups of byte-identical images merged, so that a copy filed under
+    another patient id (or none) never lands on the other side of the split."""
+    parent = {g: g for g in groups}
+
+    def root(g: Any) -> Any:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first: dict[str, Any] = {}
+    for g, h in zip(groups, hashes):
+        a, b = root(first.setdefault(h, g)), root(g)
+        if a != b:
+            parent[max(a, b)] = min(a, b)  # the smaller id names the merged group: deterministic
+    return np.array([root(g) for g in groups], dtype=object)
+
+
 def validation_split(
     train_rows: pd.DataFrame, fraction: float, seed: int, carve: bool = True
 ) -> ValidationSplit:
-    """The validation split of the train rows of a dataset manifest (``label``, ``source_id``).
+    """The validation split of the train rows of a dataset manifest (``label``, ``source_id``, and
+    ``sha256`` when there: byte-identical images stay on one side).
 
     ``carve=False`` (the study's protocol, selection on test) keeps every image for training.
     """
     labels = train_rows["label"].to_numpy(np.int64)
     groups, n_loose = patient_groups(train_rows["source_id"].astype(str).tolist())
+    if "sha256" in train_rows:
+        groups = identical_images_together(groups, train_rows["sha256"].tolist())
     n_groups = len(set(groups))
     if not carve:
         return ValidationSplit(

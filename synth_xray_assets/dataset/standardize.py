@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,17 +89,36 @@ def standardize_bytes(
             upright = ImageOps.exif_transpose(img)  # no tag: an unchanged copy
             out = resize_center_crop(to_mode(upright, mode), size)
             return StandardizeResult(digest, np.asarray(out, dtype=np.uint8), (w, h), original_mode)
-    except Image.DecompressionBombError as exc:
-        return StandardizeResult(digest, None, None, None, f"over the pixel limit: {exc}")
+    except Image.DecompressionBombError as exc:  # PIL quotes twice the limit: say ours
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{size.group(1)} pixels" if size else "the image"
+        return StandardizeResult(
+            digest, None, None, None, f"over the pixel limit: {pixels} > {max_pixels} pixels"
+        )
+    except Image.UnidentifiedImageError:  # PIL's text names a BytesIO object's address: not useful
+        return StandardizeResult(digest, None, None, None, "not an image: no image format PIL can read")
     except Exception as exc:  # noqa: BLE001 - any decoder failure is bad input, reported per image
-        kind = "not an image" if "cannot identify image file" in str(exc) else "corrupt or truncated image"
-        return StandardizeResult(digest, None, None, None, f"{kind}: {type(exc).__name__}: {exc}")
+        return StandardizeResult(
+            digest,
+            None,
+            None,
+            None,
+            f"corrupt or truncated image: {type(exc).__name__}: {_without_addresses(exc)}",
+        )
+
+
+def _without_addresses(exc: Exception) -> str:
+    """The exception's text without Python object addresses (``<_io.BytesIO object at 0x...>``)."""
+    return re.sub(r"<([\w.]+) object at 0x[0-9a-f]+>", r"<\1>", str(exc))
 
 
 def _standardize_chunk(args: tuple[list[bytes], int, str, int]) -> list[StandardizeResult]:
     chunk, size, mode, max_pixels = args
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    return [standardize_bytes(b, size, mode, max_pixels) for b in chunk]
+    before, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+    try:
+        return [standardize_bytes(b, size, mode, max_pixels) for b in chunk]
+    finally:  # in this process (workers=1) the caller's limit comes back
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def standardize_many(

@@ -4,12 +4,13 @@ Layout under ``data/dataset/``::
 
     images/{res}px-{mode}-{version}/{split}/{CLASS}/{sha256[:20]}.png   one standardized image
     arrays/{split}.npy                         uint8 [N, res, res], manifest order
-    manifest.parquet                           split, label, class_name, source_id, sha256,
-                                               orig_width, orig_height, orig_mode, path
-    skipped.csv                                bad input: split, source_id, reason
-    dropped.csv                                train images identical to a test image, dropped
-                                               (dataset.drop_train_test_duplicates): split,
-                                               source_id, sha256, duplicate_of
+    manifest.parquet                           split, label, class_name, source_id, source_path,
+                                               sha256, orig_width, orig_height, orig_mode, path
+    skipped.csv                                bad input: split, source_id, source_path, reason
+    dropped.csv                                images identical to one of another split, dropped
+                                               (dataset.drop_cross_split_duplicates; never from
+                                               test): split, source_id, source_path, sha256,
+                                               duplicate_of, reason
     version.json                               data version and what it was made from
 
 The data version is a content hash (image hashes, labels, splits, resolution, mode), so an
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from synth_xray_assets.dataset.duplicates import DROPPED_COLUMNS, duplicates_to_drop
 from synth_xray_assets.dataset.sources import SourceRecord
 from synth_xray_assets.dataset.standardize import StandardizeResult, standardize_many
 from synth_xray_assets.settings import DatasetSettings
@@ -41,12 +43,14 @@ from synth_xray_assets.storage import (
     write_parquet_atomic,
 )
 
-# Bump when the standardization changes its pixels (v2: EXIF orientation applied).
-STANDARDIZE_VERSION = "standardize-v2"
+# Bump when the standardization changes its pixels or its cache (v2: EXIF orientation applied;
+# v3: cached PNGs record and are checked against their source's sha256: v2 caches may hold a
+# neighbour's pixels, so they are never reused).
+STANDARDIZE_VERSION = "standardize-v3"
 
-SKIPPED_FILE = "skipped.csv"  # bad input: split, source_id, reason
-DROPPED_FILE = "dropped.csv"  # train images identical to a test image (drop_train_test_duplicates)
-DROPPED_COLUMNS = ["split", "source_id", "sha256", "duplicate_of"]
+SKIPPED_FILE = "skipped.csv"  # bad input: split, source_id, source_path, reason
+SKIPPED_COLUMNS = ["split", "source_id", "source_path", "reason"]
+DROPPED_FILE = "dropped.csv"  # images identical to one of another split (drop_cross_split_duplicates)
 
 
 @dataclass
@@ -71,6 +75,7 @@ _MANIFEST_COLUMNS = [
     "label",
     "class_name",
     "source_id",
+    "source_path",
     "sha256",
     "orig_width",
     "orig_height",
@@ -92,7 +97,9 @@ class _Build:
     decoded: int = 0
 
     def skip(self, split: str, rec: SourceRecord, reason: str) -> None:
-        self.skipped.append({"split": split, "source_id": rec.source_id, "reason": reason})
+        self.skipped.append(
+            {"split": split, "source_id": rec.source_id, "source_path": rec.source_path, "reason": reason}
+        )
 
 
 def build_standardized_dataset(
@@ -106,78 +113,107 @@ def build_standardized_dataset(
     for split, split_records in records.items():
         _standardize_split(build, split, split_records)
         log(f"{split}: {len(build.arrays[split])} images standardized to {settings.resolution} px")
-    rows, arrays, dropped = build.rows, build.arrays, []
-    if settings.drop_train_test_duplicates:
-        rows, arrays, dropped = _drop_duplicates_of_test(rows, arrays)
-        log(f"train: {len(dropped)} images identical to a test image dropped (drop_train_test_duplicates)")
-    manifest = pd.DataFrame(rows, columns=_MANIFEST_COLUMNS)
-    skipped_df = pd.DataFrame(build.skipped, columns=["split", "source_id", "reason"])
-    version = data_version(manifest, settings)
-    counts = {"reused": build.reused, "decoded": build.decoded}
-    if _complete_with_version(out_dir, version, arrays):
-        # The same content is already there, complete: rewriting it would only make the folder read
-        # as incomplete meanwhile to other runs' readers (a double click, a retry beside a run).
-        return BuildReport(version, manifest, skipped_df, **counts)
-    dropped_df = pd.DataFrame(dropped, columns=DROPPED_COLUMNS)
-    _write_dataset(build, arrays, BuildReport(version, manifest, skipped_df, dropped_df))
-    return BuildReport(version, manifest, skipped_df, dropped_df, **counts)
+    manifest = pd.DataFrame(build.rows, columns=_MANIFEST_COLUMNS)
+    arrays, dropped = build.arrays, pd.DataFrame(columns=DROPPED_COLUMNS)
+    if settings.drop_cross_split_duplicates:
+        manifest, arrays, dropped = _drop_cross_split_duplicates(manifest, arrays)
+        for row in dropped.itertuples():
+            log(f"dropped {row.source_path}: {row.reason}: {row.duplicate_of}")
+        log(f"{len(dropped)} images identical to one of another split dropped (drop_cross_split_duplicates)")
+    skipped_df = pd.DataFrame(build.skipped, columns=SKIPPED_COLUMNS)
+    report = BuildReport(data_version(manifest, settings), manifest, skipped_df, dropped)
+    report.reused, report.decoded = build.reused, build.decoded
+    # The same content already there, complete, is not rewritten: that would only make the folder
+    # read as incomplete meanwhile to other runs' readers (a double click, a retry beside a run).
+    if not _complete_with_version(out_dir, report.version, arrays):
+        _write_dataset(build, arrays, report)
+    return report
 
 
 def _standardize_split(build: _Build, split: str, split_records: Iterable[SourceRecord]) -> None:
-    """Standardize one split's records (reusing cached PNGs) into ``build``."""
+    """Standardize one split's records (reusing cached PNGs) into ``build``.
+
+    Results are matched to records by the source bytes' sha256, never by position: a split may
+    hold byte-identical files (the same patient's image twice), which are decoded once.
+    """
     settings, out_dir = build.settings, build.out_dir
     build.arrays[split] = []
-    todo: list[SourceRecord] = []
-    for rec in split_records:
-        if rec.skip_reason:
-            build.skip(split, rec, rec.skip_reason)
-        elif rec.label is None:
-            build.skip(split, rec, f"unknown label {rec.label_name!r}")
-        else:
-            todo.append(rec)
+    todo = [rec for rec in split_records if _readable(build, split, rec)]
     hashes = [sha256_bytes(r.data) for r in todo]
-    cached = [
+    pngs = [
         _cached_png(out_dir, settings, split, settings.class_names[r.label], h) for r, h in zip(todo, hashes)
     ]
-    fresh = [r.data for r, p in zip(todo, cached) if not p.exists()]
-    results = iter(
-        standardize_many(
-            fresh, settings.resolution, settings.mode, settings.max_image_pixels, workers=settings.workers
-        )
-    )
-    for rec, sha, png in zip(todo, hashes, cached):
-        if png.exists():
-            result = _read_cached_png(png, sha)
+    results: dict[str, StandardizeResult] = {}
+    on_disk: set[Path] = set()  # cached PNGs that hold their source's pixels
+    for sha, png in zip(hashes, pngs):
+        if png not in on_disk and (cached := _read_cached_png(png, sha)) is not None:
+            results.setdefault(sha, cached)
+            on_disk.add(png)
             build.reused += 1
-        else:
-            result = next(results)
-            build.decoded += 1
-            if result.pixels is not None:
-                _save_png_with_origin(result, png)
-        if result.pixels is None:
-            build.skip(split, rec, result.reason)
-            continue
-        build.arrays[split].append(result.pixels)
-        build.rows.append(
-            {
-                "split": split,
-                "label": rec.label,
-                "class_name": settings.class_names[rec.label],
-                "source_id": rec.source_id,
-                "sha256": sha,
-                "orig_width": result.original_size[0],
-                "orig_height": result.original_size[1],
-                "orig_mode": result.original_mode,
-                "path": str(png.relative_to(out_dir)),
-            }
-        )
+    fresh = {sha: rec.data for rec, sha in zip(todo, hashes) if sha not in results}
+    for result in standardize_many(
+        fresh.values(),
+        settings.resolution,
+        settings.mode,
+        settings.max_image_pixels,
+        workers=settings.workers,
+    ):
+        results[result.sha256] = result
+        build.decoded += 1
+    missing = set(fresh) - set(results)
+    if missing:  # standardize_many returns one result per input: this would be a bug, never silent
+        raise RuntimeError(f"{split}: no standardization result for {len(missing)} source hashes")
+    for rec, sha, png in zip(todo, hashes, pngs):
+        _add_row(build, rec, results[sha], png, cached=png in on_disk)
+        on_disk.add(png)
 
 
-def _read_cached_png(png: Path, sha: str) -> StandardizeResult:
-    """A standardized image written earlier, with the original size and mode it records."""
-    with Image.open(png) as im:
-        meta = json.loads(im.info.get("synth_xray", "{}"))
-        return StandardizeResult(sha, np.asarray(im), tuple(meta.get("size", (0, 0))), meta.get("mode"))
+def _readable(build: _Build, split: str, rec: SourceRecord) -> bool:
+    """Whether ``rec`` is an image of a known class to standardize (else it is listed as skipped)."""
+    if rec.skip_reason:
+        build.skip(split, rec, rec.skip_reason)
+    elif rec.label is None:
+        build.skip(split, rec, f"unknown label {rec.label_name!r}")
+    else:
+        return True
+    return False
+
+
+def _add_row(build: _Build, rec: SourceRecord, result: StandardizeResult, png: Path, cached: bool) -> None:
+    """``rec``'s manifest row and pixels (or its skip reason); its PNG written unless ``cached``."""
+    if result.pixels is None:
+        build.skip(rec.split, rec, result.reason)
+        return
+    if not cached:
+        _save_png_with_origin(result, png)
+    build.arrays[rec.split].append(result.pixels)
+    build.rows.append(
+        {
+            "split": rec.split,
+            "label": rec.label,
+            "class_name": build.settings.class_names[rec.label],
+            "source_id": rec.source_id,
+            "source_path": rec.source_path,
+            "sha256": result.sha256,
+            "orig_width": result.original_size[0],
+            "orig_height": result.original_size[1],
+            "orig_mode": result.original_mode,
+            "path": str(png.relative_to(build.out_dir)),
+        }
+    )
+
+
+def _read_cached_png(png: Path, sha: str) -> StandardizeResult | None:
+    """A standardized image written earlier for the source bytes ``sha``, with the original size
+    and mode it records; None when there is none, or it records another source (never reused)."""
+    try:
+        with Image.open(png) as im:
+            meta = json.loads(im.info.get("synth_xray", "{}"))
+            if meta.get("sha256") != sha:
+                return None
+            return StandardizeResult(sha, np.asarray(im), tuple(meta["size"]), meta.get("mode"))
+    except (OSError, ValueError, KeyError):  # missing, half-written or foreign: decode again
+        return None
 
 
 def _write_dataset(build: _Build, arrays: dict[str, list[np.ndarray]], report: BuildReport) -> None:
@@ -204,42 +240,18 @@ def _write_dataset(build: _Build, arrays: dict[str, list[np.ndarray]], report: B
     )
 
 
-def _drop_duplicates_of_test(
-    rows: list[dict], arrays: dict[str, list[np.ndarray]]
-) -> tuple[list[dict], dict[str, list[np.ndarray]], list[dict]]:
-    """``rows`` and ``arrays`` without the train images identical to a test image, and those dropped."""
-    dropped = _duplicates_of_test(rows)
-    gone = {d["source_id"] for d in dropped}  # source ids are unique within a split
-    train_rows = [r for r in rows if r["split"] == "train"]
-    kept = [a for a, r in zip(arrays.get("train", []), train_rows) if r["source_id"] not in gone]
-    rows = [r for r in rows if not (r["split"] == "train" and r["source_id"] in gone)]
-    return rows, {**arrays, "train": kept} if "train" in arrays else arrays, dropped
-
-
-def _duplicates_of_test(rows: list[dict]) -> list[dict]:
-    """Train rows whose source bytes equal a test image's, each with the test files it duplicates."""
-    test_files: dict[str, list[str]] = {}
-    for r in rows:
-        if r["split"] == "test":
-            test_files.setdefault(r["sha256"], []).append(r["source_id"])
-    return [
-        {
-            **{k: r[k] for k in ("split", "source_id", "sha256")},
-            "duplicate_of": "; ".join(test_files[r["sha256"]]),
-        }
-        for r in rows
-        if r["split"] == "train" and r["sha256"] in test_files
-    ]
-
-
-def train_test_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Images in both train and test (same source bytes): the content hash and the files on each side."""
-    split_files = manifest.groupby(["sha256", "split"]).source_id.agg("; ".join).unstack()
-    columns = ["sha256", "train", "test"]
-    if not {"train", "test"} <= set(split_files.columns):
-        return pd.DataFrame(columns=columns)
-    shared = split_files.dropna(subset=["train", "test"]).reset_index()
-    return shared[columns].sort_values("sha256").reset_index(drop=True)
+def _drop_cross_split_duplicates(
+    manifest: pd.DataFrame, arrays: dict[str, list[np.ndarray]]
+) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]], pd.DataFrame]:
+    """``manifest`` and ``arrays`` with each shared image in one split only, and the rows dropped."""
+    dropped = duplicates_to_drop(manifest)
+    keep = ~manifest.index.isin(dropped.index)
+    position = manifest.groupby("split").cumcount()  # each row's place in its split's array
+    kept_arrays = {
+        split: [images[i] for i in position[keep & (manifest.split == split)]]
+        for split, images in arrays.items()
+    }
+    return manifest[keep].reset_index(drop=True), kept_arrays, dropped.reset_index(drop=True)
 
 
 def _complete_with_version(out_dir: Path, version: str, splits: Iterable[str]) -> bool:
@@ -257,7 +269,8 @@ def _save_png_with_origin(result: StandardizeResult, path: Path) -> None:
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
-    info.add_text("synth_xray", json.dumps({"size": result.original_size, "mode": result.original_mode}))
+    meta = {"sha256": result.sha256, "size": result.original_size, "mode": result.original_mode}
+    info.add_text("synth_xray", json.dumps(meta))
     img = Image.fromarray(result.pixels)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG", pnginfo=info)
