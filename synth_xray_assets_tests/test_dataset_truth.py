@@ -100,6 +100,11 @@ def duplicates_in_every_pair(tmp_path: Path) -> Path:
     copy(folder, "validation/NORMAL/NORMAL_2.png", "test/NORMAL/leak_val.png")  # val-test
     copy(folder, "train/NORMAL/NORMAL_3.png", "validation/NORMAL/leak_all.png")  # all three
     copy(folder, "train/NORMAL/NORMAL_3.png", "test/NORMAL/leak_all.png")
+    info = PngImagePlugin.PngInfo()  # other bytes, the same pixels: a re-encoded copy
+    info.add_text("Software", "a re-export")
+    Image.open(folder / "train/PNEUMONIA/PNEUMONIA_2.png").save(
+        folder / "test/PNEUMONIA/reencoded.png", pnginfo=info
+    )
     return folder
 
 
@@ -126,7 +131,8 @@ def test_duplicates_between_every_pair_of_splits_fail_the_check_naming_the_files
     result, errors = materialize(settings_for(tmp_path, folder), tmp_path, over)
     assert not result.success
     check = {c.check_name: c for c in result.get_asset_check_evaluations()}["no_duplicates_across_splits"]
-    assert not check.passed and check.metadata["num_shared"].value == 4
+    assert not check.passed and check.metadata["num_shared"].value == 5
+    assert "test/PNEUMONIA/reencoded.png" in check.description
     for name in (
         "test/NORMAL/leak_train.png",
         "validation/PNEUMONIA/leak_train.png",
@@ -156,7 +162,7 @@ def test_dropping_keeps_each_shared_image_in_one_split_never_dropping_from_test(
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
     ds = StandardizedDataset.open(s.layout.dataset)
-    assert len(ds.rows("test")) == 8 + 3  # test keeps every file
+    assert len(ds.rows("test")) == 8 + 4  # test keeps every file
     dropped = pd.read_csv(ds.root / "dropped.csv").set_index("source_path")
     assert set(dropped.index) == {
         "train/NORMAL/NORMAL_0.png",
@@ -164,6 +170,7 @@ def test_dropping_keeps_each_shared_image_in_one_split_never_dropping_from_test(
         "validation/NORMAL/NORMAL_2.png",
         "train/NORMAL/NORMAL_3.png",
         "validation/NORMAL/leak_all.png",
+        "train/PNEUMONIA/PNEUMONIA_2.png",
     }
     assert dropped.loc["validation/NORMAL/NORMAL_2.png", "duplicate_of"] == "test/NORMAL/leak_val.png"
     assert "test image" in dropped.loc["train/NORMAL/NORMAL_0.png", "reason"]

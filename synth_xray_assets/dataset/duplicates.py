@@ -1,4 +1,7 @@
-"""Byte-identical images in more than one split: found, named by file, and (on request) dropped.
+"""The same image in more than one split: found, named by file, and (on request) dropped.
+
+"The same" is the same stored pixels (``pixel_sha256``; the source bytes' ``sha256`` for a
+manifest without it): byte-identical files, and also copies re-encoded to the same pixels.
 
 Real chest-X-ray sets hold such copies (the Kermany originals: 6 train-test, 4 train-validation
 and 1 validation-test group). A copy on both sides of an evaluation leaks it, so the blocking
@@ -16,7 +19,12 @@ import pandas as pd
 
 KEEP_FIRST = ("test", "validation")  # a shared image stays in the first of these it is in
 DROPPED_COLUMNS = ["split", "source_id", "source_path", "sha256", "duplicate_of", "reason"]
-SHARED_COLUMNS = ["sha256", "splits", "files"]
+SHARED_COLUMNS = ["content", "splits", "files"]
+
+
+def content_key(manifest: pd.DataFrame) -> pd.Series:
+    """What makes two rows the same image: their stored pixels' hash, else their source bytes'."""
+    return manifest["pixel_sha256"] if "pixel_sha256" in manifest else manifest["sha256"]
 
 
 def keep_rank(split: str) -> int:
@@ -35,17 +43,17 @@ def file_names(manifest: pd.DataFrame) -> pd.Series:
 
 
 def cross_split_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
-    """Every content hash in more than one split: ``sha256``, ``splits``, ``files`` (each named)."""
-    m = manifest.assign(file=file_names(manifest))
-    n_splits = m.groupby("sha256").split.nunique()
-    shared = m[m.sha256.isin(n_splits[n_splits > 1].index)]
+    """Every image in more than one split: ``content`` (its hash), ``splits``, ``files`` (named)."""
+    m = manifest.assign(file=file_names(manifest), key=content_key(manifest))
+    n_splits = m.groupby("key").split.nunique()
+    shared = m[m.key.isin(n_splits[n_splits > 1].index)]
     rows = [
         {
-            "sha256": sha,
+            "content": key,
             "splits": ", ".join(sorted(set(g.split), key=keep_rank)),
             "files": "; ".join(g.file),
         }
-        for sha, g in shared.groupby("sha256", sort=True)
+        for key, g in shared.groupby("key", sort=True)
     ]
     return pd.DataFrame(rows, columns=SHARED_COLUMNS)
 
@@ -53,22 +61,24 @@ def cross_split_duplicates(manifest: pd.DataFrame) -> pd.DataFrame:
 def duplicates_to_drop(manifest: pd.DataFrame) -> pd.DataFrame:
     """The rows to drop so that each shared image stays in one split (test first, never dropped
     from test), indexed as ``manifest``, with what each duplicates and why."""
-    m = manifest.assign(file=file_names(manifest), rank=manifest.split.map(keep_rank))
-    kept_rank = m.groupby("sha256")["rank"].transform("min")
+    m = manifest.assign(
+        file=file_names(manifest), rank=manifest.split.map(keep_rank), key=content_key(manifest)
+    )
+    kept_rank = m.groupby("key")["rank"].transform("min")
     gone = m[m["rank"] > kept_rank]
     kept = m[m["rank"] == kept_rank]
-    kept_files = kept.groupby("sha256").file.agg("; ".join)
-    kept_split = kept.groupby("sha256").split.first()
+    kept_files = kept.groupby("key").file.agg("; ".join)
+    kept_split = kept.groupby("key").split.first()
     out = gone.assign(
         source_path=gone.file,
-        duplicate_of=gone.sha256.map(kept_files),
-        reason="identical to a " + gone.sha256.map(kept_split) + " image (kept there)",
+        duplicate_of=gone.key.map(kept_files),
+        reason="identical to a " + gone.key.map(kept_split) + " image (kept there)",
     )
     return out[DROPPED_COLUMNS]
 
 
 def straddling_validation(train_rows: pd.DataFrame, keep: list[int], val: list[int]) -> pd.DataFrame:
-    """Content hashes of train on both sides of the carved validation split, with their files."""
+    """Images of train on both sides of the carved validation split, with their files."""
     side = pd.Series("train", index=train_rows.index)
     side.iloc[list(val)] = "carved validation"
     rows = train_rows.assign(split=side.to_numpy())

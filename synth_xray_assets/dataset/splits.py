@@ -171,14 +171,15 @@ def validation_split(
     train_rows: pd.DataFrame, fraction: float, seed: int, carve: bool = True
 ) -> ValidationSplit:
     """The validation split of the train rows of a dataset manifest (``label``, ``source_id``, and
-    ``sha256`` when there: byte-identical images stay on one side).
+    ``pixel_sha256`` or ``sha256`` when there: identical images stay on one side).
 
     ``carve=False`` (the study's protocol, selection on test) keeps every image for training.
     """
     labels = train_rows["label"].to_numpy(np.int64)
     groups, n_loose = patient_groups(train_rows["source_id"].astype(str).tolist())
-    if "sha256" in train_rows:
-        groups = identical_images_together(groups, train_rows["sha256"].tolist())
+    same = next((c for c in ("pixel_sha256", "sha256") if c in train_rows), None)
+    if same:
+        groups = identical_images_together(groups, train_rows[same].tolist())
     n_groups = len(set(groups))
     if not carve:
         return ValidationSplit(

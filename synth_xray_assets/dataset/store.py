@@ -5,7 +5,8 @@ Layout under ``data/dataset/``::
     images/{res}px-{mode}-{version}/{split}/{CLASS}/{sha256[:20]}.png   one standardized image
     arrays/{split}.npy                         uint8 [N, res, res], manifest order
     manifest.parquet                           split, label, class_name, source_id, source_path,
-                                               sha256, orig_width, orig_height, orig_mode, path
+                                               sha256 (source bytes), pixel_sha256 (stored pixels),
+                                               orig_width, orig_height, orig_mode, path
     skipped.csv                                bad input: split, source_id, source_path, reason
     dropped.csv                                images identical to one of another split, dropped
                                                (dataset.drop_cross_split_duplicates; never from
@@ -77,6 +78,7 @@ _MANIFEST_COLUMNS = [
     "source_id",
     "source_path",
     "sha256",
+    "pixel_sha256",
     "orig_width",
     "orig_height",
     "orig_mode",
@@ -195,6 +197,7 @@ def _add_row(build: _Build, rec: SourceRecord, result: StandardizeResult, png: P
             "source_id": rec.source_id,
             "source_path": rec.source_path,
             "sha256": result.sha256,
+            "pixel_sha256": sha256_bytes(result.pixels.tobytes()),  # what duplicates are found by
             "orig_width": result.original_size[0],
             "orig_height": result.original_size[1],
             "orig_mode": result.original_mode,
