@@ -11,11 +11,15 @@ import sys
 import time
 
 import dagster as dg
+from dagster._core.storage.tags import MAX_RETRIES_TAG
 
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
 from synth_xray_assets.operations.recovery import recover_dead_runs
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+# Runs executed here have no code location origin: the daemon cannot retry them, so they must not
+# promise it (dagster/will_retry=false when they fail). Running the demo again is the retry.
+NO_AUTOMATIC_RETRY = {MAX_RETRIES_TAG: "0"}
 
 
 def run_pipeline(instance: dg.DagsterInstance, stages: list[str] | None = None) -> dict[str, float]:
@@ -33,10 +37,17 @@ def run_pipeline(instance: dg.DagsterInstance, stages: list[str] | None = None) 
             label = f"{name}" + (f" [{key}]" if key else "")
             print(f"==> {label}", flush=True)
             result = job.execute_in_process(
-                instance=instance, partition_key=key, raise_on_error=False, run_config=QUIET
+                instance=instance,
+                partition_key=key,
+                raise_on_error=False,
+                run_config=QUIET,
+                tags=NO_AUTOMATIC_RETRY,
             )
             if not result.success:
-                raise SystemExit(f"stage {label} failed: see the run {result.run_id} in `make dev`")
+                raise SystemExit(
+                    f"stage {label} failed: see the run {result.run_id} in `make dev`; it is not retried "
+                    "automatically: run `make demo` again, which resumes"
+                )
             failed = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
             if failed:
                 print(f"    checks not passed: {', '.join(failed)}", flush=True)

@@ -4,6 +4,7 @@ import json
 
 import dagster as dg
 
+from synth_xray_assets.operations.lifetime import exit_with_run_worker
 from synth_xray_assets.settings import Settings
 
 
@@ -14,6 +15,9 @@ class SettingsResource(dg.ConfigurableResource):
     number lives in ``synth_xray_assets.settings``. ``overrides_json`` is per-section run
     config (the UI launchpad can change it per run), e.g. ``{"dreambooth": {"method": "lora"}}``.
     ``hf_token`` is set with ``dg.EnvVar("HF_TOKEN")`` and never logged.
+
+    Every asset and check uses it, so its setup is where a step process of the multiprocess
+    executor ties its life to the run worker's (``operations/lifetime.py``).
     """
 
     profile: str = "demo"
@@ -31,6 +35,9 @@ class SettingsResource(dg.ConfigurableResource):
             overrides_json=json.dumps(changed),
             hf_token=hf_token,
         )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        exit_with_run_worker()  # a step must not outlive its run worker (a no-op in-process)
 
     def get(self) -> Settings:
         return Settings.for_profile(

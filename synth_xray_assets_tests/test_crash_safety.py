@@ -14,6 +14,7 @@ import pytest
 from dagster._core.events import EngineEventData
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRunStatus
+from dagster._core.storage.tags import WILL_RETRY_TAG
 from dagster._core.test_utils import create_run_for_test
 
 from synth_xray_assets import storage
@@ -98,6 +99,87 @@ def test_an_in_process_run_killed_on_this_machine_is_reported_failed():
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+RETRIES = {"run_retries": {"enabled": True, "max_retries": 2}}  # as the shipped dagster.yaml
+
+
+def _remote_origin(job_name: str):
+    from dagster._core.remote_origin import (
+        GrpcServerCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+
+    location = GrpcServerCodeLocationOrigin(host="localhost", port=4000, location_name="synth_xray_assets")
+    return RemoteJobOrigin(RemoteRepositoryOrigin(location, "__repository__"), job_name)
+
+
+def _killed_in_process_run(inst: dg.DagsterInstance, remote_origin=None) -> dg.DagsterRun:
+    """A STARTED run whose in-process worker was killed (a `make demo` run, or one from the UI)."""
+    worker = subprocess.Popen(["true"])
+    worker.wait()
+    run = create_run_for_test(
+        inst, job_name="per_class_job", status=DagsterRunStatus.STARTED, remote_job_origin=remote_origin
+    )
+    data = EngineEventData.in_process(worker.pid, ["dreambooth_checkpoint"])
+    inst.report_engine_event(f"Executing steps in process (pid: {worker.pid})", run, data)
+    return inst.get_run_by_id(run.run_id)
+
+
+def _failure_message(inst: dg.DagsterInstance, run_id: str) -> str:
+    (failure,) = inst.all_logs(run_id, of_type=dg.DagsterEventType.RUN_FAILURE)
+    return failure.message
+
+
+def test_a_killed_command_line_run_says_it_will_not_be_retried_and_what_to_run():
+    """``make demo`` runs have no code location origin: the daemon cannot retry them (it would log
+    "Run does not have an external job origin"), so their failure must not promise a retry."""
+    with dg.instance_for_test(overrides=RETRIES) as inst:
+        demo_run = _killed_in_process_run(inst)
+        assert recover_dead_runs(inst, lambda _: None) == [demo_run.run_id]
+        failed = inst.get_run_by_id(demo_run.run_id)
+        assert failed.status == DagsterRunStatus.FAILURE
+        assert failed.tags[WILL_RETRY_TAG] == "false"
+        message = _failure_message(inst, demo_run.run_id)
+        print(message)
+        assert "not retried automatically" in message and "make demo" in message
+        assert "run retries apply" not in message
+
+        ui_run = _killed_in_process_run(inst, _remote_origin("per_class_job"))
+        assert recover_dead_runs(inst, lambda _: None) == [ui_run.run_id]
+        assert inst.get_run_by_id(ui_run.run_id).tags[WILL_RETRY_TAG] == "true"
+        assert "run retries apply" in _failure_message(inst, ui_run.run_id)
+
+
+def test_run_monitoring_fails_a_killed_command_line_run_without_promising_a_retry():
+    """The daemon's path: the launcher's health check, then run monitoring's failure."""
+    with dg.instance_for_test(overrides={**RETRIES, "run_launcher": LAUNCHER}) as inst:
+        run = _killed_in_process_run(inst)
+        health = inst.run_launcher.check_run_worker_health(run)
+        assert health.status == WorkerStatus.FAILED and "make demo" in health.msg
+        inst.report_run_failed(inst.get_run_by_id(run.run_id), health.msg)  # as run monitoring does
+        assert inst.get_run_by_id(run.run_id).tags[WILL_RETRY_TAG] == "false"
+
+
+def test_a_demo_run_that_fails_promises_no_retry():
+    """``demo.py`` tags its runs so that any failure, not only a kill, says will_retry=false."""
+    from synth_xray_assets.demo import NO_AUTOMATIC_RETRY
+
+    @dg.op
+    def fails() -> None:
+        raise RuntimeError("boom")
+
+    @dg.job
+    def failing_job():
+        fails()
+
+    with dg.instance_for_test(overrides=RETRIES) as inst:
+        result = failing_job.execute_in_process(instance=inst, raise_on_error=False, tags=NO_AUTOMATIC_RETRY)
+        assert not result.success
+        assert inst.get_run_by_id(result.run_id).tags[WILL_RETRY_TAG] == "false"
+        plain = failing_job.execute_in_process(instance=inst, raise_on_error=False)
+        assert inst.get_run_by_id(plain.run_id).tags[WILL_RETRY_TAG] == "true"  # what the tag prevents
 
 
 def test_runs_of_another_host_or_without_a_pid_are_never_failed():

@@ -30,6 +30,7 @@ from synth_xray_assets.dataset.splits import (
 )
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.layout import Layout
+from synth_xray_assets.operations.lifetime import exit_with_parent
 from synth_xray_assets.partitions import generator_for
 from synth_xray_assets.settings import CLASS_KEYS, CLASS_NAMES, ClassifierSettings, Settings
 from synth_xray_assets.storage import save_numpy_atomic
@@ -498,6 +499,7 @@ class AugmentedBatches(Dataset):
 
 def _one_thread(_: int) -> None:
     torch.set_num_threads(1)  # workers augment; the main process keeps the cores for the model
+    exit_with_parent()  # and die with it: a killed step leaves no augmenting worker behind
 
 
 def make_train_loader(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing
+import os
 import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from synth_xray_assets.operations.lifetime import exit_with_parent
 from synth_xray_assets.storage import sha256_bytes
 
 # Never let PIL fill a truncated file with grey silently.
@@ -138,7 +140,10 @@ def standardize_many(
     # fork starts in milliseconds; the children run only PIL and numpy, no threads or torch.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    # Each worker dies with this process (a killed step leaves no standardizer behind).
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),)
+    ) as pool:
         for results in pool.map(_standardize_chunk, ((c, size, mode, max_pixels) for c in chunks)):
             yield from results
 

@@ -5,6 +5,8 @@ Off unless ``$SYNTH_XRAY_FAULT_PLAN`` names a plan file: a JSON list of
 When the first entry not yet fired is reached for the ``hit``-th time in this process (counting
 only calls whose detail contains ``match``), a marker ``fired/{i}.json`` (pid, point, detail) is
 written beside the plan and the process freezes there, to be killed with SIGKILL by the test.
+An entry with ``"pause_s": t`` instead pauses ``t`` seconds and goes on (an orphaned step would
+then carry on: the test of ``lifetime.py`` kills the run worker in that pause).
 Points: ``write`` (inside every atomic write, the temporary complete, before the rename; the
 detail is the destination), ``dreambooth.step`` and ``classifier.epoch`` (after each step or
 epoch, before its state is saved).
@@ -46,5 +48,8 @@ def fault_point(point: str, detail: str = "") -> None:
     tmp = fired / f".{current}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(marker))
     os.replace(tmp, fired / f"{current}.json")
+    if "pause_s" in entry:
+        time.sleep(float(entry["pause_s"]))
+        return
     time.sleep(FREEZE_S)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -36,7 +36,7 @@ from dagster import DagsterEventType, DagsterInstance, DagsterRun, DefaultRunLau
 from dagster._core.launcher import CheckRunHealthResult, LaunchRunContext, WorkerStatus
 from dagster._core.storage.dagster_run import DagsterRunStatus
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
-from dagster._core.storage.tags import GRPC_INFO_TAG
+from dagster._core.storage.tags import GRPC_INFO_TAG, MAX_RETRIES_TAG
 
 HOST_TAG = "synth_xray/launched_on"
 # Engine events in which the process executing a run reports its pid (with "pid" metadata).
@@ -49,6 +49,11 @@ LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 # A pid's process must have been created before the worker reported it; this allows for the
 # clock granularity of the process start time (jiffies) and of the event timestamp.
 START_TIME_SLACK_S = 1.0
+NOT_RETRIED = (
+    "It is not retried automatically: it was launched from the command line (no code location "
+    "origin to re-execute it from); run `make demo` again (with the same SYNTH_XRAY_* settings), "
+    "which resumes from what is on disk, checkpoints included"
+)
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,23 @@ def worker_health(instance: DagsterInstance, run: DagsterRun) -> CheckRunHealthR
         return CheckRunHealthResult(WorkerStatus.RUNNING, why, run_worker_id=str(record.pid))
     msg = (
         f"the run worker (pid {record.pid} on {socket.gethostname()}) is gone: {why}. It was killed "
-        "(kill -9, the out-of-memory killer) or crashed without reporting; its pool slots are freed "
-        "and run retries apply"
+        "(kill -9, the out-of-memory killer) or crashed without reporting; its pool slots are freed"
+        + (" and run retries apply" if retried_automatically(run) else f". {NOT_RETRIED}")
     )
     return CheckRunHealthResult(WorkerStatus.FAILED, msg, run_worker_id=str(record.pid))
+
+
+def retried_automatically(run: DagsterRun) -> bool:
+    """Whether the daemon's ``run_retries`` can re-execute ``run``: only runs launched from a code
+    location (the UI, a schedule, a sensor, a retry) carry the origin it re-executes from; runs of
+    ``make demo`` or ``execute_in_process`` do not."""
+    return run.remote_job_origin is not None
+
+
+def promise_no_retry(instance: DagsterInstance, run: DagsterRun) -> None:
+    """Tag ``run`` so that its failure says ``dagster/will_retry=false`` (a retry limit of 0):
+    call it before failing a run that ``retried_automatically`` says no retry can come for."""
+    instance.add_run_tags(run.run_id, {MAX_RETRIES_TAG: "0"})
 
 
 class LocalRunLauncher(DefaultRunLauncher):
@@ -132,4 +150,7 @@ class LocalRunLauncher(DefaultRunLauncher):
         fresh = self._instance.get_run_by_id(run.run_id) or run  # tags added after the run was read
         if fresh.status != DagsterRunStatus.STARTED:  # ended meanwhile (its code server saw it die)
             return CheckRunHealthResult(WorkerStatus.RUNNING, f"run is {fresh.status.value} now")
-        return worker_health(self._instance, fresh)
+        health = worker_health(self._instance, fresh)
+        if health.status == WorkerStatus.FAILED and not retried_automatically(fresh):
+            promise_no_retry(self._instance, fresh)  # run monitoring fails it next
+        return health

@@ -7,6 +7,10 @@ gpu slot taken: the next ``make demo`` then waited for that slot for ever, sayin
 it starts, ``recover_dead_runs`` does what run monitoring would: fail this machine's runs whose
 worker is surely gone (the same check by pid, start time and host) and free their slots, and free
 the slots of runs that have ended. Runs whose worker is alive (a ``make dev`` run) are left alone.
+
+A run of ``make demo`` has no code location origin, so the daemon's ``run_retries`` cannot
+re-execute it ("Run does not have an external job origin"). Such a run is failed saying so and
+tagged ``dagster/will_retry=false``: the next ``make demo`` is its retry, and it resumes.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import dagster as dg
 from dagster._core.launcher import WorkerStatus
 from dagster._core.storage.dagster_run import FINISHED_STATUSES, DagsterRunStatus, RunsFilter
 
-from synth_xray_assets.operations.launcher import worker_health
+from synth_xray_assets.operations.launcher import promise_no_retry, retried_automatically, worker_health
 
 
 def recover_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
@@ -29,6 +33,8 @@ def recover_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] =
         health = worker_health(instance, run)
         if health.status != WorkerStatus.FAILED:
             continue
+        if not retried_automatically(run):
+            promise_no_retry(instance, run)  # before the failure, which computes will_retry
         instance.report_run_failed(run, health.msg)
         log(f"run {run.run_id} ({run.job_name}) marked failed: {health.msg}")
         failed.append(run.run_id)
