@@ -140,6 +140,15 @@ class DreamBoothSettings(_Section):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
+    # The disk preflight (training.estimate_disk_bytes) counts weights and Adam's moments by their
+    # sizes, the base model's configs and tokenizer files, and these allowances: per tensor written
+    # (a safetensors header entry; torch.save's records of a weight's step and two moments: about
+    # 0.9 KB measured), per checkpoint (accelerate's RNG and scheduler files: 16 KB measured). The
+    # sum is then raised by disk_margin (a fraction) for what it does not know: the loss history,
+    # file-system blocks, library changes.
+    disk_bytes_per_tensor: int = 1024
+    disk_bytes_per_checkpoint: int = 64 * 1024
+    disk_margin: float = 0.05
     # GPU memory presets (issue 11; dreambooth/presets.py): "auto" picks by free GPU memory on CUDA
     # (study >= 50 GiB: the 80 GB cards; memory-saving = gradient checkpointing + 8-bit Adam, 24-40 GB
     # cards; lora below), "none" keeps these settings, or name one. Minimums are estimates.
