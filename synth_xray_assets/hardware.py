@@ -57,14 +57,19 @@ def free_disk(path: str | Path) -> int:
 GIB = 1024**3
 
 
+class NotEnoughDiskError(OSError):
+    """The disk preflight's refusal: a step would write more than is free. Deterministic, so the
+    Dagster wiring retries it neither as a step nor as a run (``operations.refusals``)."""
+
+
 def require_free_space(path: str | Path, needed_bytes: int, what: str) -> None:
     """Fail before any write when the file system of ``path`` has less than ``needed_bytes`` free.
 
-    The message names the step, both figures and the folder.
+    The message names the step, both figures and the folder (``NotEnoughDiskError``).
     """
     free = free_disk(path)
     if free < needed_bytes:
-        raise OSError(
+        raise NotEnoughDiskError(
             f"not enough disk for {what}: it needs about {format_bytes(needed_bytes)}, "
             f"{format_bytes(free)} free at {Path(path).absolute()}; free space there or point "
             "SYNTH_XRAY_DATA at a larger disk"

@@ -11,7 +11,10 @@ overridden from the environment, read by pydantic-settings in ``load_settings`` 
 ``definitions.py``, the one entry point): ``SYNTH_XRAY_PROFILE`` picks the profile,
 ``SYNTH_XRAY_DATA`` the data root, and ``SYNTH_XRAY_<SECTION>__<FIELD>`` any field, e.g.
 ``SYNTH_XRAY_DREAMBOOTH__METHOD=lora`` or ``SYNTH_XRAY_CLASSIFIER__SEEDS='[0,1]'`` (JSON for
-lists and dicts; a dict given this way replaces the profile's whole dict).
+lists and dicts; a dict given this way replaces the profile's whole dict). Nothing is ignored: an
+unknown field is refused by pydantic, and any other ``SYNTH_XRAY_*`` variable that is neither a
+setting nor on ``NOT_SETTINGS`` (the prefix's variables read elsewhere) stops loading with a message
+naming it and the nearest valid name.
 
 Plain pydantic: nothing here knows Dagster. The Dagster resource that hands these to
 assets lives in ``resources.py``.
@@ -19,6 +22,9 @@ assets lives in ``resources.py``.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,6 +155,15 @@ class DreamBoothSettings(_Section):
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     keep_checkpoints: bool = False  # keep work_dir/checkpoint-* after the final model is saved
+    # The disk preflight (training.estimate_disk_bytes) counts weights and Adam's moments by their
+    # sizes, the base model's configs and tokenizer files, and these allowances: per tensor written
+    # (a safetensors header entry; torch.save's records of a weight's step and two moments: about
+    # 0.9 KB measured), per checkpoint (accelerate's RNG and scheduler files: 16 KB measured). The
+    # sum is then raised by disk_margin (a fraction) for what it does not know: the loss history,
+    # file-system blocks, library changes.
+    disk_bytes_per_tensor: int = 1024
+    disk_bytes_per_checkpoint: int = 64 * 1024
+    disk_margin: float = 0.05
     # GPU memory presets (issue 11; dreambooth/presets.py): "auto" picks by free GPU memory on CUDA
     # (study >= 50 GiB: the 80 GB cards; memory-saving = gradient checkpointing + 8-bit Adam, 24-40 GB
     # cards; lora below), "none" keeps these settings, or name one. Minimums are estimates.
@@ -501,8 +516,73 @@ class _Choice(BaseSettings):
     data: Path | None = None
 
 
+# Variables that share the prefix but are not settings, each read by its own code. The Celery
+# URLs' names are ``deployment.celery.*_env`` (their defaults here; others named there are allowed too).
+NOT_SETTINGS = frozenset(
+    {
+        CelerySettings.model_fields["broker_env"].default,  # deployment.py: the Celery broker URL
+        CelerySettings.model_fields["backend_env"].default,  # deployment.py: the Celery result backend
+        "SYNTH_XRAY_FAULT_PLAN",  # operations/faults.py: the fault-injection plan file
+        "SYNTH_XRAY_FAULT_KILLS",  # test_fault_injection.py: kills per stage
+        "SYNTH_XRAY_CHROMIUM",  # test_ui_browser.py: the browser
+        "SYNTH_XRAY_SCREENSHOTS",  # test_ui_browser.py: where screenshots go
+    }
+)
+_TOP_LEVEL = ("PROFILE", "DATA")  # _Choice's; every Settings field is a top-level name too
+
+
+def setting_names() -> list[str]:
+    """Every name the prefix may take as a setting: the top-level ones, and ``<SECTION>__`` per section
+    (the field after ``__`` is checked by pydantic)."""
+    fields = Settings.model_fields
+    sections = [
+        n for n, f in fields.items() if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+    ]
+    top = [*_TOP_LEVEL, *(name.upper() for name in fields)]
+    return [f"{ENV_PREFIX}{name}" for name in dict.fromkeys(top)] + [
+        f"{ENV_PREFIX}{name.upper()}__" for name in sections
+    ]
+
+
+def refuse_unknown_variables(environ: Mapping[str, str], allowed: frozenset[str] = NOT_SETTINGS) -> None:
+    """``ValueError`` naming every ``SYNTH_XRAY_*`` variable of ``environ`` that is neither a setting
+    nor ``allowed``, each with the nearest valid name (pydantic-settings would ignore it)."""
+    names = setting_names()
+    top = {n for n in names if not n.endswith("__")}
+    sections = [n for n in names if n.endswith("__")]
+    problems = []
+    for raw in sorted(environ):
+        name = raw.upper()
+        if not name.startswith(ENV_PREFIX) or name in top or name in allowed:
+            continue
+        if any(name.startswith(section) and len(name) > len(section) for section in sections):
+            continue
+        problems.append(f"{raw}: {_nearest(name, top | allowed, sections)}")
+    if problems:
+        raise ValueError(
+            "unknown SYNTH_XRAY_* environment variables (neither settings nor on settings.NOT_SETTINGS): "
+            + "; ".join(problems)
+        )
+
+
+def _nearest(name: str, top: set[str], sections: list[str]) -> str:
+    """What is wrong with ``name`` and the nearest valid name (compared without the prefix)."""
+    head, sep, rest = name.removeprefix(ENV_PREFIX).partition("__")
+    if sep:  # an unknown section: the same field under the nearest section
+        choices = {s.removeprefix(ENV_PREFIX): f"{s}{rest}" for s in sections}
+        what = f"unknown section {head.lower()!r}"
+    else:
+        choices = {t.removeprefix(ENV_PREFIX): t for t in top}
+        what = "unknown setting"
+    near = difflib.get_close_matches(head + sep, list(choices), n=1)
+    if near:
+        return f"{what}; did you mean {choices[near[0]]}?"
+    return f"{what}; valid names: {', '.join(sorted(choices.values()))}"
+
+
 def load_settings() -> Settings:
     """The settings the environment asks for (see the module docstring); the one reader of it."""
+    refuse_unknown_variables(os.environ, NOT_SETTINGS | _celery_env_names(os.environ))
     choice = _Choice()
     base = PROFILE_CLASSES[choice.profile]
     config = SettingsConfigDict(
@@ -517,3 +597,9 @@ def load_settings() -> Settings:
     )
     values = environment_class(profile=choice.profile, **({"data_dir": choice.data} if choice.data else {}))
     return base.model_validate(values.model_dump())
+
+
+def _celery_env_names(environ: Mapping[str, str]) -> frozenset[str]:
+    """The Celery variables' names when ``deployment.celery.*_env`` is set to other names."""
+    keys = {f"{ENV_PREFIX}DEPLOYMENT__CELERY__{field.upper()}" for field in ("broker_env", "backend_env")}
+    return frozenset(v.upper() for k, v in environ.items() if k.upper() in keys)

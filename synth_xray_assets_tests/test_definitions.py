@@ -6,7 +6,7 @@ import dagster as dg
 import pytest
 
 from synth_xray_assets.definitions import build_defs
-from synth_xray_assets.settings import DemoSettings, Settings, load_settings
+from synth_xray_assets.settings import NOT_SETTINGS, DemoSettings, Settings, load_settings
 
 PACKAGE = Path(__file__).resolve().parents[1] / "synth_xray_assets"
 
@@ -85,6 +85,57 @@ def test_load_settings_reads_nested_environment_variables(monkeypatch, tmp_path)
     assert s.classifier.experiments == {"only": (1.0, 0)}  # a dict is replaced whole
     monkeypatch.setenv("SYNTH_XRAY_DREAMBOOTH__METOD", "lora")
     with pytest.raises(ValueError, match="dreambooth.metod"):
+        load_settings()
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No SYNTH_XRAY_* variable but the demo profile on ``tmp_path``."""
+    import os
+
+    for name in [n for n in os.environ if n.upper().startswith("SYNTH_XRAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "demo")
+    monkeypatch.setenv("SYNTH_XRAY_DATA", str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "name, nearest",
+    [
+        ("SYNTH_XRAY_PROFIL", "SYNTH_XRAY_PROFILE"),  # a top-level name
+        ("SYNTH_XRAY_DREAMBOTH__METHOD", "SYNTH_XRAY_DREAMBOOTH__METHOD"),  # a section
+        ("SYNTH_XRAY_CLASIFIER__SEEDS", "SYNTH_XRAY_CLASSIFIER__SEEDS"),
+        ("SYNTH_XRAY_CELERY_BROKR", "SYNTH_XRAY_CELERY_BROKER"),  # near an allow-listed one
+        ("synth_xray_profil", "SYNTH_XRAY_PROFILE"),  # pydantic-settings reads names in any case
+    ],
+)
+def test_an_unknown_variable_stops_loading_naming_the_nearest(clean_env, monkeypatch, name, nearest):
+    monkeypatch.setenv(name, "full")
+    with pytest.raises(ValueError) as err:
+        load_settings()
+    message = str(err.value)
+    assert name in message and f"did you mean {nearest}?" in message
+
+
+def test_variables_on_the_allow_list_and_settings_load(clean_env, monkeypatch, tmp_path):
+    assert {
+        "SYNTH_XRAY_CELERY_BROKER",
+        "SYNTH_XRAY_CELERY_BACKEND",
+        "SYNTH_XRAY_FAULT_PLAN",
+        "SYNTH_XRAY_FAULT_KILLS",
+        "SYNTH_XRAY_CHROMIUM",
+        "SYNTH_XRAY_SCREENSHOTS",
+    } <= NOT_SETTINGS
+    for name in NOT_SETTINGS:
+        monkeypatch.setenv(name, "x")
+    monkeypatch.setenv("SYNTH_XRAY_DREAMBOOTH__METHOD", "lora")
+    monkeypatch.setenv("SYNTH_XRAY_DEPLOYMENT__CELERY__BROKER_ENV", "SYNTH_XRAY_REDIS")
+    monkeypatch.setenv("SYNTH_XRAY_REDIS", "redis://elsewhere:6379/0")  # a broker renamed in settings
+    s = load_settings()
+    assert s.dreambooth.method == "lora" and s.deployment.celery.broker_env == "SYNTH_XRAY_REDIS"
+    assert s.profile == "demo" and s.data_dir == tmp_path
+    monkeypatch.delenv("SYNTH_XRAY_DEPLOYMENT__CELERY__BROKER_ENV")
+    with pytest.raises(ValueError, match="SYNTH_XRAY_REDIS: unknown setting"):
         load_settings()
 
 

@@ -2,16 +2,22 @@
 hash-once folder versions and chunked memorization, on this CPU machine."""
 
 import json
+import math
+import subprocess
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_settings
 
 from synth_xray_assets import hardware, storage
+from synth_xray_assets.classifier import assets as classifier_assets
 from synth_xray_assets.diffusion.pipelines import load_pipeline
+from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import checkpoints
+from synth_xray_assets.dreambooth.assets import RETRY
 from synth_xray_assets.dreambooth.presets import (
     choose_preset,
     generation_plan,
@@ -20,7 +26,9 @@ from synth_xray_assets.dreambooth.presets import (
 )
 from synth_xray_assets.dreambooth.training import RunDirs, RunInputs, train_dreambooth
 from synth_xray_assets.evaluation import memorization
+from synth_xray_assets.operations.refusals import RETRY_ON_STEP_FAILURE_TAG, disk_refusal_is_final
 from synth_xray_assets.settings import DreamBoothSettings, GenerationSettings
+from synth_xray_assets.synthesis import assets as synthesis_assets
 
 GIB = 1024**3
 PROMPT = "A chest xray showing pneumonia infection, lung opacity"
@@ -118,14 +126,98 @@ def test_disk_estimate_counts_checkpoints_and_the_final_model(tiny_base_model, t
     s = tiny_settings(tmp_path).dreambooth.model_copy(update={"max_train_steps": 3, "checkpointing_steps": 1})
     result = _train(tiny_base_model, tmp_path, s)
     pipe = load_pipeline(tiny_base_model, "cpu")
-    n = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "text_encoder", "vae")}
-    trained = n["unet"] + n["text_encoder"]
+    parts = ("unet", "text_encoder", "vae")
+    state = [t for k in parts for t in getattr(pipe, k).state_dict().values()]
+    trained = [p for k in ("unet", "text_encoder") for p in getattr(pipe, k).parameters()]
+    per_tensor = s.disk_bytes_per_tensor
+    per_checkpoint = (
+        sum(p.numel() for p in trained) * 12 + len(trained) * per_tensor + s.disk_bytes_per_checkpoint
+    )
+    final = sum(4 * t.numel() + per_tensor for t in state) + checkpoints.non_weight_bytes(tiny_base_model)
     # checkpoints at steps 1 and 2 (none at the last step; limit 2) of fp32 weights + AdamW's two
-    # moments, beside the whole pipeline in fp32 at the end
-    assert result.disk_needed_bytes == 2 * trained * 12 + 4 * sum(n.values())
+    # moments, beside the whole pipeline in fp32 and its configs and tokenizer at the end; plus the margin
+    assert result.disk_needed_bytes == math.ceil((2 * per_checkpoint + final) * (1 + s.disk_margin))
+    assert checkpoints.non_weight_bytes(tiny_base_model) > 0  # configs and tokenizer files are counted
     stored = storage.folder_version(tmp_path / "out")  # the final model's hash was stored when written
     assert (tmp_path / "out" / storage.VERSION_FILE).is_file()
     assert json.loads((tmp_path / "out" / storage.VERSION_FILE).read_text())["version"] == stored
+
+
+@pytest.mark.parametrize(
+    "limit, on_disk, to_write, added_while_training, added_beside_final",
+    [
+        (2, 0, 3, 2, 2),  # a fresh run: two checkpoints, kept beside the final model
+        (1, 0, 3, 2, 1),  # limit 1: two for a moment (the new one, then the old one goes)
+        (2, 2, 1, 0, 0),  # resumed with two on disk: the next one replaces the oldest
+        (1, 1, 2, 1, 0),  # resumed, limit 1: the new one before the old one goes
+        (2, 1, 0, 0, 0),  # resumed after the last checkpoint: only the final model is left to write
+        (3, 1, 5, 2, 2),  # resumed with one of three: two more
+    ],
+)
+def test_the_disk_estimate_counts_only_what_is_still_to_be_written(
+    limit, on_disk, to_write, added_while_training, added_beside_final
+):
+    per, final = 6000, 5000  # a checkpoint larger than the final model (LoRA with Adam's moments)
+    plan = checkpoints.DiskPlan(per, final, limit, on_disk, to_write)
+    expected = max(added_while_training * per, added_beside_final * per + final)
+    assert checkpoints.disk_needed_bytes(plan, 0.0) == expected
+    assert checkpoints.disk_needed_bytes(plan, 0.1) == math.ceil(1.1 * expected)  # the stated margin
+    fresh = checkpoints.DiskPlan(per, final, limit, 0, on_disk + to_write)
+    assert checkpoints.disk_needed_bytes(plan, 0.0) <= checkpoints.disk_needed_bytes(fresh, 0.0)
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size)``: a tmpfs of ``size`` bytes (as the full-disk tests use), or None where this
+    machine cannot mount one (not root)."""
+    mounted = []
+
+    def mount(size: int) -> Path | None:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        path.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            print(f"no tmpfs ({done.stderr.strip() or 'mount failed'})")
+            return None
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=False)
+
+
+def test_a_run_fits_a_disk_of_its_estimate_and_its_resume_fits_what_is_left(tiny_base_model, tmp_path, tmpfs):
+    """A tmpfs exactly as large as the fresh run's estimate holds the whole run (checkpoints and the
+    final model with its configs and tokenizer); interrupted after two checkpoints, the resume counts
+    only what it still writes, so it fits in what is left there."""
+    s = tiny_settings(tmp_path).dreambooth.model_copy(
+        update={"max_train_steps": 4, "checkpointing_steps": 1, "keep_checkpoints": True}
+    )
+    fresh = _train(tiny_base_model, tmp_path / "measured", s)
+    written = _tree_bytes(tmp_path / "measured" / "out") + _tree_bytes(tmp_path / "measured" / "work")
+    print(f"estimate {fresh.disk_needed_bytes} bytes, written {written} (final model + 2 checkpoints)")
+    assert fresh.disk_needed_bytes >= written
+    disk = tmpfs(fresh.disk_needed_bytes) or tmp_path / "disk"
+
+    def stop_at_2(step: int, metrics: dict) -> None:
+        if step == 2:
+            raise KeyboardInterrupt("killed after checkpoint-2")
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_base_model, disk, s, on_step=stop_at_2)
+    assert [step for step, _ in checkpoints.list_checkpoints(disk / "work")] == [1, 2]
+    on_disk = _tree_bytes(disk / "work")
+    resumed = _train(tiny_base_model, disk, s)  # on the tmpfs, the old estimate refused here
+    assert resumed.resumed_from_step == 2 and resumed.steps_run == [3, 4]
+    assert resumed.disk_needed_bytes < fresh.disk_needed_bytes - on_disk / 2
+    assert (disk / "out" / storage.VERSION_FILE).is_file()
 
 
 class FakeAccelerator:
@@ -217,3 +309,52 @@ def test_memorization_pixels_in_chunks_match_all_at_once():
     whole = memorization._pixel_rows(images, 16, chunk=100)
     chunked = memorization._pixel_rows(images, 16, chunk=3)
     assert chunked.shape == (11, 256) and torch.equal(whole, chunked)
+
+
+# --------------------------------------------------------------------------- a disk refusal is final
+
+
+def _runs_with_retries(asset: dg.AssetsDefinition) -> tuple[list, dict]:
+    """Materialize ``asset`` on an instance with run retries on; its step events and run tags."""
+    with dg.instance_for_test(overrides={"run_retries": {"enabled": True, "max_retries": 2}}) as instance:
+        result = dg.materialize([asset], instance=instance, raise_on_error=False)
+        assert not result.success
+        events = [e.event_type_value for e in result.all_events]
+        return events, dict(instance.get_run_by_id(result.run_id).tags)
+
+
+def test_a_disk_refusal_is_retried_neither_as_a_step_nor_as_a_run(tmpfs, tmp_path):
+    disk = tmpfs(2**20) or tmp_path  # 1 MiB
+
+    @dg.asset(retry_policy=RETRY)
+    @disk_refusal_is_final
+    def too_big(context: dg.AssetExecutionContext) -> None:
+        hardware.require_free_space(disk, 2**50, "a petabyte")
+
+    events, tags = _runs_with_retries(too_big)
+    assert events.count("STEP_START") == 1 and "STEP_UP_FOR_RETRY" not in events
+    assert tags.get("dagster/will_retry") == "false"
+    assert tags.get(RETRY_ON_STEP_FAILURE_TAG) == "false"
+
+    attempts = []
+
+    @dg.asset(retry_policy=dg.RetryPolicy(max_retries=1))
+    @disk_refusal_is_final
+    def flaky(context: dg.AssetExecutionContext) -> None:
+        attempts.append(1)
+        raise RuntimeError("a transient failure")
+
+    events, tags = _runs_with_retries(flaky)  # the control: other failures are retried as before
+    assert len(attempts) == 2 and "STEP_UP_FOR_RETRY" in events and tags.get("dagster/will_retry") == "true"
+
+
+def test_the_assets_that_check_the_disk_make_its_refusal_final():
+    for asset in (dreambooth_assets.dreambooth_checkpoint, dreambooth_assets.prior_class_images):
+        assert asset.op.retry_policy == RETRY
+    for asset in (
+        dreambooth_assets.dreambooth_checkpoint,
+        dreambooth_assets.prior_class_images,
+        synthesis_assets.synthetic_images,
+        classifier_assets.classifier_experiment,
+    ):
+        assert getattr(asset.op.compute_fn.decorated_fn, "disk_refusal_is_final", False), asset.key

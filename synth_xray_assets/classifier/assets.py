@@ -10,6 +10,7 @@ from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_ex
 from synth_xray_assets.classifier.stats import METRICS
 from synth_xray_assets.classifier.train import RunResult
 from synth_xray_assets.operations.locks import one_writer
+from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import experiment_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -54,6 +55,7 @@ FINITE_CHECK = "metrics_are_finite"
         "test probabilities and curves under data/classifier/{experiment}/seed-{seed}/."
     ),
 )
+@disk_refusal_is_final
 @one_writer
 def classifier_experiment(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource

@@ -36,6 +36,7 @@ from synth_xray_assets.dreambooth.training import (
 )
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.operations.locks import one_writer
+from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
@@ -155,6 +156,7 @@ base_model = base_model_asset(depends_on_dataset=False)
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )
+@disk_refusal_is_final
 @one_writer
 def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
@@ -223,6 +225,7 @@ def _dtype(device: str):
         "dreambooth.checkpointing_steps, and a re-run resumes from the latest one."
     ),
 )
+@disk_refusal_is_final
 @one_writer
 def dreambooth_checkpoint(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource

@@ -12,6 +12,7 @@ old), so the newest complete checkpoint is never removed before a newer one is c
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -90,6 +91,9 @@ _NOT_IN_FINGERPRINT = {
     "class_image_batch_size",
     "instance_prompts",
     "keep_checkpoints",
+    "disk_margin",
+    "disk_bytes_per_tensor",
+    "disk_bytes_per_checkpoint",
     "memory_preset",
     "preset_min_free_gib",
 }
@@ -178,6 +182,68 @@ def save_checkpoint(accelerator: Any, work_dir: Path, step: int, state: dict, li
         write_json_atomic(tmp / CHECKPOINT_STATE_NAME, state)
     prune_checkpoints(work_dir, fingerprint, keep=limit)
     return path
+
+
+def our_checkpoints(work_dir: Path, fingerprint: str) -> list[tuple[int, Path]]:
+    """This run's complete checkpoints (made with ``fingerprint``), oldest first."""
+    return [
+        (step, path)
+        for step, path in list_checkpoints(work_dir)
+        if read_json(path / CHECKPOINT_STATE_NAME).get("fingerprint") == fingerprint
+    ]
+
+
+def checkpoints_due(total_steps: int, every: int, after_step: int = 0) -> int:
+    """Checkpoints a run still writes after ``after_step``: every ``every`` steps, but not at the last
+    step, where the final model is saved instead."""
+    if not every:
+        return 0
+    return max((total_steps - 1) // every - after_step // every, 0)
+
+
+# ---------------------------------------------------------------- disk
+
+
+# What a weights file is called; the base model's other files (configs, tokenizer, scheduler) are
+# written again by the final save.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".onnx", ".h5")
+
+
+def non_weight_bytes(model_dir: Path) -> int:
+    """Bytes of the files of a diffusers folder other than weights: configs, tokenizer files."""
+    return sum(
+        p.stat().st_size
+        for p in Path(model_dir).rglob("*")
+        if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and not p.name.startswith(".")
+    )
+
+
+@dataclass(frozen=True)
+class DiskPlan:
+    """What a run still writes: checkpoints of ``per_checkpoint`` bytes (``on_disk`` of this run's
+    already there, ``to_write`` still due, at most ``limit`` kept), then ``final_model`` bytes."""
+
+    per_checkpoint: int
+    final_model: int
+    limit: int
+    on_disk: int
+    to_write: int
+
+
+def disk_needed_bytes(plan: DiskPlan, margin: float) -> int:
+    """The most the run adds to the disk at one moment, times ``1 + margin``.
+
+    Checkpoints already on disk are not counted again. During training this run's checkpoints grow to
+    at most ``limit`` (two for a moment with a limit of 1: the new one is written, then replaces the
+    old); at the end, those kept sit beside the final model until it is saved.
+    """
+    limit = max(plan.limit, 1)  # save_checkpoint always keeps the newest
+    at_most = 2 if limit == 1 else limit
+    total = plan.on_disk + plan.to_write
+    while_training = max(min(total, at_most) - plan.on_disk, 0) * plan.per_checkpoint
+    kept = min(total, limit) if plan.to_write else plan.on_disk  # pruning happens only when saving
+    at_the_end = (kept - plan.on_disk) * plan.per_checkpoint + plan.final_model
+    return math.ceil(max(while_training, at_the_end) * (1 + margin))
 
 
 def remove_all_checkpoints(work_dir: Path) -> None:

@@ -33,9 +33,14 @@ from synth_xray_assets.diffusion.pipelines import LORA_WEIGHTS_NAME, load_pipeli
 from synth_xray_assets.dreambooth.checkpoints import (  # noqa: F401 (re-exported)
     CHECKPOINT_STATE_NAME,
     TRAINING_INFO_NAME,
+    DiskPlan,
     RunInputs,
+    checkpoints_due,
+    disk_needed_bytes,
     latest_checkpoint,
     list_checkpoints,
+    non_weight_bytes,
+    our_checkpoints,
     read_json,
     register_trainable_only_state_hooks,
     remove_all_checkpoints,
@@ -283,47 +288,65 @@ def _prepare_optimization(models: _Models, settings: DreamBoothSettings, n_insta
     return _Optimization(prepared[-2], prepared[-1], params, total_steps, per_epoch)
 
 
-def estimate_disk_bytes(models: _Models, optim: _Optimization, settings: DreamBoothSettings) -> int:
-    """The most the run holds on disk at one moment. A checkpoint is the trained weights in fp32 plus
-    the optimizer's two moments (8 bytes a weight for AdamW, 2 for 8-bit Adam). During training up
-    to ``limit`` checkpoints coexist (two for a moment with a limit of 1: the new one is written,
-    then replaces the old); at the end, those kept sit beside the final model (the whole pipeline in
-    fp32, or the LoRA weights). No checkpoint is written at the last step."""
+@dataclass(frozen=True)
+class _ResumePoint:
+    """Where a run continues: this configuration's latest checkpoint (None: from the start), its step,
+    and how many of this run's checkpoints are already on disk."""
+
+    checkpoint: Path | None
+    step: int
+    on_disk: int
+
+
+def _resume_point(run: _Run, fingerprint: str) -> _ResumePoint:
+    checkpoint = latest_checkpoint(run.work_dir, fingerprint, run.log)
+    step = 0 if checkpoint is None else int(read_json(checkpoint / CHECKPOINT_STATE_NAME)["global_step"])
+    return _ResumePoint(checkpoint, step, len(our_checkpoints(run.work_dir, fingerprint)))
+
+
+def estimate_disk_bytes(
+    models: _Models,
+    optim: _Optimization,
+    settings: DreamBoothSettings,
+    base_model_dir: Path,
+    point: _ResumePoint,
+) -> int:
+    """What the run still adds to the disk at most (``checkpoints.disk_needed_bytes``, raised by
+    ``settings.disk_margin``). A checkpoint holds the trained weights in fp32 and the optimizer's two
+    moments (8 bytes a weight for AdamW, 2 for 8-bit Adam); those already on disk at ``point`` are not
+    counted again. The final model is the whole pipeline in fp32 and the base model's configs and
+    tokenizer files, which the save writes again (LoRA: the adapters in fp32). Every tensor written
+    and every checkpoint adds the settings' allowance for headers and small files."""
+    per_tensor = settings.disk_bytes_per_tensor
     trained = sum(p.numel() for p in optim.params)
-    per_checkpoint = trained * (4 + (2 if settings.use_8bit_adam else 8))
-    limit = max(settings.checkpoints_total_limit, 1)  # save_checkpoint always keeps the newest
-    made = _checkpoints_made(optim.total_steps, settings.checkpointing_steps)
-    while_training = min(made, 2 if limit <= 1 else limit)
+    per_checkpoint = (
+        trained * (4 + (2 if settings.use_8bit_adam else 8))
+        + len(optim.params) * per_tensor
+        + settings.disk_bytes_per_checkpoint
+    )
     if models.lora:
-        final = trained * 4
+        final = trained * 4 + len(optim.params) * per_tensor
     else:
-        final = 4 * sum(
-            p.numel() for m in (models.unet, models.text_encoder, models.vae) for p in m.parameters()
-        )
-    return max(per_checkpoint * while_training, per_checkpoint * min(made, limit) + final)
-
-
-def _checkpoints_made(total_steps: int, every: int) -> int:
-    """Checkpoints a run writes: every ``every`` steps, but not at the last step, where the final
-    model is saved instead."""
-    return (total_steps - 1) // every if every else 0
+        weights = [p for m in (models.unet, models.text_encoder, models.vae) for p in m.state_dict().values()]
+        final = sum(4 * w.numel() + per_tensor for w in weights) + non_weight_bytes(base_model_dir)
+    to_write = checkpoints_due(optim.total_steps, settings.checkpointing_steps, point.step)
+    plan = DiskPlan(per_checkpoint, final, settings.checkpoints_total_limit, point.on_disk, to_write)
+    return disk_needed_bytes(plan, settings.disk_margin)
 
 
 def _checkpoint_due(global_step: int, total_steps: int, every: int) -> bool:
     return bool(every) and global_step % every == 0 and global_step < total_steps
 
 
-def _resume(models: _Models, run: _Run, fingerprint: str, total_steps: int) -> tuple[int, dict[str, list]]:
-    """The step to continue from and the loss history, from this configuration's latest checkpoint."""
+def _resume(models: _Models, run: _Run, point: _ResumePoint, total_steps: int) -> tuple[int, dict[str, list]]:
+    """The step to continue from and the loss history, from the resume point's checkpoint."""
     history: dict[str, list[float]] = {"losses": [], "instance_losses": [], "prior_losses": []}
-    checkpoint = latest_checkpoint(run.work_dir, fingerprint, run.log)
-    if checkpoint is None:
+    if point.checkpoint is None:
         return 0, history
-    models.accelerator.load_state(str(checkpoint))
-    state = read_json(checkpoint / CHECKPOINT_STATE_NAME)
-    resumed_from = int(state["global_step"])
-    run.log(f"resumed from {checkpoint.name}: continuing at step {resumed_from + 1} of {total_steps}")
-    return resumed_from, {k: list(state[k]) for k in history}
+    models.accelerator.load_state(str(point.checkpoint))
+    state = read_json(point.checkpoint / CHECKPOINT_STATE_NAME)
+    run.log(f"resumed from {point.checkpoint.name}: continuing at step {point.step + 1} of {total_steps}")
+    return point.step, {k: list(state[k]) for k in history}
 
 
 def _train_step(
@@ -371,11 +394,12 @@ def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
     settings, log = run.settings, run.log
     models = _load_models(inputs.base_model_dir, settings, device)
     optim = _prepare_optimization(models, settings, len(inputs.instance_images))
-    disk_needed = estimate_disk_bytes(models, optim, settings)
+    fingerprint = run_fingerprint(inputs, settings, models.accelerator.mixed_precision)
+    point = _resume_point(run, fingerprint)
+    disk_needed = estimate_disk_bytes(models, optim, settings, inputs.base_model_dir, point)
     require_free_space(run.work_dir, disk_needed, f"DreamBooth {settings.method} (checkpoints + final model)")
     data = _encode_data(models, inputs, settings)
-    fingerprint = run_fingerprint(inputs, settings, models.accelerator.mixed_precision)
-    resumed_from, history = _resume(models, run, fingerprint, optim.total_steps)
+    resumed_from, history = _resume(models, run, point, optim.total_steps)
     log(
         f"DreamBooth {settings.method}: {len(inputs.instance_images)} instance / {data.n_class} class "
         f"images, {optim.total_steps} steps ({optim.per_epoch} per epoch), batch "

@@ -12,6 +12,7 @@ from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.operations.locks import one_writer
+from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
@@ -61,6 +62,7 @@ def _checkpoint_version(data_dir, key: str) -> str:
         "missing images."
     ),
 )
+@disk_refusal_is_final
 @one_writer
 def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
