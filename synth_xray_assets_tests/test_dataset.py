@@ -46,14 +46,22 @@ def tiny_settings(tmp_path: Path, **dataset) -> Settings:
     )
 
 
-def build(settings: Settings):
+def build(settings: Settings, origin: dict | None = None):
     resolved = resolve_source(settings)
     dsd = load_source(resolved, settings)
     check_splits_and_classes(dsd, settings, resolved.location)
     records = source_records(dsd, resolved, settings)
     return build_standardized_dataset(
-        records, settings.dataset, settings.data_dir / "dataset", log=lambda m: None
+        records, settings.dataset, settings.data_dir / "dataset", log=lambda m: None, origin=origin
     )
+
+
+def test_the_same_content_from_another_origin_records_the_new_origin(tmp_path):
+    s = tiny_settings(tmp_path)
+    first = build(s, {"location": "a", "phantoms": True})
+    again = build(s, {"location": "b", "phantoms": False})
+    assert first.version == again.version  # the same images: the same data version
+    assert StandardizedDataset.open(s.data_dir / "dataset").origin == {"location": "b", "phantoms": False}
 
 
 # --- the demo generator ---------------------------------------------------------------------
@@ -286,6 +294,7 @@ def test_asset_materializes_with_metadata_and_checks(tmp_path):
     md = mat.metadata
     assert md["num_images"].value == 28
     assert "SYNTHETIC PHANTOMS" in md["source"].value
+    assert StandardizedDataset.open(tmp_path / "dataset").origin["phantoms"] is True
     counts = {r.data["split"]: r.data for r in md["counts_by_split_and_class"].records}
     assert counts["train"] == {"split": "train", "NORMAL": 6, "PNEUMONIA": 10}
     assert md["thumbnails (top NORMAL, bottom PNEUMONIA)"].value.startswith("![")

@@ -162,6 +162,12 @@ def test_dropping_keeps_each_shared_image_in_one_split_never_dropping_from_test(
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert all(c.passed for c in checks.values()), {k: c.description for k, c in checks.items()}
     ds = StandardizedDataset.open(s.layout.dataset)
+    assert ds.origin == {  # recorded for the report: real files, not the project's phantoms
+        "kind": "imagefolder",
+        "location": str(folder.resolve()),
+        "revision": None,
+        "phantoms": False,
+    }
     assert len(ds.rows("test")) == 8 + 4  # test keeps every file
     dropped = pd.read_csv(ds.root / "dropped.csv").set_index("source_path")
     assert set(dropped.index) == {

@@ -28,6 +28,10 @@ TEST_IDS = [f"sha-{i:03d}" for i in range(N_TEST)]
 SYNTHETIC_VERSIONS: dict[str, str] = {}  # what the fake synthetic runs were trained on
 
 
+PHANTOM_ORIGIN = {"kind": "parquet", "location": "/data/sources/phantoms", "revision": None, "phantoms": True}
+MIRROR_ORIGIN = {"kind": "imagefolder", "location": "/shared/chest-xray", "revision": None, "phantoms": False}
+
+
 def fake_run(
     experiment: str,
     seed: int,
@@ -88,6 +92,7 @@ def fake_run(
             profile="demo",
             initial_weights="none: random initialisation",
             dataset_version="v1",
+            data_origin=PHANTOM_ORIGIN,
             settings_fingerprint=settings_fingerprint(settings, experiment),
             synthetic_versions=dict(SYNTHETIC_VERSIONS) if n_synth else {},
             generator_keys={"normal": "normal", "pneumonia": "pneumonia"} if n_synth else {},
@@ -288,3 +293,20 @@ def test_study_report_without_runs_fails_clearly(tmp_path):
     assert not result.success
     failure = [e for e in result.all_events if e.is_step_failure][0]
     assert "materialize classifier_experiment first" in str(failure.step_failure_data.error)
+
+
+def test_the_report_names_the_real_images_from_the_source_each_run_recorded():
+    """Runs on the real mirror under the demo profile are not called phantoms; phantoms are."""
+    from synth_xray_assets.reports.markdown import _data_note
+
+    def extras(origin, profile="demo"):
+        return [RunExtra(profile=profile, data_origin=origin)]
+
+    on_mirror = _data_note(extras(MIRROR_ORIGIN))
+    assert "PHANTOMS" not in on_mirror and "`/shared/chest-xray` (imagefolder)" in on_mirror
+    assert "Demo profile" in on_mirror and "tiny runs" in on_mirror
+    assert "SYNTHETIC PHANTOMS" in _data_note(extras(PHANTOM_ORIGIN))
+    assert "not recorded" in _data_note(extras(None))
+    hub = {**MIRROR_ORIGIN, "kind": "hub", "location": "hf-vision/x", "revision": "abc"}
+    full = _data_note(extras(hub, "full"))
+    assert full == "Real images: `hf-vision/x@abc` (hub)."

@@ -158,6 +158,7 @@ class ExperimentData(SplitArrays):
     seed: int
     composition: pd.DataFrame
     dataset_version: str
+    data_origin: dict | None = None  # the real images' source (StandardizedDataset.origin)
     synthetic_versions: dict[str, str] = field(default_factory=dict)
     split: ValidationSplit | None = None
     spec: ExperimentSpec | None = None
@@ -255,6 +256,7 @@ def load_experiment_data(
         test_y=test_rows.label.to_numpy(np.int64),
         composition=pd.concat(frames, ignore_index=True),
         dataset_version=ds.version,
+        data_origin=ds.origin,
         synthetic_versions=synth.versions,
         split=split,
         spec=spec,

@@ -91,6 +91,7 @@ def run_experiment(
             validation_split={**data.split.summary(), "describe": data.split.describe()},
             settings_fingerprint=settings_fingerprint(s, experiment),
             dataset_version=data.dataset_version,
+            data_origin=data.data_origin,
             synthetic_versions=data.synthetic_versions,
             initial_weights=describe_weights(s.classifier),
             profile=s.profile,

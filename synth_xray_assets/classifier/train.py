@@ -75,6 +75,7 @@ class RunExtra:
     validation_split: dict[str, Any] | None = None  # its summary and "describe"
     settings_fingerprint: str | None = None
     dataset_version: str | None = None
+    data_origin: dict[str, Any] | None = None  # the real images' source; "phantoms": the project's
     synthetic_versions: dict[str, str] | None = None  # generator -> image set version
     initial_weights: str | None = None
     profile: str | None = None

@@ -77,7 +77,9 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
     check_splits_and_classes(dsd, s, resolved.location)
     records = source_records(dsd, resolved, s)
     out = s.layout.dataset
-    report = build_standardized_dataset(records, s.dataset, out, log=context.log.info)
+    report = build_standardized_dataset(
+        records, s.dataset, out, log=context.log.info, origin=resolved.origin()
+    )
     for row in report.skipped.itertuples():
         context.log.warning(f"skipped {row.source_path or row.source_id}: {row.reason}")
 

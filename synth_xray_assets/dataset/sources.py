@@ -46,6 +46,15 @@ class ResolvedSource:
     revision: str | None = None
     synthetic: bool = False  # True for the demo phantoms
 
+    def origin(self) -> dict:
+        """What a stored dataset records of its source (``phantoms``: the project's, not patients)."""
+        return {
+            "kind": self.kind,
+            "location": self.location,
+            "revision": self.revision,
+            "phantoms": self.synthetic,
+        }
+
 
 @dataclass(frozen=True)
 class SourceRecord:

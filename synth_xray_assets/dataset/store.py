@@ -92,6 +92,7 @@ class _Build:
 
     settings: DatasetSettings
     out_dir: Path
+    origin: dict | None = None
     rows: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     arrays: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -109,9 +110,14 @@ def build_standardized_dataset(
     settings: DatasetSettings,
     out_dir: Path,
     log: Callable[[str], None] = print,
+    origin: dict | None = None,
 ) -> BuildReport:
-    """Standardize every record of every split into ``out_dir`` and return the manifest."""
-    build = _Build(settings, out_dir)
+    """Standardize every record of every split into ``out_dir`` and return the manifest.
+
+    ``origin`` (the source's kind, location, revision and whether it is the project's phantoms) is
+    recorded in ``version.json``, so that every result made from the dataset can say what it was.
+    """
+    build = _Build(settings, out_dir, origin=origin)
     for split, split_records in records.items():
         _standardize_split(build, split, split_records)
         log(f"{split}: {len(build.arrays[split])} images standardized to {settings.resolution} px")
@@ -127,7 +133,7 @@ def build_standardized_dataset(
     report.reused, report.decoded = build.reused, build.decoded
     # The same content already there, complete, is not rewritten: that would only make the folder
     # read as incomplete meanwhile to other runs' readers (a double click, a retry beside a run).
-    if not _complete_with_version(out_dir, report.version, arrays):
+    if not _complete_with_version(build, report.version, arrays):
         _write_dataset(build, arrays, report)
     return report
 
@@ -239,6 +245,7 @@ def _write_dataset(build: _Build, arrays: dict[str, list[np.ndarray]], report: B
             "resolution": settings.resolution,
             "mode": settings.mode,
             "standardize": STANDARDIZE_VERSION,
+            "origin": build.origin,
         },
     )
 
@@ -257,15 +264,18 @@ def _drop_cross_split_duplicates(
     return manifest[keep].reset_index(drop=True), kept_arrays, dropped.reset_index(drop=True)
 
 
-def _complete_with_version(out_dir: Path, version: str, splits: Iterable[str]) -> bool:
-    """Whether ``out_dir`` already holds this exact version, every file of it written."""
+def _complete_with_version(build: _Build, version: str, splits: Iterable[str]) -> bool:
+    """Whether the output folder already holds this exact version from the same origin, every file
+    of it written."""
+    out_dir = build.out_dir
     try:
-        recorded = json.loads((out_dir / "version.json").read_text())["version"]
-    except (OSError, ValueError, KeyError):
+        recorded = json.loads((out_dir / "version.json").read_text())
+    except (OSError, ValueError):
         return False
     files = [out_dir / "manifest.parquet", out_dir / "skipped.csv"]
     files += [out_dir / "arrays" / f"{split}.npy" for split in splits]
-    return recorded == version and all(f.is_file() for f in files)
+    same = recorded.get("version") == version and recorded.get("origin") == build.origin
+    return same and all(f.is_file() for f in files)
 
 
 def _save_png_with_origin(result: StandardizeResult, path: Path) -> None:
@@ -293,6 +303,7 @@ class StandardizedDataset:
     root: Path
     manifest: pd.DataFrame
     version: str
+    origin: dict | None = None  # where the images came from (None: not recorded by an older build)
 
     @classmethod
     def open(cls, root: Path) -> StandardizedDataset:
@@ -301,8 +312,9 @@ class StandardizedDataset:
             raise FileNotFoundError(
                 f"no standardized dataset at {root}: materialize chest_xray_dataset first"
             )
-        version = json.loads(version_file.read_text())["version"]
-        return cls(root, pd.read_parquet(root / "manifest.parquet"), version)
+        recorded = json.loads(version_file.read_text())
+        manifest = pd.read_parquet(root / "manifest.parquet")
+        return cls(root, manifest, recorded["version"], recorded.get("origin"))
 
     def images(self, split: str, label: int | None = None) -> np.ndarray:
         """uint8 [N, res, res] of ``split`` (optionally one class), in manifest order."""

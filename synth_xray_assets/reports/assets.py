@@ -21,7 +21,7 @@ from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atom
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
-REPORT_VERSION = "report-v3"  # v3: class fidelity beside the real-test recall
+REPORT_VERSION = "report-v4"  # v4: the real images named from the source each run recorded
 RUNS_FILE = "runs.json"  # which runs the last report read, and which were missing
 
 

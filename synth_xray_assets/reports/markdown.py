@@ -160,15 +160,32 @@ def _real_plus_synthetic(extra: RunExtra) -> str:
     return " + ".join("?" if n is None else str(n) for n in (extra.n_real, extra.n_synthetic))
 
 
+def _data_note(extras: Sequence[RunExtra]) -> str:
+    """What the 'real' images were, from the source each run recorded, and the demo's caveat."""
+    origins = [e.data_origin for e in extras]
+    if any(o and o.get("phantoms") for o in origins):
+        data = "the 'real' images are SYNTHETIC PHANTOMS made by the project, not patients"
+    elif origins and all(origins):
+        data = "real images: " + ", ".join(sorted({_origin_text(o) for o in origins}))
+    else:  # runs saved before the source was recorded
+        data = "the source of the real images was not recorded in these runs (the demo's default: phantoms)"
+    if any(e.profile == "demo" for e in extras):
+        return (
+            f"**Demo profile: {data}; the models are tiny runs (the generators far from converged), "
+            "so the numbers show how the pipeline behaves, not the study's findings.**"
+        )
+    return data[0].upper() + data[1:] + "."
+
+
+def _origin_text(origin: dict) -> str:
+    rev = f"@{origin['revision']}" if origin.get("revision") else ""
+    return f"`{origin.get('location')}{rev}` ({origin.get('kind')})"
+
+
 def _setup_md(runs: Sequence[RunResult], opts: ReportOptions) -> str:
     first, c = runs[0], runs[0].settings
     extras = [r.extra for r in runs]
-    data_note = (
-        "**Demo profile: the 'real' images are SYNTHETIC PHANTOMS made by the project, not patients, "
-        "and the models are tiny runs; the numbers show the pipeline works, not the study's findings.**"
-        if any(e.profile == "demo" for e in extras)
-        else "Real images: `hf-vision/chest-xray-pneumonia` (or the local source named in the settings)."
-    )
+    data_note = _data_note(extras)
     weights = "; ".join(
         sorted({str("?" if e.initial_weights is None else e.initial_weights) for e in extras})
     )
