@@ -8,7 +8,6 @@ from synth_xray_assets.dataset.duplicates import cross_split_duplicates, straddl
 from synth_xray_assets.dataset.sources import (
     check_splits_and_classes,
     load_source,
-    record_at,
     resolve_source,
     source_fingerprint,
     source_records,
@@ -21,7 +20,7 @@ from synth_xray_assets.dataset.store import (
     StandardizedDataset,
     build_standardized_dataset,
 )
-from synth_xray_assets.dataset.verify import sample_positions, verify_rows
+from synth_xray_assets.dataset.verify import reverify
 from synth_xray_assets.metadata import metadata_table
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.resources import SettingsResource
@@ -205,22 +204,17 @@ def stored_images_match_their_sources(
     context: dg.AssetCheckExecutionContext, settings: SettingsResource
 ) -> dg.AssetCheckResult:
     s = settings.get()
-    ds = StandardizedDataset.open(s.layout.dataset)
-    resolved = resolve_source(s)
-    dsd = load_source(resolved, s, settings.hf_token)
-    names = s.dataset.class_names
-    positions = sample_positions(len(ds.manifest), s.dataset.verify_sample, s.dataset.verify_seed)
-    bad = verify_rows(ds, lambda split, i: record_at(dsd, split, i, names, resolved), s.dataset, positions)
+    n_verified, bad = reverify(s, settings.hf_token, s.dataset.verify_sample)
     for r in bad.itertuples():
         context.log.error(f"stored {r.split} row {r.row} ({r.file}): {r.problem}")
     lines = [f"{r.split} row {r.row} ({r.file}): {r.problem}" for r in bad.head(10).itertuples()]
     return dg.AssetCheckResult(
         passed=bad.empty,
-        description=f"{len(bad)} of {len(positions)} re-derived rows differ: " + " | ".join(lines)
+        description=f"{len(bad)} of {n_verified} re-derived rows differ: " + " | ".join(lines)
         if lines
         else None,
         metadata={
-            "rows_verified": len(positions),
+            "rows_verified": n_verified,
             "rows_differing": len(bad),
             "differing": metadata_table(bad.head(50)),
         },

@@ -3,20 +3,27 @@
 A seeded random sample of the manifest's rows (every row of a small dataset) is read again from
 the source, its bytes checked against the recorded sha256, standardized afresh and compared
 pixel for pixel with what the dataset stores at that row.
+
+Every row of a stored dataset, from the command line (the settings from the environment, as for
+the platform; ``HF_TOKEN`` for a gated Hub source)::
+
+    python -m synth_xray_assets.dataset.verify --all
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 
 from synth_xray_assets.dataset.duplicates import file_names
-from synth_xray_assets.dataset.sources import SourceRecord
+from synth_xray_assets.dataset.sources import SourceRecord, load_source, record_at, resolve_source
 from synth_xray_assets.dataset.standardize import standardize_many
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.settings import DatasetSettings
+from synth_xray_assets.settings import DatasetSettings, Settings, load_settings
 from synth_xray_assets.storage import sha256_bytes
 
 MISMATCH_COLUMNS = ["split", "row", "file", "problem"]
@@ -28,11 +35,24 @@ def source_row(source_id: str) -> int:
     return int(str(source_id).split(":")[0].split("/")[1])
 
 
-def sample_positions(n_rows: int, n: int, seed: int) -> np.ndarray:
-    """Sorted manifest positions to verify: ``n`` drawn with ``seed``, or every row when fewer."""
-    if n >= n_rows:
+def sample_positions(n_rows: int, n: int | None, seed: int) -> np.ndarray:
+    """Sorted manifest positions to verify: ``n`` drawn with ``seed``, or every row when fewer
+    (or ``n`` is None)."""
+    if n is None or n >= n_rows:
         return np.arange(n_rows)
     return np.sort(np.random.default_rng(seed).choice(n_rows, size=n, replace=False))
+
+
+def reverify(s: Settings, token: str | None, n: int | None) -> tuple[int, pd.DataFrame]:
+    """Re-derive ``n`` seeded rows (``dataset.verify_seed``; None: every row) of the stored dataset
+    of ``s`` from its source: how many were verified, and those that differ."""
+    ds = StandardizedDataset.open(s.layout.dataset)
+    resolved = resolve_source(s)
+    dsd = load_source(resolved, s, token)
+    names = s.dataset.class_names
+    positions = sample_positions(len(ds.manifest), n, s.dataset.verify_seed)
+    bad = verify_rows(ds, lambda split, i: record_at(dsd, split, i, names, resolved), s.dataset, positions)
+    return len(positions), bad
 
 
 def verify_rows(
@@ -79,3 +99,19 @@ def _problem(row: pd.Series, sha: str, results: dict, stored: np.ndarray) -> str
             f" (mean |diff| {diff:.1f})" if diff is not None else ""
         )
     return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Re-derive stored dataset rows from their source.")
+    parser.add_argument("--all", action="store_true", help="every row (default: dataset.verify_sample)")
+    args = parser.parse_args()
+    s = load_settings()
+    n, bad = reverify(s, os.environ.get("HF_TOKEN"), None if args.all else s.dataset.verify_sample)
+    for r in bad.itertuples():
+        print(f"stored {r.split} row {r.row} ({r.file}): {r.problem}")
+    print(f"{s.layout.dataset}: {n} stored rows re-derived from their source, {len(bad)} differ")
+    raise SystemExit(1 if len(bad) else 0)
+
+
+if __name__ == "__main__":
+    main()
