@@ -15,12 +15,13 @@ from synth_xray_assets.dataset import assets as dataset
 from synth_xray_assets.deployment import executor_for, with_step_tags
 from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.evaluation import assets as evaluation
+from synth_xray_assets.export import assets as export
 from synth_xray_assets.reports import assets as reports
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings, load_settings
 from synth_xray_assets.synthesis import assets as synthesis
 
-DOMAINS = [dataset, dreambooth, synthesis, evaluation, classifier, reports]
+DOMAINS = [dataset, dreambooth, synthesis, evaluation, export, classifier, reports]
 
 # One job per partitioning, in the order the demo (and a full run) materializes them.
 prepare_job = dg.define_asset_job(
@@ -33,10 +34,15 @@ prepare_job = dg.define_asset_job(
 per_class_job = dg.define_asset_job(
     "per_class_job",
     selection=dg.AssetSelection.assets(
-        "dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization", "class_fidelity"
+        "dreambooth_checkpoint",
+        "synthetic_images",
+        "fid_scores",
+        "memorization",
+        "class_fidelity",
+        "synthetic_hub_dataset",
     ),
     description="Per generator: the DreamBooth checkpoint, its synthetic images, their scores, memorization "
-    "and class fidelity.",
+    "and class fidelity, and the images as a Hugging Face dataset.",
 )
 classifier_job = dg.define_asset_job(
     "classifier_job",

@@ -21,6 +21,8 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     evaluation/memorization/{class}.parquet  nearest real image of every synthetic one
     evaluation/base_model_images/{class}/  the base model's images at the generation sampler
     evaluation/class_fidelity/{generator}.json  share of a generator's images called its class
+    evaluation/class_fidelity/{generator}.parquet  the extractor's class score of each of them
+    export/{generator}/                    the synthetic images as a Hub dataset (parquet + card)
     classifier/cache/                      the classifier's resized image arrays
     classifier/{experiment}/seed-{seed}/   one classifier run
     reports/                               report.md, results.csv, figures, runs.json
@@ -85,6 +87,9 @@ class Layout:
     # the base model's images of a class's prompt at the generation sampler (an image set)
     base_model_images = _per_key("evaluation/base_model_images/{}")
     class_fidelity = _per_key("evaluation/class_fidelity/{}.json")
+    class_fidelity_images = _per_key("evaluation/class_fidelity/{}.parquet")
+    # the synthetic images as a Hugging Face dataset (export/hub.py owns the files inside)
+    hub_dataset = _per_key("export/{}")
     # classifier, reports
     classifier_runs = _folder("classifier")
     classifier_cache = _folder("classifier/cache")

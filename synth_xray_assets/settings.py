@@ -238,6 +238,26 @@ class EvaluationSettings(_Section):
     class_fidelity_level: float = 0.95  # Wilson score interval of the share
 
 
+class ExportSettings(_Section):
+    """Each generator's synthetic images as a Hugging Face ``datasets`` parquet and a dataset card.
+
+    Nothing is pushed. The licences are the Hub's ids (https://huggingface.co/docs/hub/repositories-licenses)
+    of what the images derive from, named in the card where they apply: the source images' (not for
+    the project's phantoms) and the base model's weights' (not for the tiny model built from config).
+    """
+
+    source_license: str = "cc-by-4.0"  # hf-vision/chest-xray-pneumonia (Kermany et al., Mendeley Data)
+    source_attribution: str = (
+        "Kermany, Zhang, Goldbaum (2018), Labeled Optical Coherence Tomography (OCT) and Chest X-Ray "
+        "Images for Classification, Mendeley Data, v2, doi:10.17632/rscbjbr9sj.2"
+    )
+    base_model_license: str = "openrail++"  # Stable Diffusion 2.1's weights: CreativeML Open RAIL++-M
+    split: str = "train"  # the one split the synthetic images are written as
+    shard_rows: int = 1000  # images per parquet file (the Hub's viewer reads files under ~500 MB)
+    # The repository id the card's push instructions name ({generator}: the partition key).
+    repo_id_example: str = "<user>/synthetic-chest-xray-{generator}"
+
+
 class ClassifierSettings(_Section):
     """DenseNet-121 pneumonia classifiers on seven mixes of real and synthetic data."""
 
@@ -301,9 +321,17 @@ class AutomationSettings(_Section):
     # Asset groups in pipeline order; those up to ``eager_through`` re-materialize automatically
     # when an upstream version changes (AutomationCondition.eager), the rest only on request.
     # (group names are the domain folders' names).
-    groups: tuple[str, ...] = ("dataset", "dreambooth", "synthesis", "evaluation", "classifier", "reports")
+    groups: tuple[str, ...] = (
+        "dataset",
+        "dreambooth",
+        "synthesis",
+        "evaluation",
+        "export",
+        "classifier",
+        "reports",
+    )
     eager_through: Literal[
-        "none", "dataset", "dreambooth", "synthesis", "evaluation", "classifier", "reports"
+        "none", "dataset", "dreambooth", "synthesis", "evaluation", "export", "classifier", "reports"
     ] = "evaluation"
     # Whether the automation sensor and the source-observation schedule start switched on.
     running_by_default: bool = False
@@ -381,6 +409,7 @@ class Settings(_Section):
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
     classifier: ClassifierSettings = Field(default_factory=ClassifierSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
     automation: AutomationSettings = Field(default_factory=AutomationSettings)
     deployment: DeploymentSettings = Field(default_factory=DeploymentSettings)
     operations: OperationsSettings = Field(default_factory=OperationsSettings)

@@ -68,6 +68,10 @@ def load_trained_pipeline(
     )
 
 
+# What ``use_dpm_solver`` samples with, in words, for records of how an image was made.
+SAMPLER = f"DPM-Solver multistep (diffusers {DPMSolverMultistepScheduler.__name__})"
+
+
 def use_dpm_solver(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
     """Swap the pipeline's scheduler for DPM-Solver multistep with the same noise schedule."""
     if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):

@@ -29,7 +29,13 @@ from synth_xray_assets.evaluation.fid import (
     real_floor_set,
     score_sets,
 )
-from synth_xray_assets.evaluation.fidelity import FidelityInputs, measure_class_fidelity, save_fidelity
+from synth_xray_assets.evaluation.fidelity import (
+    FidelityInputs,
+    fidelity_from_scores,
+    per_image_class_scores,
+    save_fidelity,
+    score_fidelity_inputs,
+)
 from synth_xray_assets.evaluation.inputs import (
     FidReferences,
     base_model_images,
@@ -358,7 +364,7 @@ def _scores_frame(results: dict[str, SpaceScores]) -> pd.DataFrame:
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
     **_PER_GENERATOR,
-    code_version="memorization-v1",
+    code_version="memorization-v2",  # v2: each row keyed by the synthetic PNG's sha256
     check_specs=[
         dg.AssetCheckSpec(
             "no_memorized_images",
@@ -392,6 +398,7 @@ def memorization(
     summary = memorization_summary(table, e, baseline)
     saved = table.assign(
         synthetic_file=syn_set.manifest["file"].to_numpy(),
+        synthetic_sha256=syn_set.manifest["sha256"].to_numpy(),
         nearest_real_source_id=rows["source_id"].to_numpy()[table["nearest_real_index"]],
         nearest_real_source_id_pixel=rows["source_id"].to_numpy()[table["nearest_real_index_pixel"]],
     )
@@ -458,7 +465,7 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 @dg.asset(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],  # the real test images too
     **_PER_GENERATOR,
-    code_version="class-fidelity-v2",
+    code_version="class-fidelity-v3",  # v3: the class score of each image kept
     check_specs=[
         dg.AssetCheckSpec(
             FIDELITY_CHECK,
@@ -471,7 +478,8 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
         "Class fidelity: the share of the generator's synthetic images that cxr_feature_extractor (a "
         "DenseNet-121 trained on real images only) assigns to the generator's class, with a Wilson "
         "interval. Near zero means the images look like the other class to a real-trained classifier "
-        "(what FID does not show). data/evaluation/class_fidelity/{generator}.json."
+        "(what FID does not show). data/evaluation/class_fidelity/{generator}.json, and each image's "
+        "class score (keyed by its PNG's sha256) in {generator}.parquet."
     ),
 )
 @one_writer
@@ -492,7 +500,10 @@ def class_fidelity(
     }
     predict = extractor_predictor(s, compute.resolve_device())
     inputs = FidelityInputs(synthetic, real_test_images(s, class_label(key)), class_label(key))
-    record = measure_class_fidelity(predict, inputs, about, e.class_fidelity_level)
+    scores = score_fidelity_inputs(predict, inputs)
+    per_image = per_image_class_scores(syn_set.manifest, scores.synthetic, inputs.label)
+    per_image_path = write_parquet_atomic(per_image, s.layout.class_fidelity_images(key))
+    record = fidelity_from_scores(scores, inputs.label, about, e.class_fidelity_level)
     path = save_fidelity(record, s.data_dir)
     interval = f"{record.share:.3f} [{record.ci_low:.3f}, {record.ci_high:.3f}]"
     recall = f"{record.real_recall:.3f} [{record.real_recall_low:.3f}, {record.real_recall_high:.3f}]"
@@ -507,6 +518,7 @@ def class_fidelity(
             "classifier": "cxr_feature_extractor (DenseNet-121 trained on real train only)",
             "synthetic_version": record.synthetic_version,
             "path": dg.MetadataValue.path(str(path)),
+            "per_image_path": dg.MetadataValue.path(str(per_image_path)),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -7,7 +7,8 @@ real-trained classifier scores near zero, which FID alone does not show. Beside 
 classifier's recall on the real test images of the class: the share a faithful generator can be
 expected to reach (a measurement for the reader; nothing is selected with it).
 
-Layout: ``data/evaluation/class_fidelity/{generator}.json`` (a :class:`ClassFidelity`).
+Layout: ``data/evaluation/class_fidelity/{generator}.json`` (a :class:`ClassFidelity`) and, per
+image, ``{generator}.parquet`` (:func:`per_image_class_scores`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from scipy.stats import binomtest
 
 from synth_xray_assets.layout import Layout
@@ -70,23 +72,36 @@ class FidelityInputs:
     label: int
 
 
-def measure_class_fidelity(
-    predict: Callable[[np.ndarray], np.ndarray],
-    inputs: FidelityInputs,
-    about: dict[str, Any],
-    level: float,
+@dataclass(frozen=True)
+class FidelityScores:
+    """The extractor's PNEUMONIA probability of each synthetic and each real test image."""
+
+    synthetic: np.ndarray
+    real_test: np.ndarray
+
+
+def score_fidelity_inputs(
+    predict: Callable[[np.ndarray], np.ndarray], inputs: FidelityInputs
+) -> FidelityScores:
+    """Both image sets through ``predict`` (images to PNEUMONIA probabilities)."""
+    return FidelityScores(
+        np.asarray(predict(inputs.synthetic), np.float64), np.asarray(predict(inputs.real_test), np.float64)
+    )
+
+
+def fidelity_from_scores(
+    scores: FidelityScores, label: int, about: dict[str, Any], level: float
 ) -> ClassFidelity:
-    """Class fidelity of the synthetic images under ``predict`` (images to PNEUMONIA probabilities),
-    and recall on the real test images of the class; ``about`` fills the remaining fields."""
+    """Class fidelity of the synthetic images and recall on the real test images of class ``label``
+    from their scores; ``about`` fills the remaining fields."""
 
-    def assigned(images: np.ndarray) -> tuple[int, float, float, float]:
-        prob = np.asarray(predict(images), np.float64)
-        return fidelity_share((prob > 0.5).astype(np.int64), inputs.label, level)
+    def assigned(prob: np.ndarray) -> tuple[int, float, float, float]:
+        return fidelity_share((prob > 0.5).astype(np.int64), label, level)
 
-    k, share, low, high = assigned(inputs.synthetic)
-    _, recall, recall_low, recall_high = assigned(inputs.real_test)
+    k, share, low, high = assigned(scores.synthetic)
+    _, recall, recall_low, recall_high = assigned(scores.real_test)
     return ClassFidelity(
-        n_images=len(inputs.synthetic),
+        n_images=len(scores.synthetic),
         n_assigned=k,
         share=share,
         ci_low=low,
@@ -95,8 +110,38 @@ def measure_class_fidelity(
         real_recall=recall,
         real_recall_low=recall_low,
         real_recall_high=recall_high,
-        n_real=len(inputs.real_test),
+        n_real=len(scores.real_test),
         **about,
+    )
+
+
+def measure_class_fidelity(
+    predict: Callable[[np.ndarray], np.ndarray],
+    inputs: FidelityInputs,
+    about: dict[str, Any],
+    level: float,
+) -> ClassFidelity:
+    """Class fidelity of the synthetic images under ``predict`` (images to PNEUMONIA probabilities),
+    and recall on the real test images of the class; ``about`` fills the remaining fields."""
+    return fidelity_from_scores(score_fidelity_inputs(predict, inputs), inputs.label, about, level)
+
+
+def per_image_class_scores(
+    manifest: pd.DataFrame, pneumonia_probability: np.ndarray, label: int
+) -> pd.DataFrame:
+    """One row per synthetic image (in ``manifest`` order, keyed by its PNG's sha256): the
+    extractor's probability of class ``label`` (``class_score``) and whether it calls it that class."""
+    prob = np.asarray(pneumonia_probability, np.float64)
+    if len(prob) != len(manifest):
+        raise ValueError(f"{len(prob)} scores for {len(manifest)} images")
+    return pd.DataFrame(
+        {
+            "synthetic_file": manifest["file"].to_numpy(),
+            "synthetic_sha256": manifest["sha256"].to_numpy(),
+            "pneumonia_probability": prob,
+            "class_score": prob if label == 1 else 1.0 - prob,
+            "assigned_to_class": (prob > 0.5) == bool(label),
+        }
     )
 
 
