@@ -619,6 +619,20 @@ def setting_fields(model: type[BaseModel] | None = None, prefix: str = "") -> It
             yield f"{prefix}{name}", field
 
 
+def launchpad_writes(value: Any) -> bool:
+    """Whether the UI's launchpad writes ``value`` (JSON-able) in a form its webserver reads back as
+    the same value. It writes a float below 1e-6 as ``1e-8``, without a decimal point, and the
+    webserver's YAML 1.1 reader takes that for a string: such a setting stays out of the launchpad's
+    typed fields (the environment and ``overrides_json`` still change it; in YAML write ``1.0e-8``)."""
+    if isinstance(value, float):
+        return value == 0 or 1e-6 <= abs(value) < 1e21
+    if isinstance(value, dict):
+        return all(launchpad_writes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(launchpad_writes(v) for v in value)
+    return True
+
+
 def is_fixed_at_load(name: str) -> bool:
     """Whether the dotted setting ``name`` (``classifier.seeds``, ``automation.groups``) is fixed at load."""
     return any(name == fixed or name.startswith(fixed + ".") for fixed in FIXED_AT_LOAD)

@@ -27,6 +27,7 @@ from synth_xray_assets.settings import (
     dotted_value,
     env_name,
     is_fixed_at_load,
+    launchpad_writes,
     section_classes,
     setting_fields,
 )
@@ -66,7 +67,10 @@ picks the profile and `SYNTH_XRAY_DATA` the data root.
 
   The editor completes sections and fields, shows types, defaults (the loaded settings) and these
   descriptions, and refuses an unknown field or a wrong value before the run starts. Config forms:
-  tuples are lists (`[0, 1]`), mappings are maps, paths are strings. Settings marked *no* shape the
+  tuples are lists (`[0, 1]`), mappings are maps, paths are strings. Settings marked
+  *`overrides_json`* have a default below 1e-6, which the launchpad writes as `1e-8` and its
+  webserver then reads as a string (YAML 1.1): they are not typed fields; change them per run in
+  the `overrides_json` field (`{{"dreambooth": {{"adam_epsilon": 1e-7}}}}`). Settings marked *no* shape the
   definitions when the code location loads (partitions, the schedule, the automation, the
   executor, where the data lives): they are not in the launchpad's sections, and a run that
   changes one anyway (through `overrides_json`, `profile` or `data_dir`) fails before its first
@@ -158,10 +162,16 @@ def _table(model: type[BaseModel], prefix: str, defaults: dict[str, dict[str, An
             continue
         dotted = f"{prefix}{name}"
         values = [_code(shown(dotted_value(defaults[p], dotted))) for p in ("demo", "full")]
-        per_run = "no" if is_fixed_at_load(dotted) else "yes"
+        per_run = _per_run(dotted, [dotted_value(defaults[p], dotted) for p in ("demo", "full")])
         cells = [_code(dotted), _code(type_name(field.annotation)), *values, per_run, _code(env_name(dotted))]
         rows.append("| " + " | ".join([*cells, _cell(field.description or "")]) + " |")
     return rows
+
+
+def _per_run(name: str, defaults: list[Any]) -> str:
+    if is_fixed_at_load(name):
+        return "no"
+    return "yes" if all(launchpad_writes(v) for v in defaults) else "`overrides_json`"
 
 
 def render() -> str:

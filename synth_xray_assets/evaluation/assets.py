@@ -50,7 +50,7 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
-from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.metadata import metadata_table, settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import (
     class_key_of,
@@ -140,6 +140,7 @@ def cxr_feature_extractor(
             "precision": info.precision,
             "micro_batch": info.compute.get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(info.weights_sha256[:16]),
     )
@@ -247,6 +248,7 @@ def fid_scores(
         "path": dg.MetadataValue.path(str(path)),
         **_score_metadata(results, held_out),
     }
+    metadata.update(settings_metadata(s))
     return dg.MaterializeResult(metadata=metadata, check_results=_fid_checks(results, s, len(synthetic)))
 
 
@@ -423,6 +425,7 @@ def memorization(
                 )
             ),
             "path": dg.MetadataValue.path(str(path)),
+            **settings_metadata(s),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -507,6 +510,7 @@ def class_fidelity(
             "classifier": "cxr_feature_extractor (DenseNet-121 trained on real train only)",
             "synthetic_version": record.synthetic_version,
             "path": dg.MetadataValue.path(str(path)),
+            **settings_metadata(s),
         },
         check_results=[
             dg.AssetCheckResult(
