@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/data/dagster_home
 
-.PHONY: install demo dev test lint bench
+.PHONY: install demo dev test lint bench settings-docs
 
 # uv installs the same pins from the same sources as pip (pip's indexes, find-links and
 # constraints passed on by tools/uv_pip_args.py) in a fraction of the time: benchmarks/install.py.
@@ -40,6 +40,10 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# docs/settings.md from the typed settings (synth_xray_assets/settings.py); a test fails when it is stale.
+settings-docs: install
+	$(PY) -m synth_xray_assets.settings_reference
 
 bench: install
 	for b in standardize dreambooth fid classifier; do $(PY) benchmarks/$$b.py || exit 1; done

@@ -17,7 +17,14 @@ from typing import Any
 
 import dagster as dg
 
-from synth_xray_assets.settings import ENV_PREFIX, DeploymentSettings, KubernetesSettings, Settings
+from synth_xray_assets.settings import (
+    ENV_PREFIX,
+    DeploymentSettings,
+    KubernetesSettings,
+    Settings,
+    env_name,
+    env_value,
+)
 
 GPU_POOL = "gpu"
 K8S_CONFIG_TAG = "dagster-k8s/config"  # read by dagster_k8s.get_user_defined_k8s_config
@@ -102,11 +109,9 @@ def settings_environment(s: Settings) -> dict[str, str]:
     folder, and ``SYNTH_XRAY_<SECTION>__<FIELD>`` for every field that differs from the profile's
     default (JSON for all but strings). Derived from the settings alone, so it carries no secret."""
     env = {f"{ENV_PREFIX}PROFILE": s.profile, f"{ENV_PREFIX}DATA": str(s.data_dir)}
-    changed = s.model_dump(mode="json", exclude_defaults=True, exclude={"profile", "data_dir"})
-    for section, fields in changed.items():
+    for section, fields in s.changes().items():
         for name, value in fields.items():
-            key = f"{ENV_PREFIX}{section}__{name}".upper()
-            env[key] = value if isinstance(value, str) else json.dumps(value)
+            env[env_name(f"{section}.{name}")] = env_value(value)
     return env
 
 

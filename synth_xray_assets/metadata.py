@@ -8,6 +8,8 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 
+from synth_xray_assets.settings import Settings
+
 
 def _column_type(dtype: Any) -> str:
     if pd.api.types.is_bool_dtype(dtype):
@@ -45,3 +47,12 @@ def metadata_table(frame: pd.DataFrame, index: bool = False) -> dg.TableMetadata
         for row in frame.itertuples(index=False)
     ]
     return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def settings_metadata(s: Settings) -> dict[str, dg.MetadataValue]:
+    """The settings a materialization read: ``settings_sha256`` (a hash of every setting but the data
+    root) and ``settings_changed`` (the values that differ from the profile's defaults)."""
+    return {
+        "settings_sha256": dg.MetadataValue.text(s.digest()),
+        "settings_changed": dg.MetadataValue.json(s.changes()),
+    }

@@ -1,6 +1,7 @@
 """Shared tiny configurations: every model built from config, no network, seconds on a CPU."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,15 @@ def tiny_overrides_json(**overrides) -> str:
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
     return json.dumps(merged)
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    """No SYNTH_XRAY_* variable but the demo profile on ``tmp_path``."""
+    for name in [n for n in os.environ if n.upper().startswith("SYNTH_XRAY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "demo")
+    monkeypatch.setenv("SYNTH_XRAY_DATA", str(tmp_path))
 
 
 @pytest.fixture(scope="session")

@@ -88,17 +88,6 @@ def test_load_settings_reads_nested_environment_variables(monkeypatch, tmp_path)
         load_settings()
 
 
-@pytest.fixture
-def clean_env(monkeypatch, tmp_path):
-    """No SYNTH_XRAY_* variable but the demo profile on ``tmp_path``."""
-    import os
-
-    for name in [n for n in os.environ if n.upper().startswith("SYNTH_XRAY_")]:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("SYNTH_XRAY_PROFILE", "demo")
-    monkeypatch.setenv("SYNTH_XRAY_DATA", str(tmp_path))
-
-
 @pytest.mark.parametrize(
     "name, nearest",
     [

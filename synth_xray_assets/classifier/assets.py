@@ -9,6 +9,7 @@ from synth_xray_assets.classifier.data import ExperimentData
 from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
 from synth_xray_assets.classifier.stats import METRICS
 from synth_xray_assets.classifier.train import RunResult
+from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import experiment_partitions
@@ -117,6 +118,7 @@ def classifier_experiment(
         "synthetic_versions": dg.MetadataValue.json(data.synthetic_versions),
         "settings": dg.MetadataValue.json(s.section_json("classifier")),
     }
+    metadata.update(settings_metadata(s))
     return dg.MaterializeResult(metadata=metadata, check_results=_run_checks(result, data))
 
 

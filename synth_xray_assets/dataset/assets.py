@@ -21,7 +21,7 @@ from synth_xray_assets.dataset.store import (
     build_standardized_dataset,
 )
 from synth_xray_assets.dataset.verify import reverify
-from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.metadata import metadata_table, settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import Settings
@@ -49,6 +49,7 @@ def chest_xray_source(context, settings: SettingsResource) -> dg.ObserveResult:
             "kind": resolved.kind,
             "location": resolved.location,
             "synthetic_phantoms": resolved.synthetic,
+            **settings_metadata(s),
         },
     )
 
@@ -121,6 +122,7 @@ def chest_xray_dataset(context: dg.AssetExecutionContext, settings: SettingsReso
             "thumbnails (top NORMAL, bottom PNEUMONIA)": dg.MetadataValue.md(
                 png_markdown(image_grid(thumbs, columns=8, cell=96), "train images per class")
             ),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(report.version),
     )

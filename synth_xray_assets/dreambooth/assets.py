@@ -35,6 +35,7 @@ from synth_xray_assets.dreambooth.training import (
     train_dreambooth,
 )
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
@@ -126,6 +127,7 @@ def _base_model_body(
             f"samples ('{s.dreambooth.class_prompt}')": dg.MetadataValue.md(
                 png_markdown(image_grid(list(samples), columns=8, cell=96), "base model samples")
             ),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(version),
     )
@@ -197,6 +199,7 @@ def prior_class_images(
             "base_model_version": base_version,
             "path": dg.MetadataValue.path(str(store.prior_dir(s.data_dir))),
             "images": dg.MetadataValue.md(png_markdown(image_grid(list(images[:16]), 8, 96), "class images")),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
@@ -287,6 +290,7 @@ def dreambooth_checkpoint(
             "samples (top) and real training images (bottom)": dg.MetadataValue.md(
                 png_markdown(grid, "samples")
             ),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(folder_version(out)),
     )

@@ -56,7 +56,7 @@ from synth_xray_assets.evaluation.memorization import (
     nearest_real_images,
     real_baseline,
 )
-from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.metadata import metadata_table, settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import (
     class_key_of,
@@ -146,6 +146,7 @@ def cxr_feature_extractor(
             "precision": info.precision,
             "micro_batch": info.compute.get("micro_batch", 0),  # < batch size after an OOM
             "history": metadata_table(curve.round(4)),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(info.weights_sha256[:16]),
     )
@@ -253,6 +254,7 @@ def fid_scores(
         "path": dg.MetadataValue.path(str(path)),
         **_score_metadata(results, held_out),
     }
+    metadata.update(settings_metadata(s))
     return dg.MaterializeResult(metadata=metadata, check_results=_fid_checks(results, s, len(synthetic)))
 
 
@@ -430,6 +432,7 @@ def memorization(
                 )
             ),
             "path": dg.MetadataValue.path(str(path)),
+            **settings_metadata(s),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -519,6 +522,7 @@ def class_fidelity(
             "synthetic_version": record.synthetic_version,
             "path": dg.MetadataValue.path(str(path)),
             "per_image_path": dg.MetadataValue.path(str(per_image_path)),
+            **settings_metadata(s),
         },
         check_results=[
             dg.AssetCheckResult(

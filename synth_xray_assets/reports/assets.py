@@ -10,7 +10,7 @@ from synth_xray_assets.classifier.experiment import is_finished, load_run, run_d
 from synth_xray_assets.classifier.train import RunResult
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.evaluation.fidelity import load_fidelity
-from synth_xray_assets.metadata import metadata_table
+from synth_xray_assets.metadata import metadata_table, settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import generator_keys
 from synth_xray_assets.reports.markdown import comparisons_frame, fidelity_text, main_frame, quality_frame
@@ -208,6 +208,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             "comparisons": metadata_table(comparisons_frame(report.comparisons)),
             "generator_quality": metadata_table(quality_frame(quality)),
             **figures,
+            **settings_metadata(s),
         }
     )
 

@@ -11,6 +11,7 @@ from synth_xray_assets.dreambooth import store as models
 from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
@@ -113,6 +114,7 @@ def synthetic_images(
             "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
                 png_markdown(grid, f"synthetic {key} above real {key}")
             ),
+            **settings_metadata(s),
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
