@@ -91,6 +91,10 @@ class PhantomSettings(_Section):
     min_side: int = 96
     max_side: int = 192
     seed: int = 2026
+    # Held-out reference phantoms per class (NORMAL, PNEUMONIA): made apart from every split, seen by
+    # no generator and no classifier, read only by the FID / KID references. (0, 0): none, and the
+    # references use the classifiers' carved validation split, as for real sources.
+    held_out_counts: tuple[int, int] = (0, 0)
 
 
 class BaseModelSettings(_Section):
@@ -219,6 +223,13 @@ class EvaluationSettings(_Section):
     batch_size: int = 64  # feature extraction
     kid_subsets: int = 100  # torch-fidelity's default
     kid_subset_size: int = 1000
+    # KID leads: fine-tuned images moved toward real (or away) only when their KID and the base
+    # model's differ by more than this many KID spreads (std over subsets) summed: mean ± std apart.
+    kid_verdict_spreads: float = 1.0
+    # FID's bias falls as 1/n and its covariances are rank-deficient below the feature dimension:
+    # an FID whose image set or reference holds fewer images than this, per feature space, is shown
+    # marked biased and decides nothing (pytorch-fid's advice: at least 2048 for Inception's pool3).
+    fid_min_images: dict[str, int] = {"cxr": 1024, "inception": 2048}
     prc_neighborhood: int = 3
     metrics_seed: int = 2020  # KID subset sampling (torch-fidelity's default seed)
     memorization_cosine_threshold: float = 0.02  # cosine distance below this: near-copy
@@ -433,6 +444,7 @@ class DemoPhantomSettings(PhantomSettings):
     split_counts: dict[str, tuple[int, int]] = {"train": (64, 184), "validation": (8, 8), "test": (32, 48)}
     min_side: int = 80
     max_side: int = 160
+    held_out_counts: tuple[int, int] = (120, 120)
 
 
 class DemoBaseModelSettings(BaseModelSettings):
