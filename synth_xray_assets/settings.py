@@ -466,6 +466,10 @@ class DemoDreamBoothSettings(DreamBoothSettings):
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
     learning_rate: float = 6e-4  # 3e-4: 35% of NORMAL samples read as NORMAL; 6e-4: 48% (README)
+    # The prior images ("a chest xray image" from the base model, pre-trained on both classes alike)
+    # pull NORMAL towards the base model's blotchy, opacity-like lungs: at 0.5 the extractor called
+    # 46 of 58 NORMAL samples NORMAL (79%, its recall on real NORMAL test 94%); at 0.25, 51 (88%).
+    prior_loss_weight: float = 0.25
     lora_learning_rate: float = 1e-3
     lr_warmup_steps: int = 5
     num_train_epochs: int = 12
