@@ -11,7 +11,12 @@ from fixtures import write_image_folder
 from PIL import Image
 
 from synth_xray_assets.dataset import assets as dataset_assets
-from synth_xray_assets.dataset.phantoms import generate_phantom_split, write_phantom_dataset
+from synth_xray_assets.dataset.phantoms import (
+    generate_phantom_split,
+    held_out_phantoms,
+    phantom_fingerprint,
+    write_phantom_dataset,
+)
 from synth_xray_assets.dataset.sources import (
     SourceError,
     check_splits_and_classes,
@@ -22,7 +27,7 @@ from synth_xray_assets.dataset.sources import (
 from synth_xray_assets.dataset.standardize import resize_center_crop, standardize_bytes, standardize_many
 from synth_xray_assets.dataset.store import StandardizedDataset, build_standardized_dataset
 from synth_xray_assets.resources import SettingsResource
-from synth_xray_assets.settings import PhantomSettings, Settings
+from synth_xray_assets.settings import DatasetSettings, PhantomSettings, Settings
 
 SHARED_224 = Path(__file__).resolve().parents[2] / "shared/data/chest-xray-pneumonia-224"
 TINY_PHANTOMS = {
@@ -87,6 +92,28 @@ def test_pneumonia_phantoms_have_brighter_lungs_than_normal():
     lungs = arrays[:, 20:44, 8:24].mean(axis=(1, 2)) + arrays[:, 20:44, 40:56].mean(axis=(1, 2))
     labels = np.array(labels)
     assert lungs[labels == 1].mean() > lungs[labels == 0].mean() + 5
+
+
+def test_held_out_phantoms_are_their_own_images_standardized_like_the_dataset():
+    tiny = PhantomSettings(**TINY_PHANTOMS, held_out_counts=(5, 7))
+    dataset = DatasetSettings(resolution=32)
+    normal, pneumonia = (held_out_phantoms(tiny, dataset, label) for label in (0, 1))
+    assert normal.shape == (5, 32, 32) and pneumonia.shape == (7, 32, 32) and normal.dtype == np.uint8
+    assert np.array_equal(normal, held_out_phantoms(tiny, dataset, 0))  # deterministic
+    # in no split: no held-out image is any split's image, standardized the same way
+    split_pixels = {
+        standardize_bytes(b, 32).pixels.tobytes()
+        for split in TINY_PHANTOMS["split_counts"]
+        for b in generate_phantom_split(tiny, split)[0]
+    }
+    assert not split_pixels & {img.tobytes() for img in np.concatenate([normal, pneumonia])}
+    # the class shows: PNEUMONIA's lungs brighter, as in the splits
+    lungs = (slice(None), slice(10, 22), slice(4, 12))
+    assert pneumonia[lungs].mean() > normal[lungs].mean()
+    # the source's parquet does not hold them: asking for more leaves its version alone
+    assert phantom_fingerprint(tiny) == phantom_fingerprint(PhantomSettings(**TINY_PHANTOMS))
+    none = PhantomSettings(**TINY_PHANTOMS, held_out_counts=(0, 3))
+    assert held_out_phantoms(none, dataset, 0).shape == (0, 32, 32)
 
 
 def test_phantom_dataset_reads_like_the_hub_dataset(tmp_path):

@@ -17,11 +17,14 @@ import pytest
 from PIL import Image
 
 from synth_xray_assets.dataset.assets import chest_xray_dataset
+from synth_xray_assets.dataset.splits import shared_validation_split
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import base_model_record
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.evaluation.extractor import extractor_weights
+from synth_xray_assets.evaluation.inputs import held_out_reference
 from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import write_json_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, MANIFEST_COLUMNS, synthetic_dir
 
@@ -31,6 +34,7 @@ OVERRIDES = {
         "split_counts": {"train": (12, 12), "validation": (2, 2), "test": (2, 2)},
         "min_side": 40,
         "max_side": 80,
+        "held_out_counts": (10, 10),  # the held-out FID / KID reference
     },
     "dataset": {"resolution": 32, "workers": 1},
     "dreambooth": {"resolution": 32},
@@ -40,7 +44,7 @@ OVERRIDES = {
         "num_inference_steps": 2,
         "batch_size": 8,
     },
-    # 25% of each class validates (3 of 12): the held-out FID reference
+    # 25% of each class validates (3 of 12): the held-out reference when no phantoms are made for it
     "classifier": {"batch_size": 8, "num_workers": 0, "pretrained": "none", "val_fraction": 0.25},
     "evaluation": {
         "feature_resolution": 32,
@@ -131,10 +135,24 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     assert md["n_reference"].value == 9
     assert "generator normal's own 9 NORMAL training images" in md["reference_set"].value
     assert md["checkpoint_version"].value == "ckpt-v1"
-    # held out: the 3 validation images no generator saw; floor: 8 other real NORMAL images
-    assert md["n_held_out_reference"].value == 3
-    assert "classifiers' validation split" in md["held_out_reference_set"].value
+    # held out: the 10 phantoms made for the reference; floor: 8 real NORMAL training images
+    assert md["n_held_out_reference"].value == 10
+    assert "10 held-out NORMAL phantoms made for the reference alone" in md["held_out_reference_set"].value
     assert "8 real normal training images outside the held-out set" in md["real_floor_set"].value
+    # KID leads the metadata, with its spread, subset size and n for each of the three sets
+    assert list(md)[:2] == ["kid_held_out", "scores_held_out"]
+    kid = md["kid_held_out"].value
+    for name, key in (("synthetic", ""), ("base_model", "_base_model"), ("real_floor", "_real_floor")):
+        assert f"{name} {md[f'kid_cxr{key}_held_out'].value:.4f} ± " in kid
+    assert "(subsets of 8, n 8 vs 10)" in kid and "Fine-tuning moved the images: **toward real**" in kid
+    assert "inception**: unavailable" in kid
+    held = {(r.data["space"], r.data["images"]): r.data for r in md["scores_held_out"].value.records}
+    floor = held[("cxr", "real_floor")]
+    assert (floor["n"], floor["n_reference"], floor["kid_subset_size"]) == (8, 10, 8)
+    assert floor["kid_std"] == pytest.approx(md["kid_std_cxr_real_floor_held_out"].value)
+    # below 1024 images FID is biased: marked so, in the table and in its own flag
+    assert floor["fid_reading"].startswith("biased (n < 1024)") and md["fid_cxr_held_out_biased"].value
+    assert md["fid_min_images"].value == {"cxr": 1024, "inception": 2048}
     assert "2 DPM-Solver steps, guidance 4.0" in md["base_model_images"].value  # the fine-tuned sampler
     for key in ("fid_cxr", "kid_cxr", "precision_cxr", "fid_cxr_base_model"):
         assert math.isfinite(md[key].value), key
@@ -158,14 +176,33 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     assert record["spaces"]["inception"]["available"] is False
     assert record["spaces"]["cxr"]["scores"]["synthetic"]["n_images"] == N_SYNTHETIC
     assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["n_images"] == 8
-    assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["n_reference"] == 3
+    assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["n_reference"] == 10
+    assert record["held_out"]["spaces"]["cxr"]["scores"]["real_floor"]["fid_biased"] is True
+    comparison = record["held_out"]["kid_comparison"]["cxr"]
+    assert comparison["verdict"] == "toward real" and comparison["difference"] > comparison["spread"] > 0
     base_manifest = pd.read_parquet(data / "evaluation" / "base_model_images" / "normal" / MANIFEST)
     assert set(base_manifest.num_inference_steps) == {2} and set(base_manifest.guidance_scale) == {4.0}
 
     checks = {c.check_name: c for c in downstream.get_asset_check_evaluations()}
     assert checks["scores_are_finite"].passed
     assert checks["every_synthetic_image_scored"].passed
-    assert checks["closer_to_real_than_base_model"].passed
+    closer = checks["closer_to_real_than_base_model"]
+    assert closer.passed and closer.metadata["cxr_verdict"].value == "toward real"
+    assert closer.metadata["cxr_kid_base_model"].value.endswith("(subsets of 8, n 8 vs 10)")
+
+
+def test_without_held_out_phantoms_the_reference_is_the_carved_validation_split(materialized):
+    data = materialized[0]
+    carved = {**OVERRIDES, "phantoms": {**OVERRIDES["phantoms"], "held_out_counts": (0, 0)}}
+    s = Settings.for_profile("demo", data, carved)
+    ds = StandardizedDataset.open(s.layout.dataset)
+    split = shared_validation_split(s, ds.rows("train"))
+    images, note = held_out_reference(s, ds, 0, split)
+    assert len(images) == 3 and "classifiers' validation split" in note  # 25% of 12 NORMAL
+    train = {img.tobytes() for img in ds.images("train", 0)}
+    assert {img.tobytes() for img in images} <= train  # carved from real train
+    phantoms = held_out_reference(Settings.for_profile("demo", data, OVERRIDES), ds, 0, split)[0]
+    assert len(phantoms) == 10 and not {img.tobytes() for img in phantoms} & train
 
 
 def test_memorization_warns_about_the_planted_copy(materialized):

@@ -29,8 +29,14 @@ from synth_xray_assets.evaluation.features import (
     resolve_inception_weights,
 )
 from synth_xray_assets.evaluation.fid import (
+    AWAY_FROM_REAL,
+    NOT_MEASURED,
+    TOWARD_REAL,
+    WITHIN_SPREAD,
     ReferenceImages,
+    SetScores,
     cached_reference_features,
+    compare_kid,
     fidelity_metrics,
     reference_features_key,
     score_sets,
@@ -178,6 +184,33 @@ def test_small_sets_skip_what_cannot_be_computed():
     assert three.precision is None and "prc" in three.skipped
     one = fidelity_metrics(rng.normal(size=(1, 8)), reference, SETTINGS)
     assert one.fid is None and one.kid_mean is None and set(one.skipped) == {"fid", "kid", "prc"}
+
+
+def test_fid_below_the_spaces_minimum_is_marked_biased_and_kid_stays_unbiased():
+    """FID of two draws of one distribution grows as n falls (its bias); KID's mean does not."""
+    rng = np.random.default_rng(1)
+    dim = 32
+    reference = rng.normal(size=(400, dim))
+    small, large = (fidelity_metrics(rng.normal(size=(n, dim)), reference, SETTINGS, 64) for n in (20, 400))
+    assert small.fid_biased and small.fid_min_images == 64 and not large.fid_biased
+    assert small.fid > 2 * large.fid  # the same distribution: all of the difference is bias
+    assert abs(small.kid_mean) < 3 * small.kid_std and abs(large.kid_mean) < 3 * large.kid_std
+    assert not fidelity_metrics(rng.normal(size=(20, dim)), reference, SETTINGS).fid_biased  # no minimum
+
+
+def kid(mean: float | None, std: float | None) -> SetScores:
+    return SetScores(None, mean, std, None, None, 50, 100, 16, 100, 3)
+
+
+def test_fine_tuning_moved_images_only_beyond_the_spread():
+    assert compare_kid(kid(0.01, 0.005), kid(0.05, 0.01), 1.0).verdict == TOWARD_REAL
+    away = compare_kid(kid(0.05, 0.01), kid(0.01, 0.005), 1.0)
+    assert away.verdict == AWAY_FROM_REAL and away.difference == pytest.approx(-0.04)
+    within = compare_kid(kid(0.03, 0.01), kid(0.045, 0.01), 1.0)  # 0.015 apart, spreads sum to 0.02
+    assert within.verdict == WITHIN_SPREAD and within.spread == pytest.approx(0.02)
+    assert compare_kid(kid(0.03, 0.01), kid(0.045, 0.01), 0.5).verdict == TOWARD_REAL
+    assert compare_kid(kid(None, None), kid(0.05, 0.01), 1.0).verdict == NOT_MEASURED
+    assert compare_kid(kid(0.01, 0.005), None, 1.0).verdict == NOT_MEASURED
 
 
 def test_classifier_files_load_and_wrong_or_missing_files_fail_clearly(weights, real, tmp_path):

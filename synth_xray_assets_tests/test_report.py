@@ -222,15 +222,41 @@ def test_study_report_asset_reads_only_existing_runs_and_lists_the_missing(tmp_p
     runs = [fake_run("baseline", s, 0.8) for s in (0, 1)] + [fake_run("synth-25", 0, 0.9)]
     runs.append(fake_run("synth-only", 1, 0.7, selection="test"))  # another protocol: left out
     write_fake_runs(tmp_path, runs)
+
     # one generator scored: its FID record and class fidelity, shown beside the experiments using it
-    fid = {"available": True, "scores": {"synthetic": {"fid": 12.5}}}
+    def scores(fid, kid, std, n=32, n_ref=120):
+        return {
+            "fid": fid,
+            "kid_mean": kid,
+            "kid_std": std,
+            "kid_subset_size": 16,
+            "n_images": n,
+            "n_reference": n_ref,
+            "fid_min_images": 1024,
+            "fid_biased": True,
+        }
+
+    fid = {"available": True, "scores": {"synthetic": scores(12.5, 0.01, 0.002, n_ref=60)}}
     held = {
         "available": True,
-        "scores": {"synthetic": {"fid": 20.0}, "real_floor": {"fid": 8.0}, "base_model": {"fid": 90.0}},
+        "scores": {
+            "synthetic": scores(20.0, 0.0435, 0.0109),
+            "real_floor": scores(8.0, 0.0232, 0.005),
+            "base_model": scores(90.0, 0.0248, 0.0065),
+        },
     }
+    unavailable = {"available": False, "reason": "no local Inception weights"}
+    comparison = {"cxr": {"verdict": "away from real", "difference": -0.0187, "spread": 0.0174}}
     write_json_atomic(
         tmp_path / "evaluation" / "fid" / "normal.json",
-        {"spaces": {"cxr": fid}, "held_out": {"reference_set": "held", "spaces": {"cxr": held}}},
+        {
+            "spaces": {"cxr": fid, "inception": unavailable},
+            "held_out": {
+                "reference_set": "120 held-out NORMAL phantoms",
+                "kid_comparison": comparison,
+                "spaces": {"cxr": held, "inception": unavailable},
+            },
+        },
     )
     fidelity = ClassFidelity(
         "normal", "normal", 32, 8, 0.25, 0.13, 0.42, 0.95, 0.8, "x", "v", 0.9, 0.8, 0.95, 40
@@ -248,18 +274,32 @@ def test_study_report_asset_reads_only_existing_runs_and_lists_the_missing(tmp_p
     )
     assert len(md["results"].value.records) == 2  # baseline, synth-25
     assert "25% [13, 42] of 32" in md["results"].value.records[1].data["class fidelity of its generators"]
-    quality = md["generator_quality"].value.records[0].data
-    assert quality["generator"] == "normal" and quality["cxr: real floor"] == "8.00"
-    assert quality["cxr: held-out ref"] == "20.00" and quality["FID cxr: own train ref"] == "12.50"
+    # KID first: per space, the three sets' KID with spread, n and subset size, and the verdict
+    rows = {r.data["space"]: r.data for r in md["generator_quality"].value.records}
+    assert rows["inception"]["KID fine-tuned"] == "unavailable: no local Inception weights"
+    kid = rows["cxr"]
+    assert kid["generator"] == "normal" and kid["KID fine-tuned"] == "0.0435 ± 0.0109 (n 32, subsets of 16)"
+    assert kid["KID base model"] == "0.0248 ± 0.0065 (n 32, subsets of 16)"
+    assert kid["KID real floor"] == "0.0232 ± 0.0050 (n 32, subsets of 16)"
+    assert kid["held-out ref n"] == "120" and kid["fine-tuning moved images"] == "away from real"
+    fid = md["generator_fid"].value.records[0].data
+    assert fid["FID own train ref"] == "12.50 (n 32 vs 60; biased: n < 1024)"
+    assert fid["FID held-out ref"] == "20.00 (n 32 vs 120; biased: n < 1024)"
+    assert fid["FID real floor"] == "8.00 (n 32 vs 120; biased: n < 1024)"
     assert md["comparisons"].value.records[0].data["comparison"] == "synth-25 − baseline"
     assert md["accuracy_comparison"].value.startswith("![accuracy_comparison](data:image/png;base64,")
     report = (tmp_path / "reports" / "report.md").read_text()
     assert "3 of 20 expected runs" in report and "**Missing (not yet materialized): 16**" in report
     assert "synth-only/seed-1: selected on test" in report
-    assert (
-        "| normal | 25% [13, 42] of 32 (real test images: 90% of 40) | 12.50 | 20.00 | 8.00 | 90.00 |"
-        in report
+    kid_row = (
+        "| normal | cxr | 0.0435 ± 0.0109 (n 32, subsets of 16) | 0.0248 ± 0.0065 (n 32, subsets of 16) | "
+        "0.0232 ± 0.0050 (n 32, subsets of 16) | 120 | away from real | 25% [13, 42] of 32 (real test "
+        "images: 90% of 40) |"
     )
+    assert kid_row in report and "(normal: 120 held-out NORMAL phantoms)" in report
+    fid_row = "| normal | cxr | 12.50 (n 32 vs 60; biased: n < 1024) | 20.00 (n 32 vs 120; biased: n < 1024) "
+    assert fid_row in report and "below 1024 (cxr) images on either side it is marked biased" in report
+    assert report.index("## Generators: KID first") < report.index("FID, for side-by-side reading")
     for name in ("accuracy_comparison", "training_curves", "confusion_matrices", "metrics_heatmap"):
         assert (tmp_path / "reports" / f"{name}.png").stat().st_size > 1000
     check = result.get_asset_check_evaluations()[0]

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from synth_xray_assets.settings import CLASS_NAMES, PhantomSettings
+from synth_xray_assets.dataset.standardize import standardize_bytes
+from synth_xray_assets.settings import CLASS_NAMES, DatasetSettings, PhantomSettings
 from synth_xray_assets.storage import atomic_path, combined_hash, write_bytes_atomic
 
 PHANTOM_README = """# Synthetic chest radiograph phantoms (demo data, not real patients)
@@ -26,6 +27,8 @@ Made by `synth_xray_assets.dataset.phantoms` from settings `{fingerprint}`. Draw
 (body, lungs, spine, ribs, heart) plus opacities for PNEUMONIA: a stand-in for
 `hf-vision/chest-xray-pneumonia` where there is no network. Same layout as the Hub dataset.
 """
+# The held-out reference's seed stream: a name no split of the parquet takes.
+HELD_OUT = "held-out-reference"
 
 
 def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
@@ -77,13 +80,35 @@ def render_phantom(label: int, width: int, height: int, rng: np.random.Generator
 
 
 def phantom_fingerprint(settings: PhantomSettings) -> str:
-    """A version of the generator's output: same settings, same images."""
-    return combined_hash([json.dumps(settings.model_dump(mode="json"), sort_keys=True), "phantoms-v1"])
+    """A version of the generator's output: same settings, same images (the held-out reference,
+    which the parquet does not hold, left out)."""
+    dumped = settings.model_dump(mode="json", exclude={"held_out_counts"})
+    return combined_hash([json.dumps(dumped, sort_keys=True), "phantoms-v1"])
 
 
 def generate_phantom_split(settings: PhantomSettings, split: str) -> tuple[list[bytes], list[int]]:
     """JPEG bytes and labels of one split, deterministic in (settings, split)."""
-    n_normal, n_pneumonia = settings.split_counts[split]
+    return _render_split(settings, split, settings.split_counts[split])
+
+
+def held_out_phantoms(phantoms: PhantomSettings, dataset: DatasetSettings, label: int) -> np.ndarray:
+    """The held-out reference phantoms of class ``label`` (``phantoms.held_out_counts``), standardized
+    like the stored dataset (uint8 ``[N, res, res]``): their own seed stream, in no split, so no
+    generator and no classifier sees them."""
+    images, labels = _render_split(phantoms, HELD_OUT, phantoms.held_out_counts)
+    out = [
+        standardize_bytes(b, dataset.resolution, dataset.mode).pixels
+        for b, y in zip(images, labels, strict=True)
+        if y == label
+    ]
+    return np.stack(out) if out else np.zeros((0, dataset.resolution, dataset.resolution), np.uint8)
+
+
+def _render_split(
+    settings: PhantomSettings, split: str, counts: tuple[int, ...]
+) -> tuple[list[bytes], list[int]]:
+    """JPEG bytes and labels of ``counts`` (NORMAL, PNEUMONIA) phantoms from ``split``'s seed stream."""
+    n_normal, n_pneumonia = counts
     labels = [0] * n_normal + [1] * n_pneumonia
     split_seed = settings.seed + sum(ord(c) for c in split) * 7919
     order = np.random.default_rng(split_seed).permutation(len(labels))

@@ -101,6 +101,10 @@ class SetScores:
     kid_subsets: int
     prc_neighborhood: int
     skipped: dict[str, str] = field(default_factory=dict)
+    # FID is biased below this many images on either side (evaluation.fid_min_images of the space):
+    # ``fid_biased`` then marks it, and it decides nothing.
+    fid_min_images: int = 0
+    fid_biased: bool = False
 
 
 @dataclass
@@ -150,7 +154,8 @@ def score_sets(
         return SpaceScores(False, {"feature_space": space.name}, reason=space.reason)
     feats = features_in_space(sets, reference, space, settings.batch_size, device)
     start = time.perf_counter()
-    scores = {name: fidelity_metrics(f, feats.reference, settings) for name, f in feats.sets.items()}
+    minimum = settings.fid_min_images.get(space.name, 0)
+    scores = {name: fidelity_metrics(f, feats.reference, settings, minimum) for name, f in feats.sets.items()}
     feats.seconds["metrics"] = time.perf_counter() - start
     return SpaceScores(
         True,
@@ -164,11 +169,15 @@ def score_sets(
 
 
 def fidelity_metrics(
-    features: np.ndarray, reference_features: np.ndarray, settings: EvaluationSettings
+    features: np.ndarray,
+    reference_features: np.ndarray,
+    settings: EvaluationSettings,
+    fid_min_images: int = 0,
 ) -> SetScores:
     """FID, KID and precision/recall of one set's features against the reference features.
 
-    KID draws ``kid_subsets`` subsets of ``min(kid_subset_size, n, n_reference)`` images;
+    The FID is marked ``fid_biased`` when either side holds fewer than ``fid_min_images``. KID
+    draws ``kid_subsets`` subsets of ``min(kid_subset_size, n, n_reference)`` images;
     precision/recall (Kynkaanniemi et al., k = ``prc_neighborhood``) needs more than k images on
     each side. What cannot be computed is ``None``, with the reason under ``"skipped"``.
     """
@@ -177,6 +186,7 @@ def fidelity_metrics(
     n1, n2, k = len(f1), len(f2), settings.prc_neighborhood
     subset = min(settings.kid_subset_size, n1, n2)
     out = SetScores(None, None, None, None, None, n1, n2, subset, settings.kid_subsets, k)
+    out.fid_min_images, out.fid_biased = fid_min_images, min(n1, n2) < fid_min_images
     skipped = out.skipped
     if min(n1, n2) >= 2:
         stats = fid_features_to_statistics(f1), fid_features_to_statistics(f2)
@@ -201,6 +211,38 @@ def fidelity_metrics(
     else:
         skipped["prc"] = f"needs more than prc_neighborhood={k} images per set (have {n1} and {n2} reference)"
     return out
+
+
+TOWARD_REAL, AWAY_FROM_REAL, WITHIN_SPREAD, NOT_MEASURED = (
+    "toward real",
+    "away from real",
+    "within the spread",
+    "not measured",
+)
+
+
+@dataclass(frozen=True)
+class KidComparison:
+    """Did fine-tuning move the images toward the real reference? The base model's KID less the
+    fine-tuned images' (positive: closer to real) against ``spreads`` times their summed KID spreads."""
+
+    verdict: str  # TOWARD_REAL, AWAY_FROM_REAL, WITHIN_SPREAD or NOT_MEASURED
+    difference: float | None  # KID base model - KID fine-tuned
+    spread: float | None  # spreads x (std fine-tuned + std base model)
+
+
+def compare_kid(fine_tuned: SetScores | None, base: SetScores | None, spreads: float) -> KidComparison:
+    """The verdict: beyond the spread (mean ± std apart, for ``spreads`` = 1) toward or away from
+    real, else within it; not measured when either KID is missing."""
+    if fine_tuned is None or base is None or fine_tuned.kid_mean is None or base.kid_mean is None:
+        return KidComparison(NOT_MEASURED, None, None)
+    difference = base.kid_mean - fine_tuned.kid_mean
+    spread = spreads * ((fine_tuned.kid_std or 0.0) + (base.kid_std or 0.0))
+    if difference > spread:
+        return KidComparison(TOWARD_REAL, difference, spread)
+    if -difference > spread:
+        return KidComparison(AWAY_FROM_REAL, difference, spread)
+    return KidComparison(WITHIN_SPREAD, difference, spread)
 
 
 def cached_reference_features(

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from synth_xray_assets.dataset.splits import generator_positions
+from synth_xray_assets.dataset.phantoms import held_out_phantoms
+from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_pipeline
@@ -59,18 +60,7 @@ def fid_references(s: Settings, ds: StandardizedDataset, key: str) -> FidReferen
     label, name = class_label(key), s.dataset.class_names[class_label(key)]
     train_all = ds.images("train")
     same_class = split.keep[rows.label.to_numpy()[split.keep] == label]
-    held = split.val[rows.label.to_numpy()[split.val] == label]
-    if len(held):
-        held_out = train_all[held]
-        held_note = (
-            f"the {len(held)} {name} images of the classifiers' validation split of real train "
-            f"({split.describe()}), never seen by a generator"
-        )
-    else:  # the study's protocol carves no validation split: the dataset's own validation split
-        held_out = ds.images("validation", label)
-        held_note = (
-            f"the {len(held_out)} {name} images of the dataset's own validation split (nothing carved)"
-        )
+    held_out, held_note = held_out_reference(s, ds, label, split)
     train_note = (
         f"generator {key}'s own {len(positions)} {name} training images "
         f"(dataset version {ds.version}, {s.dataset.resolution} px, {s.dataset.mode})"
@@ -83,6 +73,31 @@ def fid_references(s: Settings, ds: StandardizedDataset, key: str) -> FidReferen
         floor_pool=train_all[same_class],
         cache_key=f"{ds.version}-{key}-{split.unit}-{s.classifier.split_seed}",
     )
+
+
+def held_out_reference(
+    s: Settings, ds: StandardizedDataset, label: int, split: ValidationSplit
+) -> tuple[np.ndarray, str]:
+    """Real-distribution images of class ``label`` that no generator sees, and what they are: the
+    held-out phantoms made for the reference (the project's phantoms, ``phantoms.held_out_counts``),
+    else the classifiers' validation split carved from real train, else (nothing carved, the
+    study's protocol) the dataset's own validation split."""
+    name = s.dataset.class_names[label]
+    n_phantoms = s.phantoms.held_out_counts[label]
+    if (ds.origin or {}).get("phantoms") and n_phantoms:
+        return held_out_phantoms(s.phantoms, s.dataset, label), (
+            f"{n_phantoms} held-out {name} phantoms made for the reference alone (phantoms.held_out_counts; "
+            "their own seed stream, in no split: seen by no generator and no classifier), standardized "
+            f"like the dataset ({s.dataset.resolution} px, {s.dataset.mode})"
+        )
+    held = split.val[ds.rows("train").label.to_numpy()[split.val] == label]
+    if len(held):
+        return ds.images("train")[held], (
+            f"the {len(held)} {name} images of the classifiers' validation split of real train "
+            f"({split.describe()}), never seen by a generator"
+        )
+    images = ds.images("validation", label)
+    return images, f"the {len(images)} {name} images of the dataset's own validation split (nothing carved)"
 
 
 def base_model_images(

@@ -13,15 +13,21 @@ from synth_xray_assets.evaluation.fidelity import load_fidelity
 from synth_xray_assets.metadata import metadata_table, settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import generator_keys
-from synth_xray_assets.reports.markdown import comparisons_frame, fidelity_text, main_frame, quality_frame
-from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions, build_report
+from synth_xray_assets.reports.markdown import (
+    comparisons_frame,
+    fid_frame,
+    fidelity_text,
+    main_frame,
+    quality_frame,
+)
+from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions, SetFigures, build_report
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import PUBLISHED_RESULTS, Settings
 from synth_xray_assets.storage import atomic_path, png_markdown, write_json_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 OWNERS = ["team:synth-xray"]
-REPORT_VERSION = "report-v4"  # v4: the real images named from the source each run recorded
+REPORT_VERSION = "report-v5"  # v5: generators by KID first (mean ± std, subset size), n beside every score
 RUNS_FILE = "runs.json"  # which runs the last report read, and which were missing
 
 
@@ -78,29 +84,23 @@ def stale_reason(s: Settings, run: RunResult, dataset_version: str | None) -> st
 
 
 def generator_quality(s: Settings) -> list[GeneratorQuality]:
-    """FID and class fidelity of every generator of the settings, from the evaluation's files."""
+    """KID, FID and class fidelity of every generator of the settings, from the evaluation's files."""
     out = []
     for key in generator_keys(s.dreambooth.generators, s.classifier.experiments):
         fid_path = s.layout.fid_scores(key)
         record = json.loads(fid_path.read_text()) if fid_path.is_file() else {}
-        fid: dict[str, dict[str, float]] = {}
-        for space in ("cxr", "inception"):
-            train = record.get("spaces", {}).get(space, {})
-            held = record.get("held_out", {}).get("spaces", {}).get(space, {})
-            fid[space] = {
-                "train": _fid(train, "synthetic"),
-                "held_out": _fid(held, "synthetic"),
-                "real_floor": _fid(held, "real_floor"),
-                "base_model": _fid(held, "base_model"),
-            }
         fidelity = load_fidelity(s.data_dir, key)
         if not record and fidelity is None:
             continue
+        held = record.get("held_out", {})
+        scores, unavailable = _space_figures(record.get("spaces", {}), held.get("spaces", {}))
         out.append(
             GeneratorQuality(
                 generator=key,
-                fid=fid,
-                held_out_reference=record.get("held_out", {}).get("reference_set", ""),
+                scores=scores,
+                kid_verdict={k: v["verdict"] for k, v in held.get("kid_comparison", {}).items()},
+                unavailable=unavailable,
+                held_out_reference=held.get("reference_set", ""),
                 train_reference=record.get("reference_set", ""),
                 class_fidelity=fidelity.share if fidelity else float("nan"),
                 class_fidelity_low=fidelity.ci_low if fidelity else float("nan"),
@@ -113,11 +113,22 @@ def generator_quality(s: Settings) -> list[GeneratorQuality]:
     return out
 
 
-def _fid(space_result: dict, set_name: str) -> float:
-    value = (
-        space_result.get("scores", {}).get(set_name, {}).get("fid") if space_result.get("available") else None
-    )
-    return float("nan") if value is None else float(value)
+def _space_figures(train: dict, held: dict) -> tuple[dict[str, dict[str, SetFigures]], dict[str, str]]:
+    """Per available space the synthetic set against its own training images (``train``) and every
+    set against the held-out reference; per unavailable space the reason."""
+    scores: dict[str, dict[str, SetFigures]] = {}
+    unavailable: dict[str, str] = {}
+    for space in ("cxr", "inception"):
+        own, other = train.get(space, {}), held.get(space, {})
+        if not (own.get("available") or other.get("available")):
+            if own or other:
+                unavailable[space] = own.get("reason") or other.get("reason") or "unavailable"
+            continue
+        figures = {name: SetFigures.from_scores(v) for name, v in other.get("scores", {}).items()}
+        if "synthetic" in own.get("scores", {}):
+            figures["train"] = SetFigures.from_scores(own["scores"]["synthetic"])
+        scores[space] = figures
+    return scores, unavailable
 
 
 @dg.asset(
@@ -134,7 +145,9 @@ def _fid(space_result: dict, set_name: str) -> float:
         "The study's results, redone: per experiment the mean and spread over seeds, two-level (seeds, "
         "then test images) bootstrap intervals, paired tests against the baseline and of each mix "
         "against its balance control (paired bootstrap, t over seeds, DeLong; raw and Holm-adjusted), "
-        "each generator's class fidelity and FID (own training images, held-out, real floor), "
+        "each generator's KID first (mean ± std over subsets, against held-out real images, with the base "
+        "model and the real floor, and whether fine-tuning moved its images toward real beyond the "
+        "spread), then FID marked biased below its minimum n, n beside every score, and class fidelity, "
         "the study's published figures side by side, and its four figures (accuracy comparison, "
         "training curves, confusion matrices, metrics heatmap). Reads only the classifier runs that "
         "exist and are current; lists the missing and the stale ones with the reason. "
@@ -207,6 +220,7 @@ def study_report(context: dg.AssetExecutionContext, settings: SettingsResource) 
             "results": metadata_table(main_frame(report.table, fidelity)),
             "comparisons": metadata_table(comparisons_frame(report.comparisons)),
             "generator_quality": metadata_table(quality_frame(quality)),
+            "generator_fid": metadata_table(fid_frame(quality)),
             **figures,
             **settings_metadata(s),
         }

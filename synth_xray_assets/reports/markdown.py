@@ -15,7 +15,7 @@ from synth_xray_assets.classifier.train import RunExtra, RunResult
 from synth_xray_assets.storage import markdown_table
 
 if TYPE_CHECKING:
-    from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions
+    from synth_xray_assets.reports.report import GeneratorQuality, ReportOptions, SetFigures
 
 
 def _pct(v: float, digits: int = 1) -> str:
@@ -96,22 +96,66 @@ def comparisons_frame(c: pd.DataFrame) -> pd.DataFrame:
 
 
 def quality_frame(quality: Sequence[GeneratorQuality]) -> pd.DataFrame:
-    """Per generator: class fidelity and FID against its own training images, against held-out real
-    images, the real-vs-real floor and the base model at the same sampler, in each space."""
+    """KID first: per generator and feature space, KID (mean ± std over subsets, subset size, n) of
+    the fine-tuned images, the base model's and the real floor against the held-out reference, whether
+    fine-tuning moved the images toward real beyond the spread, and class fidelity."""
     rows = []
     for q in quality:
-        row = {
-            "generator": q.generator,
-            "class fidelity [95% CI]": fidelity_text(q),
-        }
-        for space in ("cxr", "inception"):
-            f = q.fid.get(space, {})
-            row[f"FID {space}: own train ref"] = _num(f.get("train", float("nan")), 2)
-            row[f"{space}: held-out ref"] = _num(f.get("held_out", float("nan")), 2)
-            row[f"{space}: real floor"] = _num(f.get("real_floor", float("nan")), 2)
-            row[f"{space}: base model"] = _num(f.get("base_model", float("nan")), 2)
-        rows.append(row)
+        head = {"generator": q.generator}
+        for space, why in q.unavailable.items():
+            rows.append({**head, "space": space, "KID fine-tuned": f"unavailable: {why}"})
+        for space, f in q.scores.items():
+            rows.append(
+                {
+                    **head,
+                    "space": space,
+                    "KID fine-tuned": kid_cell(f.get("synthetic")),
+                    "KID base model": kid_cell(f.get("base_model")),
+                    "KID real floor": kid_cell(f.get("real_floor")),
+                    "held-out ref n": _count(f.get("synthetic"), "n_reference"),
+                    "fine-tuning moved images": q.kid_verdict.get(space, "not measured"),
+                    "class fidelity [95% CI]": fidelity_text(q),
+                }
+            )
     return pd.DataFrame(rows)
+
+
+def fid_frame(quality: Sequence[GeneratorQuality]) -> pd.DataFrame:
+    """FID with n beside it, marked biased where either side holds fewer than the space's minimum:
+    against the generator's own training images, and the three sets against the held-out reference."""
+    rows = []
+    for q in quality:
+        for space, f in q.scores.items():
+            rows.append(
+                {
+                    "generator": q.generator,
+                    "space": space,
+                    "FID own train ref": fid_cell(f.get("train")),
+                    "FID held-out ref": fid_cell(f.get("synthetic")),
+                    "FID base model": fid_cell(f.get("base_model")),
+                    "FID real floor": fid_cell(f.get("real_floor")),
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def kid_cell(f: SetFigures | None) -> str:
+    """``0.0435 ± 0.0109 (n 58, subsets of 16)``."""
+    if f is None or _nan(f.kid_mean):
+        return "n/a" if f is None else f"n/a (n {f.n})"
+    return f"{f.kid_mean:.4f} ± {f.kid_std:.4f} (n {f.n}, subsets of {f.kid_subset_size})"
+
+
+def fid_cell(f: SetFigures | None) -> str:
+    """``73.40 (n 58 vs 120; biased: n < 1024)``."""
+    if f is None or _nan(f.fid):
+        return "n/a" if f is None else f"n/a (n {f.n})"
+    mark = f"; biased: n < {f.fid_min_images}" if f.fid_biased else ""
+    return f"{f.fid:.2f} (n {f.n} vs {f.n_reference}{mark})"
+
+
+def _count(f: SetFigures | None, name: str) -> str:
+    return "n/a" if f is None else str(getattr(f, name))
 
 
 def fidelity_text(q: GeneratorQuality) -> str:
@@ -122,6 +166,20 @@ def fidelity_text(q: GeneratorQuality) -> str:
     if _nan(q.real_test_recall):
         return text
     return f"{text} (real test images: {100 * q.real_test_recall:.0f}% of {q.real_test_n})"
+
+
+def _held_out_md(quality: Sequence[GeneratorQuality]) -> str:
+    """The held-out reference sets, in words (one per generator)."""
+    named = [f"{q.generator}: {q.held_out_reference}" for q in quality if q.held_out_reference]
+    return f" ({'; '.join(named)})" if named else ""
+
+
+def _fid_minimum_md(quality: Sequence[GeneratorQuality]) -> str:
+    """``1024 (cxr) / 2048 (inception)``: the minimum n per feature space the scores record."""
+    minimum = {
+        space: f.fid_min_images for q in quality for space, sets in q.scores.items() for f in sets.values()
+    }
+    return " / ".join(f"{n} ({space})" for space, n in minimum.items()) or "the feature dimension"
 
 
 def _nan(v: Any) -> bool:
@@ -312,6 +370,7 @@ def render_markdown(
     )
     fidelity = {q.generator: fidelity_text(q) for q in opts.quality}
     quality = markdown_table(quality_frame(opts.quality)) or "No generator has been scored yet."
+    fid = markdown_table(fid_frame(opts.quality)) or "No generator has been scored yet."
     return f"""# Synthetic chest X-rays for pneumonia classification: results
 
 DenseNet-121 pneumonia classifiers trained on {len(table)} mixes of real and synthetic chest X-rays,
@@ -342,17 +401,27 @@ the class balance it brings?
 
 {markdown_table(comparisons_frame(comparisons)) or "No paired comparison: the baseline has no run."}
 
-## Generators: class fidelity and FID
+## Generators: KID first, n beside every score
 
-Class fidelity: the share of a generator's synthetic images that the chest-X-ray feature extractor (a
-DenseNet-121 trained on real images only) assigns to the generator's class, 95% Wilson interval; read it
-beside Synth-Only (trained on synthetic images only, tested on real). FID against the generator's own
-training images rewards memorization; against held-out real images (never seen by a generator) it does
-not; the real floor is the FID of as many real images (outside the held-out set) against the same
-held-out reference: what "as good as real" scores. Base model: its images of the same prompt with the
-same sampler settings.
+KID (kernel inception distance in each feature space: unbiased at any n, so it leads and decides) of
+each generator's images against held-out real images of its class, never seen by a generator or a
+classifier{_held_out_md(opts.quality)}: the fine-tuned images, the untrained base model's images of
+the same prompt with the same sampler settings, and the real floor (as many real images, outside the
+held-out set, against the same reference: what "as good as real" scores). Mean ± std over random
+subsets of the stated size; n is the number of images scored. "Fine-tuning moved images": toward or
+away from real when the base model's KID and the fine-tuned images' differ by more than their spreads
+summed, else within the spread. Class fidelity: the share of a generator's synthetic images that the
+chest-X-ray feature extractor (a DenseNet-121 trained on real images only) assigns to the generator's
+class, 95% Wilson interval, beside its recall on the real test images of the class.
 
 {quality}
+
+FID, for side-by-side reading with the study (which reports FID only); it decides nothing. FID is
+biased upwards at small n (its bias falls as 1/n and its covariances are rank-deficient below the
+feature dimension): below {_fid_minimum_md(opts.quality)} images on either side it is marked biased.
+Against the generator's own training images it rewards memorization.
+
+{fid}
 
 ## Side by side with the study
 

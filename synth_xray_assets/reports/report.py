@@ -42,12 +42,49 @@ P_COLUMNS = ("p_bootstrap", "p_seeds", "p_delong")
 
 
 @dataclass(frozen=True)
+class SetFigures:
+    """One image set's scores in one feature space against one reference, each with its n (NaN: none)."""
+
+    n: int = 0
+    n_reference: int = 0
+    kid_mean: float = float("nan")
+    kid_std: float = float("nan")
+    kid_subset_size: int = 0
+    fid: float = float("nan")
+    fid_biased: bool = True  # fewer than fid_min_images on either side: read only beside the study
+    fid_min_images: int = 0
+
+    @classmethod
+    def from_scores(cls, scores: Mapping[str, Any]) -> SetFigures:
+        """From a ``fid_scores`` record's ``SetScores`` (as JSON)."""
+
+        def value(name: str) -> float:
+            v = scores.get(name)
+            return float("nan") if v is None else float(v)
+
+        return cls(
+            n=int(scores.get("n_images", 0)),
+            n_reference=int(scores.get("n_reference", 0)),
+            kid_mean=value("kid_mean"),
+            kid_std=value("kid_std"),
+            kid_subset_size=int(scores.get("kid_subset_size", 0)),
+            fid=value("fid"),
+            fid_biased=bool(scores.get("fid_biased", True)),
+            fid_min_images=int(scores.get("fid_min_images", 0)),
+        )
+
+
+@dataclass(frozen=True)
 class GeneratorQuality:
-    """What the report shows of one generator: FID (train and held-out reference, real floor, base
-    model) in each feature space, and class fidelity with its interval (NaN where not measured)."""
+    """What the report shows of one generator: per feature space the KID and FID of its images
+    against its own training images (``train``) and against the held-out reference (``synthetic``,
+    ``base_model``, ``real_floor``), whether fine-tuning moved its images toward real (on KID), and
+    class fidelity with its interval (NaN where not measured)."""
 
     generator: str
-    fid: dict[str, dict[str, float]] = field(default_factory=dict)  # space -> figure -> value
+    scores: dict[str, dict[str, SetFigures]] = field(default_factory=dict)  # space -> set -> figures
+    kid_verdict: dict[str, str] = field(default_factory=dict)  # space -> toward real / ...
+    unavailable: dict[str, str] = field(default_factory=dict)  # space -> why it has no score
     held_out_reference: str = ""
     train_reference: str = ""
     class_fidelity: float = float("nan")
