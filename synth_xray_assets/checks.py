@@ -16,15 +16,16 @@ Findings = Callable[[Settings, str, ComputeResource], dict[str, Any]]
 
 
 def partition_check(
-    asset: dg.AssetsDefinition, name: str, description: str, find: Findings, **options: Any
-) -> Callable[[dg.PartitionsDefinition], dg.AssetChecksDefinition]:
-    """A factory of the blocking check ``name`` on ``asset`` for given partitions.
+    asset: str, name: str, description: str, find: Findings
+) -> Callable[..., dg.AssetChecksDefinition]:
+    """A factory of the blocking check ``name`` on the asset ``asset`` for given partitions.
 
     ``find(settings, partition_key, compute)`` returns the findings: ``ok`` is the verdict and
-    every finding shows as text metadata. ``options`` go to ``dg.asset_check`` (e.g. ``pool``).
+    every finding shows as text metadata. The factory's ``options`` go to ``dg.asset_check`` (e.g.
+    ``pool`` and ``op_tags``).
     """
 
-    def on_partitions(partitions_def: dg.PartitionsDefinition) -> dg.AssetChecksDefinition:
+    def on_partitions(partitions_def: dg.PartitionsDefinition, **options: Any) -> dg.AssetChecksDefinition:
         @dg.asset_check(
             asset=asset,
             name=name,

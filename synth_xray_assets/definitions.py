@@ -12,7 +12,7 @@ import dagster as dg
 from synth_xray_assets.automation import automation_sensor, with_automation
 from synth_xray_assets.classifier import assets as classifier
 from synth_xray_assets.dataset import assets as dataset
-from synth_xray_assets.deployment import executor_for, with_step_tags
+from synth_xray_assets.deployment import executor_for
 from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.export import assets as export
@@ -66,7 +66,7 @@ def build_defs(
     """Every definition, made from ``settings`` alone (reads no environment)."""
     resource = settings if isinstance(settings, SettingsResource) else SettingsResource.of(settings, hf_token)
     s = resource.get()
-    domains = with_step_tags(dg.Definitions.merge(*(d.build_defs(s) for d in DOMAINS)), s.deployment)
+    domains = dg.Definitions.merge(*(d.build_defs(s) for d in DOMAINS))
     return dg.Definitions(
         assets=with_automation(domains.assets or [], s.automation),
         asset_checks=domains.asset_checks,

@@ -1,19 +1,20 @@
 """Where the steps run: the executor chosen by settings, and the step tags Kubernetes and Celery read.
 
-``definitions.build_defs`` calls two functions: ``executor_for`` (multiprocess by default,
-``dagster_k8s.k8s_job_executor`` or ``dagster_celery.celery_executor``) and ``with_step_tags``,
-which gives every GPU step (``pool="gpu"``: assets and asset checks) the ``dagster-k8s/config``
-tag (GPU limit, node selector, tolerations) and the Celery queue ``gpu``; every other step runs
-on the Celery queue ``cpu`` (the executor's default queue) and carries no Kubernetes
-configuration. The asset graph, partitions and automation are the same whatever the executor.
+``definitions.build_defs`` calls ``executor_for`` (multiprocess by default,
+``dagster_k8s.k8s_job_executor`` or ``dagster_celery.celery_executor``). The domains make their GPU
+steps (assets and asset checks) with ``gpu_step(settings, kind)`` as decorator arguments: the
+``gpu`` pool and the op tags ``dagster-k8s/config`` (GPU limit, CPU and memory by kind of step,
+tolerations, a node selector if set) and the Celery queue ``gpu``. Every other step runs on the
+Celery queue ``cpu`` (the executor's default queue) and gets its Kubernetes size from the
+executor's ``step_k8s_config``. The asset graph, partitions and automation are the same whatever
+the executor.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 
@@ -21,6 +22,7 @@ from synth_xray_assets.settings import (
     ENV_PREFIX,
     DeploymentSettings,
     KubernetesSettings,
+    PodSize,
     Settings,
     env_name,
     env_value,
@@ -30,78 +32,45 @@ GPU_POOL = "gpu"
 K8S_CONFIG_TAG = "dagster-k8s/config"  # read by dagster_k8s.get_user_defined_k8s_config
 CELERY_QUEUE_TAG = "dagster-celery/queue"  # read by dagster_celery's execution loop
 DATA_VOLUME = "synth-xray-data"
+# Kinds of GPU step, each with its row in settings deployment.kubernetes.step_sizes.
+GpuStepKind = Literal["diffusion", "dreambooth", "classifier"]
 
 
-def gpu_k8s_config(k: KubernetesSettings) -> dict[str, Any]:
-    """The step-level Kubernetes configuration of a GPU step: a GPU limit, node selector, tolerations."""
-    gpus = str(k.gpus_per_step)
+def pod_resources(size: PodSize, gpus: int = 0, gpu_resource: str = "nvidia.com/gpu") -> dict[str, Any]:
+    """A container's requests and limits: ``size`` per GPU (once for a step without GPU), requests
+    equal to limits (Guaranteed QoS). A GPU count goes in the limits (Kubernetes copies it to the
+    requests)."""
+    scale = max(gpus, 1)
+    host = {"cpu": str(size.cpu * scale), "memory": f"{size.memory_gib * scale}Gi"}
+    limits = {**host, **({gpu_resource: str(gpus)} if gpus else {})}
+    return {"requests": dict(host), "limits": limits}
+
+
+def gpu_k8s_config(k: KubernetesSettings, kind: GpuStepKind) -> dict[str, Any]:
+    """The step-level Kubernetes configuration of a GPU step of ``kind``: its CPU, memory and GPU,
+    its tolerations, and the node selector when one is set."""
+    size = getattr(k.step_sizes, kind)
+    pod_spec: dict[str, Any] = {"tolerations": [dict(t) for t in k.gpu_tolerations]}
+    if k.gpu_node_selector:
+        pod_spec["node_selector"] = dict(k.gpu_node_selector)
     return {
-        "container_config": {"resources": {"limits": {k.gpu_resource: gpus}}},
-        "pod_spec_config": {
-            "node_selector": dict(k.gpu_node_selector),
-            "tolerations": [dict(t) for t in k.gpu_tolerations],
-        },
+        "container_config": {"resources": pod_resources(size, k.gpus_per_step, k.gpu_resource)},
+        "pod_spec_config": pod_spec,
     }
 
 
-def gpu_step_tags(d: DeploymentSettings) -> dict[str, str]:
-    """Op tags of every step in the gpu pool."""
-    return {K8S_CONFIG_TAG: json.dumps(gpu_k8s_config(d.kubernetes)), CELERY_QUEUE_TAG: d.celery.gpu_queue}
+def gpu_op_tags(d: DeploymentSettings, kind: GpuStepKind) -> dict[str, str]:
+    """Op tags of a GPU step of ``kind``: its Kubernetes configuration and its Celery queue."""
+    return {
+        K8S_CONFIG_TAG: json.dumps(gpu_k8s_config(d.kubernetes, kind)),
+        CELERY_QUEUE_TAG: d.celery.gpu_queue,
+    }
 
 
-def _with_op_tags(assets_def: dg.AssetsDefinition, tags: Mapping[str, str]) -> dg.AssetsDefinition:
-    """The same asset(s) with ``tags`` added to the op that computes them."""
-    op = assets_def.op
-    tagged = dg.OpDefinition.dagster_internal_init(
-        compute_fn=op.compute_fn,
-        name=op.name,
-        ins={d.name: dg.In.from_definition(d) for d in op.input_defs},
-        outs={d.name: dg.Out.from_definition(d) for d in op.output_defs},
-        description=op.description,
-        config_schema=op.config_schema,
-        required_resource_keys=op.required_resource_keys,
-        tags={**op.tags, **tags},
-        version=None,
-        retry_policy=op.retry_policy,
-        code_version=op._version,  # what OpDefinition.with_replaced_properties copies
-        pool=op.pool,
-    )
-    attributes = assets_def.get_attributes_dict()
-    if isinstance(assets_def, dg.AssetChecksDefinition):
-        return dg.AssetChecksDefinition.create(
-            keys_by_input_name=attributes["keys_by_input_name"],
-            node_def=tagged,
-            check_specs_by_output_name=attributes["check_specs_by_output_name"],
-            can_subset=attributes["can_subset"],
-            resource_defs=attributes["resource_defs"],
-        )
-    return dg.AssetsDefinition.dagster_internal_init(**{**attributes, "node_def": tagged})
-
-
-def _is_gpu_step(item: object) -> bool:
-    return (
-        isinstance(item, dg.AssetsDefinition)
-        and item.is_executable
-        and isinstance(item.node_def, dg.OpDefinition)
-        and item.op.pool == GPU_POOL
-    )
-
-
-def with_step_tags(defs: dg.Definitions, d: DeploymentSettings) -> dg.Definitions:
-    """``defs`` with the GPU steps tagged for Kubernetes and Celery (see the module's docstring)."""
-    tags = gpu_step_tags(d)
-    return dg.Definitions(
-        assets=[_with_op_tags(a, tags) if _is_gpu_step(a) else a for a in defs.assets or []],
-        asset_checks=[_with_op_tags(c, tags) if _is_gpu_step(c) else c for c in defs.asset_checks or []],
-        schedules=defs.schedules,
-        sensors=defs.sensors,
-        jobs=defs.jobs,
-        resources=defs.resources,
-        executor=defs.executor,
-        loggers=defs.loggers,
-        metadata=defs.metadata,
-        component_tree=defs.component_tree,
-    )
+def gpu_step(s: Settings, kind: GpuStepKind) -> dict[str, Any]:
+    """Decorator arguments (``dg.asset`` / ``dg.asset_check``) of a step that needs a GPU: the gpu
+    pool (one such step per card) and the op tags of ``kind``."""
+    return {"pool": GPU_POOL, "op_tags": gpu_op_tags(s.deployment, kind)}
 
 
 def settings_environment(s: Settings) -> dict[str, str]:
@@ -117,14 +86,17 @@ def settings_environment(s: Settings) -> dict[str, str]:
 
 def every_step_k8s_config(s: Settings) -> dict[str, Any]:
     """Kubernetes configuration of every step pod: the shared data volume (a ReadWriteMany claim)
-    mounted at the same path, and the environment that gives these settings, with
-    ``SYNTH_XRAY_DATA`` at the mount path."""
+    mounted at the same path, the environment that gives these settings (``SYNTH_XRAY_DATA`` at
+    the mount path), and the size of a step without GPU."""
     k = s.deployment.kubernetes
     in_pod = s.model_copy(update={"data_dir": Path(k.data_mount_path)})
     env = [{"name": n, "value": v} for n, v in sorted(settings_environment(in_pod).items())]
     return {
         "container_config": {
             "env": env,
+            # GPU steps' own sizes (gpu_k8s_config) are merged over this one (dagster-k8s merges
+            # step tags into the executor's config key by key).
+            "resources": pod_resources(k.step_sizes.cpu),
             "volume_mounts": [{"name": DATA_VOLUME, "mount_path": k.data_mount_path}],
         },
         "pod_spec_config": {

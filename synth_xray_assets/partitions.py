@@ -77,14 +77,3 @@ def class_key_of(partition_key: str) -> str:
 def class_label(partition_key: str) -> int:
     """0 for normal, 1 for pneumonia (the dataset's ClassLabel order), of a generator partition."""
     return CLASS_KEYS.index(class_key_of(partition_key))
-
-
-def with_generator_partitions(assets: list, s: Settings) -> list:
-    """Per-generator assets (or asset checks) on the settings' generator partitions: unchanged for
-    the study's arrangement, ``normal``, ``pneumonia``, ``normal-r10``, ... with matched generators."""
-    partitions = generator_partitions(s)
-    if partitions is class_partitions:
-        return list(assets)
-    return [
-        a.map_asset_specs(lambda spec: spec.replace_attributes(partitions_def=partitions)) for a in assets
-    ]

@@ -477,19 +477,63 @@ class AutomationSettings(_Section):
 
 
 # --- Deployment: where the steps run. Fixed when the code loads, like the partitions. ---
+class PodSize(_Section):
+    """CPU cores and host memory of one step pod per GPU it holds; requests equal limits."""
+
+    cpu: int
+    """CPU cores (request and limit)."""
+    memory_gib: int
+    """Host memory in GiB (request and limit)."""
+
+
+class StepSizes(_Section):
+    """Step pods by kind of step, per GPU (a step on k GPUs gets k times both; ``cpu`` steps hold none).
+
+    Requests equal limits: the pods are Guaranteed (the last evicted under node pressure), and
+    torch's threads follow the CPU limit (``hardware.available_cpus``). Host memory is estimated from
+    sizes, not measured on a card: SD 2.1 base is 1.29 G parameters (UNet 866 M, text encoder 340 M,
+    VAE 84 M), 4.8 GiB in fp32; torch with CUDA and its libraries take about 3 GiB of host memory in a
+    process; the full training split is 5,216 images of 512 x 512 (1.3 GiB as grayscale uint8).
+    Each figure then has room for one transient copy of its largest part.
+    """
+
+    cpu: PodSize = PodSize(cpu=2, memory_gib=8)
+    """Steps outside the gpu pool: the dataset's standardization (dataset.workers processes, each
+    holding a parquet shard and its decoded images), the report, the CPU checks."""
+    diffusion: PodSize = PodSize(cpu=4, memory_gib=16)
+    """Loading a pipeline and sampling (base_model, prior_class_images, synthetic_images,
+    checkpoint_loads, fid_scores): the fp32 pipeline on the host while it loads (4.8 GiB) + torch and
+    CUDA (3 GiB) + a batch of decoded images and Inception features (< 1 GiB) = 9 GiB; 16 GiB leaves
+    room for a second pipeline (the checkpoint over the base model when loading it)."""
+    dreambooth: PodSize = PodSize(cpu=8, memory_gib=24)
+    """DreamBooth full fine-tune: the fp32 pipeline loaded on the host (4.8 GiB) + torch and CUDA
+    (3 GiB) + the class's decoded images (up to 3,875 x 512 x 512, 1 GiB) and prior images + cached
+    VAE latents (mean and std, 4 x 64 x 64 fp32 each: 0.5 GiB) + the fp32 UNet and text encoder
+    copied to the host at each checkpoint and the final save (4.5 GiB) = 14 GiB; 24 GiB with the one
+    transient copy."""
+    classifier: PodSize = PodSize(cpu=8, memory_gib=12)
+    """DenseNet-121 work (classifier_experiment, cxr_feature_extractor, memorization, class_fidelity):
+    torch and CUDA (3 GiB) + the real and synthetic images at 256 px (7,616 x 256 x 256: 0.5 GiB) and
+    their features + loader workers on the CPU path (classifier.num_workers, each sharing the arrays
+    copy-on-write) = under 6 GiB; 12 GiB with margin."""
+
+
 class KubernetesSettings(_Section):
-    """Step pods on Kubernetes (``deployment.executor = "k8s"``): GPU placement and the shared data."""
+    """Step pods on Kubernetes (``deployment.executor = "k8s"``): size, GPU placement, shared data."""
 
     gpu_resource: str = "nvidia.com/gpu"
     """The device plugin's GPU resource name."""
     gpus_per_step: int = 1
     """GPUs requested by each GPU step's pod."""
-    gpu_node_selector: dict[str, str] = {"nvidia.com/gpu.present": "true"}
-    """Node selector of GPU steps (the NVIDIA GPU operator's label)."""
+    gpu_node_selector: dict[str, str] = {}
+    """Node selector of GPU steps. Empty: none (the GPU limit alone places a pod on a GPU node);
+    NVIDIA's GPU feature discovery sets e.g. {"nvidia.com/gpu.present": "true"}, not every cluster runs it."""
     gpu_tolerations: tuple[dict[str, str], ...] = (
         {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
     )
     """Tolerations of GPU steps."""
+    step_sizes: StepSizes = Field(default_factory=StepSizes)
+    """CPU and memory of each kind of step's pod (requests equal limits)."""
     data_claim: str = "synth-xray-data"
     """A ReadWriteMany PersistentVolumeClaim holding the data (POSIX: renames, folders)."""
     data_mount_path: str = "/data"

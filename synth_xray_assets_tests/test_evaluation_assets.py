@@ -29,6 +29,8 @@ from synth_xray_assets.storage import write_json_atomic
 from synth_xray_assets.synthesis.store import MANIFEST, MANIFEST_COLUMNS, synthetic_dir
 
 N_SYNTHETIC = 8
+# The asset factories read only the partitions and the step tags from it (the study's generators).
+DEMO = Settings.for_profile("demo")
 OVERRIDES = {
     "phantoms": {
         "split_counts": {"train": (12, 12), "validation": (2, 2), "test": (2, 2)},
@@ -80,7 +82,9 @@ def materialized(tmp_path_factory, tiny_base_model):
     }
     with dg.instance_for_test() as instance:
         upstream = dg.materialize(
-            [chest_xray_dataset, evaluation.cxr_feature_extractor], instance=instance, resources=resources
+            [chest_xray_dataset, evaluation.cxr_feature_extractor_asset(DEMO)],
+            instance=instance,
+            resources=resources,
         )
         real = StandardizedDataset.open(data / "dataset").images("train", 0)
         rng = np.random.default_rng(0)
@@ -89,7 +93,11 @@ def materialized(tmp_path_factory, tiny_base_model):
         synthetic[2] = real[7]  # a planted copy of a training image
         write_image_set(synthetic_dir(data, "normal"), synthetic, "normal", "ckpt-v1")
         downstream = dg.materialize(
-            [evaluation.fid_scores, evaluation.memorization, evaluation.class_fidelity],
+            [
+                evaluation.fid_scores_asset(DEMO),
+                evaluation.memorization_asset(DEMO),
+                evaluation.class_fidelity_asset(DEMO),
+            ],
             instance=instance,
             resources=resources,
             partition_key="normal",
@@ -100,7 +108,7 @@ def materialized(tmp_path_factory, tiny_base_model):
                 write_image_set(synthetic_dir(data, "pneumonia"), synthetic[:1], "pneumonia", "ckpt-v1")
                 (synthetic_dir(data, "pneumonia") / "images" / "00000.png").write_bytes(b"not a png")
             result = dg.materialize(
-                [evaluation.fid_scores],
+                [evaluation.fid_scores_asset(DEMO)],
                 instance=instance,
                 resources=resources,
                 partition_key="pneumonia",

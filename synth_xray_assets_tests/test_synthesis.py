@@ -11,12 +11,15 @@ from synth_xray_assets.diffusion.generate import Recipe, generate_set
 from synth_xray_assets.diffusion.pipelines import load_pipeline
 from synth_xray_assets.dreambooth import assets as dreambooth_assets
 from synth_xray_assets.dreambooth import store as models
+from synth_xray_assets.partitions import class_partitions
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.synthesis import assets as synthesis_assets
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
 
 PROMPT = "A chest xray of healthy normal lungs, clear lung fields"
+# The asset factories read only the partitions and the step tags from it (the study's generators).
+DEMO = Settings.for_profile("demo")
 
 
 def make(base, out, count=5, batch_size=2, version="v1", **kw):
@@ -85,8 +88,8 @@ def test_dreambooth_chain_materializes_as_assets(tmp_path):
     }
     assets = [
         dataset_assets.chest_xray_dataset,
-        dreambooth_assets.base_model,
-        dreambooth_assets.prior_class_images,
+        dreambooth_assets.base_model_asset(DEMO),
+        dreambooth_assets.prior_class_images_asset(DEMO),
     ]
     instance = dg.DagsterInstance.ephemeral()
     result = dg.materialize(assets, resources=resources, instance=instance)
@@ -95,10 +98,10 @@ def test_dreambooth_chain_materializes_as_assets(tmp_path):
     assert prior["num_images"].value == 4 and prior["made_this_run"].value == 4
 
     per_class = [
-        dreambooth_assets.dreambooth_checkpoint,
-        dreambooth_assets.checkpoint_loads,
-        synthesis_assets.synthetic_images,
-        synthesis_assets.no_blank_samples,
+        dreambooth_assets.dreambooth_checkpoint_asset(DEMO),
+        dreambooth_assets.checkpoint_loads_check(class_partitions),
+        synthesis_assets.synthetic_images_asset(DEMO),
+        synthesis_assets.no_blank_samples_check(class_partitions),
     ]
     result = dg.materialize(per_class, resources=resources, partition_key="normal", instance=instance)
     assert result.success
@@ -137,7 +140,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         "compute": ComputeResource(),
     }
     result = dg.materialize(
-        [synthesis_assets.synthetic_images],
+        [synthesis_assets.synthetic_images_asset(DEMO)],
         resources=resources,
         partition_key="pneumonia",
         raise_on_error=False,

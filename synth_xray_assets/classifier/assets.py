@@ -9,6 +9,7 @@ from synth_xray_assets.classifier.data import ExperimentData
 from synth_xray_assets.classifier.experiment import CURVES_FILE, run_dir, run_experiment
 from synth_xray_assets.classifier.stats import METRICS
 from synth_xray_assets.classifier.train import RunResult
+from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
@@ -23,8 +24,7 @@ LEAKAGE_CHECK = "no_test_leakage"
 FINITE_CHECK = "metrics_are_finite"
 
 
-@dg.asset(
-    # partitions: the settings' experiments x seeds, set by build_defs
+_CLASSIFIER_EXPERIMENT_ASSET = dict(
     deps=[
         dg.AssetDep("chest_xray_dataset"),
         dg.AssetDep("synthetic_images", partition_mapping=dg.AllPartitionMapping()),
@@ -32,7 +32,6 @@ FINITE_CHECK = "metrics_are_finite"
     group_name="classifier",
     kinds={"pytorch"},
     owners=OWNERS,
-    pool="gpu",
     code_version=CLASSIFIER_VERSION,
     check_specs=[
         dg.AssetCheckSpec(
@@ -56,6 +55,8 @@ FINITE_CHECK = "metrics_are_finite"
         "test probabilities and curves under data/classifier/{experiment}/seed-{seed}/."
     ),
 )
+
+
 @disk_refusal_is_final
 @one_writer
 def classifier_experiment(
@@ -169,8 +170,12 @@ def _run_checks(result: RunResult, data: ExperimentData) -> list[dg.AssetCheckRe
 
 def build_defs(s: Settings) -> dg.Definitions:
     """The classifier domain's definitions: one partition per experiment x seed of ``s``."""
+    return dg.Definitions(assets=[classifier_experiment_asset(s)])
+
+
+def classifier_experiment_asset(s: Settings) -> dg.AssetsDefinition:
+    """``classifier_experiment`` on the settings' experiments x seeds, a GPU step that trains."""
     partitions = experiment_partitions(s.classifier)
-    grid = classifier_experiment.map_asset_specs(
-        lambda spec: spec.replace_attributes(partitions_def=partitions)
+    return dg.asset(**_CLASSIFIER_EXPERIMENT_ASSET, partitions_def=partitions, **gpu_step(s, "classifier"))(
+        classifier_experiment
     )
-    return dg.Definitions(assets=[grid])

@@ -15,6 +15,7 @@ from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.image_sets import manifest_version
 from synth_xray_assets.diffusion.pipelines import (
@@ -41,9 +42,7 @@ from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
-    class_partitions,
     generator_partitions,
-    with_generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import DreamBoothSettings, Settings
@@ -58,7 +57,6 @@ _BASE_MODEL_ASSET = dict(
     group_name="dreambooth",
     kinds={"pytorch", "huggingface", "diffusers"},
     owners=OWNERS,
-    pool="gpu",
     code_version="base-model-v2",  # v2: the tiny model pre-trains on balanced train less validation
     retry_policy=RETRY,
     description=(
@@ -133,22 +131,20 @@ def _base_model_body(
     )
 
 
-def base_model_asset(depends_on_dataset: bool) -> dg.AssetsDefinition:
+def base_model_asset(s: Settings) -> dg.AssetsDefinition:
     """``base_model``; the demo's tiny model is pre-trained on the dataset's images, so it depends on
     the dataset (an op input, so jobs order the two); SD 2.1 comes from the Hub and does not."""
-    deps = [chest_xray_dataset] if depends_on_dataset else []
-    return dg.asset(name="base_model", deps=deps, **_BASE_MODEL_ASSET)(_base_model_body)
+    deps = [chest_xray_dataset] if s.base_model.tiny else []
+    return dg.asset(name="base_model", deps=deps, **_BASE_MODEL_ASSET, **gpu_step(s, "diffusion"))(
+        _base_model_body
+    )
 
 
-base_model = base_model_asset(depends_on_dataset=False)
-
-
-@dg.asset(
-    deps=[base_model],
+_PRIOR_CLASS_IMAGES_ASSET = dict(
+    deps=["base_model"],
     group_name="dreambooth",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
-    pool="gpu",
     code_version="prior-images-v2",
     retry_policy=RETRY,
     description=(
@@ -158,6 +154,13 @@ base_model = base_model_asset(depends_on_dataset=False)
         "re-training does not remake them; an interrupted run makes only the missing ones."
     ),
 )
+
+
+def prior_class_images_asset(s: Settings) -> dg.AssetsDefinition:
+    """``prior_class_images``, a GPU step that samples the base model."""
+    return dg.asset(**_PRIOR_CLASS_IMAGES_ASSET, **gpu_step(s, "diffusion"))(prior_class_images)
+
+
 @disk_refusal_is_final
 @one_writer
 def prior_class_images(
@@ -211,13 +214,11 @@ def _dtype(device: str):
     return torch.float16 if device.startswith("cuda") else torch.float32
 
 
-@dg.asset(
-    deps=[chest_xray_dataset, base_model, prior_class_images],
-    partitions_def=class_partitions,
+_DREAMBOOTH_CHECKPOINT_ASSET = dict(
+    deps=[chest_xray_dataset, "base_model", "prior_class_images"],
     group_name="dreambooth",
     kinds={"pytorch", "diffusers", "accelerate"},
     owners=OWNERS,
-    pool="gpu",
     code_version="dreambooth-v2",
     retry_policy=RETRY,
     description=(
@@ -228,6 +229,15 @@ def _dtype(device: str):
         "dreambooth.checkpointing_steps, and a re-run resumes from the latest one."
     ),
 )
+
+
+def dreambooth_checkpoint_asset(s: Settings) -> dg.AssetsDefinition:
+    """``dreambooth_checkpoint`` on the settings' generator partitions, a GPU step that trains."""
+    return dg.asset(
+        **_DREAMBOOTH_CHECKPOINT_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "dreambooth")
+    )(dreambooth_checkpoint)
+
+
 @disk_refusal_is_final
 @one_writer
 def dreambooth_checkpoint(
@@ -353,17 +363,13 @@ def _training_metadata(
     }
 
 
-# ``checkpoint_loads`` on given generator partitions.
+# ``checkpoint_loads`` on given generator partitions (a GPU step: it samples the checkpoint).
 checkpoint_loads_check = partition_check(
-    dreambooth_checkpoint,
+    "dreambooth_checkpoint",
     "checkpoint_loads",
     "The saved checkpoint loads with plain diffusers and makes a finite, non-blank image.",
     lambda s, key, compute: check_checkpoint(s, key, compute.resolve_device()),
-    pool="gpu",
 )
-
-
-checkpoint_loads = checkpoint_loads_check(class_partitions)
 
 
 def check_checkpoint(s, key: str, device: str) -> dict:
@@ -395,8 +401,7 @@ def check_checkpoint(s, key: str, device: str) -> dict:
 def build_defs(s: Settings) -> dg.Definitions:
     """The DreamBooth domain's definitions. The demo's tiny base model is pre-trained on the
     dataset's images (so it depends on it); SD 2.1 comes from the Hub."""
-    base = base_model_asset(depends_on_dataset=s.base_model.tiny)
     return dg.Definitions(
-        assets=[base, prior_class_images, *with_generator_partitions([dreambooth_checkpoint], s)],
-        asset_checks=[checkpoint_loads_check(generator_partitions(s))],
+        assets=[base_model_asset(s), prior_class_images_asset(s), dreambooth_checkpoint_asset(s)],
+        asset_checks=[checkpoint_loads_check(generator_partitions(s), **gpu_step(s, "diffusion"))],
     )

@@ -17,6 +17,7 @@ import pandas as pd
 
 from synth_xray_assets.classifier.data import SplitArrays
 from synth_xray_assets.dataset.splits import validation_split
+from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.evaluation.extractor import (
     extractor_dir,
     extractor_weights,
@@ -66,8 +67,7 @@ from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
-    class_partitions,
-    with_generator_partitions,
+    generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -82,16 +82,15 @@ from synth_xray_assets.synthesis.store import images_per_class
 OWNERS = ["team:synth-xray"]
 SPACES = ("cxr", "inception")
 METRICS = ("kid_mean", "kid_std", "fid", "precision", "recall")
-# What every evaluation asset's decorator shares; the per-generator ones are partitioned by class
-# here and by generator in build_defs.
-_ON_GPU = dict(group_name="evaluation", pool="gpu", kinds={"pytorch"}, owners=OWNERS)
-_PER_GENERATOR = dict(partitions_def=class_partitions, **_ON_GPU)
+# What every evaluation asset's decorator shares; build_defs adds the gpu pool, the op tags and,
+# for the per-generator ones, the generator partitions.
+_ON_GPU = dict(group_name="evaluation", kinds={"pytorch"}, owners=OWNERS)
 
 
 # --------------------------------------------------------------------------- cxr_feature_extractor
 
 
-@dg.asset(
+_CXR_FEATURE_EXTRACTOR_ASSET = dict(
     deps=["chest_xray_dataset"],
     **_ON_GPU,
     code_version="cxr-extractor-v2",
@@ -103,6 +102,8 @@ _PER_GENERATOR = dict(partitions_def=class_partitions, **_ON_GPU)
         "under data/evaluation/cxr_feature_extractor/; works offline."
     ),
 )
+
+
 @one_writer
 def cxr_feature_extractor(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
@@ -180,9 +181,9 @@ FID_CHECKS = [
 ]
 
 
-@dg.asset(
+_FID_SCORES_ASSET = dict(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
-    **_PER_GENERATOR,
+    **_ON_GPU,
     code_version="fid-scores-v3",
     check_specs=FID_CHECKS,
     description=(
@@ -200,6 +201,8 @@ FID_CHECKS = [
         "Reference features are cached per reference images and feature space."
     ),
 )
+
+
 @one_writer
 def fid_scores(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
@@ -448,9 +451,9 @@ def fid_reading(sc: SetScores) -> str:
 # --------------------------------------------------------------------------- memorization
 
 
-@dg.asset(
+_MEMORIZATION_ASSET = dict(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],
-    **_PER_GENERATOR,
+    **_ON_GPU,
     code_version="memorization-v2",  # v2: each row keyed by the synthetic PNG's sha256
     check_specs=[
         dg.AssetCheckSpec(
@@ -467,6 +470,8 @@ def fid_reading(sc: SetScores) -> str:
         "baseline. Table under data/evaluation/memorization/."
     ),
 )
+
+
 @one_writer
 def memorization(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
@@ -550,9 +555,9 @@ def memorization(
 FIDELITY_CHECK = "synthetic_images_look_like_their_class"
 
 
-@dg.asset(
+_CLASS_FIDELITY_ASSET = dict(
     deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images"],  # the real test images too
-    **_PER_GENERATOR,
+    **_ON_GPU,
     code_version="class-fidelity-v3",  # v3: the class score of each image kept
     check_specs=[
         dg.AssetCheckSpec(
@@ -570,6 +575,8 @@ FIDELITY_CHECK = "synthetic_images_look_like_their_class"
         "class score (keyed by its PNG's sha256) in {generator}.parquet."
     ),
 )
+
+
 @one_writer
 def class_fidelity(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
@@ -632,6 +639,38 @@ def _finite_or_nan(value) -> float:
 
 
 def build_defs(s: Settings) -> dg.Definitions:
-    """The evaluation domain's definitions: per-generator partitions from ``s``."""
-    per_generator = with_generator_partitions([fid_scores, memorization, class_fidelity], s)
-    return dg.Definitions(assets=[cxr_feature_extractor, *per_generator])
+    """The evaluation domain's definitions: GPU steps, per-generator partitions from ``s``."""
+    return dg.Definitions(
+        assets=[
+            cxr_feature_extractor_asset(s),
+            fid_scores_asset(s),
+            memorization_asset(s),
+            class_fidelity_asset(s),
+        ]
+    )
+
+
+def cxr_feature_extractor_asset(s: Settings) -> dg.AssetsDefinition:
+    """``cxr_feature_extractor``: trains a DenseNet-121."""
+    return dg.asset(**_CXR_FEATURE_EXTRACTOR_ASSET, **gpu_step(s, "classifier"))(cxr_feature_extractor)
+
+
+def fid_scores_asset(s: Settings) -> dg.AssetsDefinition:
+    """``fid_scores`` per generator: samples the base model too, so sized as a diffusion step."""
+    return dg.asset(**_FID_SCORES_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "diffusion"))(
+        fid_scores
+    )
+
+
+def memorization_asset(s: Settings) -> dg.AssetsDefinition:
+    """``memorization`` per generator: DenseNet-121 features."""
+    return dg.asset(
+        **_MEMORIZATION_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "classifier")
+    )(memorization)
+
+
+def class_fidelity_asset(s: Settings) -> dg.AssetsDefinition:
+    """``class_fidelity`` per generator: DenseNet-121 predictions."""
+    return dg.asset(
+        **_CLASS_FIDELITY_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "classifier")
+    )(class_fidelity)

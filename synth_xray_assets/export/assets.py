@@ -39,11 +39,7 @@ from synth_xray_assets.export.hub import (
     write_hub_dataset,
 )
 from synth_xray_assets.operations.locks import one_writer
-from synth_xray_assets.partitions import (
-    class_label,
-    class_partitions,
-    with_generator_partitions,
-)
+from synth_xray_assets.partitions import class_label, generator_partitions
 from synth_xray_assets.resources import SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.synthesis.store import SyntheticImages, synthetic_dir
@@ -52,9 +48,9 @@ OWNERS = ["team:synth-xray"]
 READS_BACK = "hub_dataset_reads_back"
 
 
-@dg.asset(
+# The decorator's arguments; build_defs adds the generator partitions of the settings.
+_SYNTHETIC_HUB_DATASET_ASSET = dict(
     deps=["chest_xray_dataset", "synthetic_images", "class_fidelity", "memorization", "fid_scores"],
-    partitions_def=class_partitions,
     group_name="export",
     kinds={"huggingface", "parquet"},
     owners=OWNERS,
@@ -77,6 +73,8 @@ READS_BACK = "hub_dataset_reads_back"
         "Nothing is pushed. data/export/{generator}/."
     ),
 )
+
+
 @one_writer
 def synthetic_hub_dataset(
     context: dg.AssetExecutionContext, settings: SettingsResource
@@ -202,6 +200,13 @@ def _made(table: pd.DataFrame, base: BaseModelFacts, method: str) -> list[str]:
     ]
 
 
+def synthetic_hub_dataset_asset(s: Settings) -> dg.AssetsDefinition:
+    """``synthetic_hub_dataset`` per generator of ``s``: files only, no GPU."""
+    return dg.asset(**_SYNTHETIC_HUB_DATASET_ASSET, partitions_def=generator_partitions(s))(
+        synthetic_hub_dataset
+    )
+
+
 def build_defs(s: Settings) -> dg.Definitions:
     """The export domain's definitions: one partition per generator of ``s``."""
-    return dg.Definitions(assets=with_generator_partitions([synthetic_hub_dataset], s))
+    return dg.Definitions(assets=[synthetic_hub_dataset_asset(s)])

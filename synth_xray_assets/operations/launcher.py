@@ -3,11 +3,12 @@
 Dagster's ``DefaultRunLauncher`` starts each run worker as a process of the code server but
 cannot tell whether it is still alive, so a run worker killed by ``kill -9`` or the kernel's
 out-of-memory killer leaves its run ``STARTED`` forever, holding its pool slots. This launcher
-launches runs exactly as the default one does and adds ``check_run_worker_health``: the run
-worker reports its pid in the engine event "Started process for run (pid: N)" (runs executed in
-a process of their own, such as ``make demo``'s ``execute_in_process``, in "Executing steps in
-process (pid: N)"); the worker is alive while a process with that pid exists, is not a zombie,
-and was started before that event (a newer process with the same pid is another program).
+launches runs exactly as the default one does and adds ``check_run_worker_health``: the process
+that executes a run reports its pid as the ``pid`` metadata of a run-level engine event (the code
+server's "Started process for run", the executor's "Executing steps in process" or "... parent
+process"; step subprocesses report theirs in STEP_WORKER_STARTED events, a different type); the
+worker is alive while a process with that pid exists, is not a zombie, and was started before
+that event (a newer process with the same pid is another program).
 Only runs surely on this host are judged: launched here through a local code server, or, for
 runs not launched by this launcher, recorded in a SQLite instance (local to one machine by
 construction). Age is never a criterion, so a healthy run of many hours is left alone. (The
@@ -39,12 +40,7 @@ from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorag
 from dagster._core.storage.tags import GRPC_INFO_TAG, MAX_RETRIES_TAG
 
 HOST_TAG = "synth_xray/launched_on"
-# Engine events in which the process executing a run reports its pid (with "pid" metadata).
-WORKER_MESSAGES = (
-    "Started process for run (pid: ",
-    "Executing steps in process (pid: ",
-    "Executing steps using multiprocess executor: parent process (pid: ",
-)
+PID_METADATA = "pid"  # EngineEventData.in_process / .multiprocess: the reporting process's pid
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", ""}
 # A pid's process must have been created before the worker reported it; this allows for the
 # clock granularity of the process start time (jiffies) and of the event timestamp.
@@ -65,13 +61,14 @@ class WorkerRecord:
 
 
 def run_worker_record(instance: DagsterInstance, run_id: str) -> WorkerRecord | None:
-    """The latest engine event of ``run_id`` in which its worker process reported its pid."""
+    """The latest run-level engine event of ``run_id`` that carries a pid: its worker process's."""
     events = instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT)
     for entry in reversed(events):
-        if not entry.message.startswith(WORKER_MESSAGES):
+        event = entry.dagster_event
+        if event is None or event.step_key is not None:
             continue
-        data = entry.dagster_event.engine_event_data if entry.dagster_event else None
-        pid = data.metadata.get("pid") if data else None
+        data = event.engine_event_data  # None for an engine event without data
+        pid = data.metadata.get(PID_METADATA) if data else None
         if pid is not None:
             return WorkerRecord(int(pid.value), entry.timestamp)
     return None

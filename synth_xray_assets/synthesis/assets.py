@@ -5,10 +5,10 @@ import numpy as np
 
 from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.store import StandardizedDataset
+from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.assets import dreambooth_checkpoint
 from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.metadata import settings_metadata
@@ -17,9 +17,7 @@ from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
-    class_partitions,
     generator_partitions,
-    with_generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
@@ -46,13 +44,11 @@ def _checkpoint_version(data_dir, key: str) -> str:
         raise FileNotFoundError(f"the DreamBooth checkpoint {path} is incomplete: {exc}") from None
 
 
-@dg.asset(
-    deps=[dreambooth_checkpoint],
-    partitions_def=class_partitions,
+_SYNTHETIC_IMAGES_ASSET = dict(
+    deps=["dreambooth_checkpoint"],
     group_name="synthesis",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
-    pool="gpu",
     code_version="synthetic-images-v2",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
@@ -63,6 +59,15 @@ def _checkpoint_version(data_dir, key: str) -> str:
         "missing images."
     ),
 )
+
+
+def synthetic_images_asset(s: Settings) -> dg.AssetsDefinition:
+    """``synthetic_images`` on the settings' generator partitions, a GPU step that samples."""
+    return dg.asset(
+        **_SYNTHETIC_IMAGES_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "diffusion")
+    )(synthetic_images)
+
+
 @disk_refusal_is_final
 @one_writer
 def synthetic_images(
@@ -131,15 +136,12 @@ def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
 
 # ``no_blank_samples`` on given generator partitions.
 no_blank_samples_check = partition_check(
-    synthetic_images,
+    "synthetic_images",
     "no_blank_samples",
     "The image count equals the setting (scaled to the real training split); no blank or NaN "
     "images; sizes match the resolution.",
     lambda s, key, compute: check_synthetic_set(SyntheticImages.open(synthetic_dir(s.data_dir, key)), s),
 )
-
-
-no_blank_samples = no_blank_samples_check(class_partitions)
 
 
 def check_synthetic_set(images: SyntheticImages, s) -> dict:
@@ -163,6 +165,6 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
 def build_defs(s: Settings) -> dg.Definitions:
     """The synthesis domain's definitions: one partition per generator of ``s``."""
     return dg.Definitions(
-        assets=with_generator_partitions([synthetic_images], s),
+        assets=[synthetic_images_asset(s)],
         asset_checks=[no_blank_samples_check(generator_partitions(s))],
     )
