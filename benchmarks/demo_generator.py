@@ -4,7 +4,7 @@ Per class, with the chest-X-ray classifier the platform trained (``cxr_feature_e
 train only):
 
 * class fidelity: the share of the class's synthetic images it assigns to the class, beside its
-  recall on the real test images of the class (the issue's target: within 10 points);
+  recall on the real test images of the class (the aim: within 10 points);
 * FD in its feature space against the real test images of the class (held out from every
   generator), for the fine-tuned images and for the base model's images of the class prompt made
   with the same sampler settings and seeds (target: fine-tuned at least 25% below the base), and

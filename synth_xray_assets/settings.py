@@ -748,7 +748,8 @@ def dotted_value(data: dict[str, Any], name: str) -> Any:
     return data
 
 
-# The demo profile: sizes only (and the learning rates that tiny, briefly trained models need).
+# The demo profile: sizes, and the training settings that tiny, briefly trained models need
+# (learning rates, steps, warm-up, the prior loss weight).
 class DemoDatasetSettings(DatasetSettings):
     source: str = "demo"
     resolution: int = 64
@@ -764,7 +765,7 @@ class DemoPhantomSettings(PhantomSettings):
 class DemoBaseModelSettings(BaseModelSettings):
     tiny: bool = True
     # A factor-4 VAE (64 px -> 16x16 latents): SD's factor 8 left 8x8 latents that decoded to
-    # blurred blobs; 300 L1 steps reconstruct the lung fields and opacities (README, demo).
+    # blurred blobs; 300 L1 steps reconstruct the lung fields and opacities (docs/design.md).
     tiny_vae_channels: tuple[int, ...] = (16, 32, 32)
     tiny_unet_channels: tuple[int, ...] = (32, 64)
     tiny_vae_steps: int = 300
@@ -779,7 +780,7 @@ class DemoDreamBoothSettings(DreamBoothSettings):
     resolution: int = 64
     train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 6e-4  # 3e-4: 35% of NORMAL samples read as NORMAL; 6e-4: 48% (README)
+    learning_rate: float = 6e-4  # 3e-4: 35% of NORMAL samples read as NORMAL; 6e-4: 48% (docs/design.md)
     # The prior images ("a chest xray image" from the base model, pre-trained on both classes alike)
     # pull NORMAL towards the base model's blotchy, opacity-like lungs: at 0.5 the extractor called
     # 46 of 58 NORMAL samples NORMAL (79%, its recall on real NORMAL test 94%); at 0.25, 51 (88%).

@@ -479,8 +479,9 @@ with dg.DagsterInstance.get() as instance:  # as demo.py: in-process runs on the
 
 @pytest.mark.slow
 def test_a_killed_in_process_run_is_failed_by_the_daemon_and_frees_the_gpu_pool(tmp_path):
-    """The issue's case: ``make demo`` killed during DreamBooth left its run STARTED and the gpu
-    slot taken. Only the daemon runs here (no code server watches the in-process run)."""
+    """A ``make demo`` killed during DreamBooth would leave its run STARTED and the gpu slot taken:
+    the daemon fails it and frees the slot. Only the daemon runs here (no code server watches the
+    in-process run)."""
     import yaml
 
     step = random.Random(SEED).randint(3, 4)  # after checkpoint-2, so that the re-run resumes

@@ -1,4 +1,4 @@
-"""Issue 11 on the CPU: mixed-precision choice, the out-of-memory fallback, loader workers."""
+"""GPU training on the CPU: mixed-precision choice, the out-of-memory fallback, loader workers."""
 
 from pathlib import Path
 

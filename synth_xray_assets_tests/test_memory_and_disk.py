@@ -1,4 +1,4 @@
-"""Issue 11: memory presets, 8-bit Adam's requirement, the disk preflight, checkpoint pruning,
+"""Memory presets, 8-bit Adam's requirement, the disk preflight, checkpoint pruning,
 hash-once folder versions and chunked memorization, on this CPU machine."""
 
 import json

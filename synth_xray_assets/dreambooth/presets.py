@@ -13,7 +13,7 @@ preset                  what changes                                        free
 ``auto`` takes the first preset whose minimum fits the free memory on CUDA, and fails before
 any work with a message naming the options when none fits; off CUDA no preset applies. The
 figures are estimates from the architecture (SD 2.1 base, 8 + 8 images of 512 px, fp16
-autocast), not measurements: see the README's "Running the full study".
+autocast), not measurements: see docs/benchmarks.md.
 
 Generation (prior images, synthetic images): :func:`generation_plan` picks the batch from free
 memory, fp16 on CUDA, and VAE slicing when decoding the whole batch at once would not fit.

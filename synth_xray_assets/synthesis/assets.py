@@ -107,7 +107,7 @@ def synthetic_images(
             "num_images": len(report.manifest),
             "made_this_run": len(report.generated),
             "kept_from_earlier_runs": report.reused,
-            "batch_size": plan.batch_size,  # from free GPU memory (issue 11), at most generation.batch_size
+            "batch_size": plan.batch_size,  # from free GPU memory, at most generation.batch_size
             "vae_slicing": plan.vae_slicing,
             "prompt": prompt,
             "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
