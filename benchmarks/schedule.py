@@ -198,7 +198,7 @@ def collapsed(chain: list[tuple[str, str]], minutes: Mapping[str, float]) -> str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--costs", type=Path, default=ROOT / "benchmarks" / "costs_full.json")
+    parser.add_argument("--costs", type=Path, default=Path("benchmarks/costs_full.json"))
     parser.add_argument(
         "--per-doubling", type=float, default=0.9, help="data-parallel efficiency per doubling"
     )
@@ -210,7 +210,7 @@ def main() -> None:
     s = full_settings()
     db = dreambooth_steps(s)
     n_runs = len(s.classifier.all_experiments()) * len(s.classifier.seeds)
-    print(f"benchmarks/schedule.py: the full profile's graph, costs from {args.costs.relative_to(ROOT)}")
+    print(f"benchmarks/schedule.py: the full profile's graph, costs from {args.costs}")
     print(f"  measured entries: {', '.join(measured) or 'none: every figure below is an estimate'}")
     print(
         f"  DreamBooth {db['normal']} / {db['pneumonia']} steps, {images_per_class(s)} images per class, "
