@@ -155,8 +155,10 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
             n for n, st in steps.items() if st.asset in ("synthetic_images", "base_reference_images")
         ]:
             shards = max(machines)
-            steps = split_step(steps, name, shards)
-            minutes.update({f"{name}#{i}": minutes[name] / shards for i in range(shards)})
+            if shards > 1:
+                steps = split_step(steps, name, shards)
+                share = minutes.pop(name) / shards
+                minutes.update({f"{name}#{i}": share for i in range(shards)})
     cards: dict[str, int] = {}
     if plan.data_parallel:
         db = {f"dreambooth_checkpoint[{c}]": minutes[f"dreambooth_checkpoint[{c}]"] for c in CLASS_KEYS}
