@@ -15,11 +15,19 @@ Without CUDA the same code runs at tiny sizes (the demo's tiny SD at 64 px, Dens
 32 px) so that the script stays working; its figures are not GPU figures.
 
     .venv/bin/python benchmarks/gpu.py [--tiny] [--steps 6] [--skip dreambooth,generation,classifier]
+                                       [--costs benchmarks/costs_measured.json]
+
+``--costs PATH`` (CUDA at the full sizes only) writes the cost table of ``benchmarks/schedule.py``:
+``benchmarks/costs_full.json`` with the rates measured here (DreamBooth optimizer steps/s of the
+study preset, generation images/s, the classifier's training images/s, our way) replaced, marked
+``estimate: false`` with this card as their source; then
+``benchmarks/schedule.py --costs PATH`` schedules the study with them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import sys
 import tempfile
@@ -89,7 +97,8 @@ def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: 
     queue.put((rate, result.peak_memory_bytes / 2**30))
 
 
-def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> None:
+def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> dict[str, float]:
+    """Prints, and returns, each preset's micro-batches per second (accumulation 1)."""
     from synth_xray_assets.dreambooth.presets import PRESET_ORDER, PRESET_UPDATES, has_bitsandbytes
 
     print(
@@ -98,6 +107,7 @@ def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> None:
     )
     print(f"{'preset':16s} {'options':52s} {'steps/s':>8s} {'peak GiB':>9s}")
     ctx = mp.get_context("spawn")
+    rates: dict[str, float] = {}
     for preset in PRESET_ORDER:
         options = ", ".join(f"{k}={v}" for k, v in PRESET_UPDATES[preset].items()) or "the study's settings"
         if PRESET_UPDATES[preset].get("use_8bit_adam") and not has_bitsandbytes():
@@ -111,13 +121,15 @@ def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> None:
             print(f"{preset:16s} {options:52s} failed (exit {proc.exitcode}; out of memory?)")
             continue
         rate, peak = queue.get()
+        rates[preset] = rate
         print(f"{preset:16s} {options:52s} {rate:8.3f} {peak:9.2f}")
+    return rates
 
 
 # ---------------------------------------------------------------- generation
 
 
-def bench_generation(base: Path, sizes: Sizes) -> None:
+def bench_generation(base: Path, sizes: Sizes) -> float:
     from synth_xray_assets.diffusion.pipelines import load_pipeline, sample_images, use_dpm_solver
     from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
     from synth_xray_assets.hardware import free_gpu_memory
@@ -142,6 +154,7 @@ def bench_generation(base: Path, sizes: Sizes) -> None:
         f"{rate:.3f} images/s (batch {plan.batch_size}, {str(plan.dtype).removeprefix('torch.')}, "
         f"VAE slicing {plan.vae_slicing}, {device})"
     )
+    return rate
 
 
 # ---------------------------------------------------------------- classifier
@@ -212,7 +225,8 @@ def _largest_batch(ours: bool, sizes: Sizes) -> str:
     return f">= {fits}" if fits == sizes.max_batch else str(fits)
 
 
-def bench_classifier(sizes: Sizes) -> None:
+def bench_classifier(sizes: Sizes) -> float:
+    """Prints both ways; returns ours (training images/s)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"\nDenseNet-121 training, {sizes.clf_resolution} px, batch {sizes.clf_batch}, {device}")
     print(f"{'way':62s} {'images/s':>9s} {'largest batch':>14s}")
@@ -224,6 +238,19 @@ def bench_classifier(sizes: Sizes) -> None:
             name = "ours on the CPU: fp32, CPU workers (GPU options are CUDA only)"
         rate = _classifier_rate(ours, sizes.clf_batch, sizes, sizes.clf_steps)
         print(f"{name:62s} {rate:9.1f} {_largest_batch(ours, sizes):>14s}")
+    return rate
+
+
+def write_costs(path: Path, card: str, measured: dict[str, tuple[float, str]]) -> None:
+    """``benchmarks/costs_full.json`` with the ``measured`` entries (name -> value, what) replaced."""
+    table = json.loads((ROOT / "benchmarks" / "costs_full.json").read_text())
+    source = f"benchmarks/gpu.py on {card}, {time.strftime('%Y-%m-%d')}"
+    for name, (value, what) in measured.items():
+        entry = table["costs"][name]
+        entry.update(value=round(value, 4), source=f"{source}: {what}", estimate=False)
+    table["card"] = card
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"\ncost table for benchmarks/schedule.py: {path} ({', '.join(measured)} measured)")
 
 
 def main() -> None:
@@ -231,21 +258,38 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes even on a GPU")
     parser.add_argument("--steps", type=int, default=6, help="DreamBooth steps per preset")
     parser.add_argument("--skip", default="", help="comma-separated: dreambooth,generation,classifier")
+    parser.add_argument("--costs", type=Path, help="write the cost table of benchmarks/schedule.py here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     sizes = TINY if args.tiny or not cuda else FULL
     skip = set(filter(None, args.skip.split(",")))
     card = torch.cuda.get_device_name() if cuda else "no GPU: tiny sizes, CPU figures"
+    if args.costs and sizes is not FULL:
+        parser.error("--costs needs CUDA at the full sizes: tiny figures are not the full profile's")
     print(f"benchmarks/gpu.py on {card}; torch {torch.__version__}")
+    measured: dict[str, tuple[float, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if not {"dreambooth", "generation"} <= skip:
             base = _base_model(Path(tmp) / "base", sizes, cuda and not args.tiny)
         if "dreambooth" not in skip:
-            bench_dreambooth(base, sizes, args.steps)
+            rates = bench_dreambooth(base, sizes, args.steps)
+            if "study" in rates:  # an optimizer step of the study accumulates two micro-batches
+                from synth_xray_assets.settings import DreamBoothSettings
+
+                accumulation = DreamBoothSettings().gradient_accumulation_steps
+                what = f"study preset, {rates['study']:.3f} micro-batches/s / {accumulation} accumulated"
+                measured["dreambooth_optimizer_steps_per_s"] = (rates["study"] / accumulation, what)
         if "generation" not in skip:
-            bench_generation(base, sizes)
+            rate = bench_generation(base, sizes)
+            measured["generation_images_per_s"] = (
+                rate,
+                f"{sizes.gen_images} images, {sizes.gen_steps} DPM-Solver steps",
+            )
     if "classifier" not in skip:
-        bench_classifier(sizes)
+        rate = bench_classifier(sizes)
+        measured["classifier_train_images_per_s"] = (rate, f"ours, batch {sizes.clf_batch}, training only")
+    if args.costs:
+        write_costs(args.costs, card, measured)
 
 
 if __name__ == "__main__":
