@@ -133,6 +133,23 @@ def test_schedule_and_sensor_are_defined():
     assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
 
 
+def test_the_schedule_skips_while_an_observation_run_is_in_flight():
+    schedule = defs.resolve_schedule_def("observe_source_schedule")
+    job = defs.resolve_job_def("observe_source_job")
+    with dg.instance_for_test() as instance:
+
+        def tick():
+            return schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+
+        assert tick().run_requests  # nothing in flight: an observation is requested
+        running = instance.create_run_for_job(job, status=dg.DagsterRunStatus.STARTED)
+        skipped = tick()
+        assert not skipped.run_requests
+        assert running.run_id in skipped.skip_message and "STARTED" in skipped.skip_message
+        instance.report_run_failed(running)
+        assert tick().run_requests  # it ended: the next tick observes again
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

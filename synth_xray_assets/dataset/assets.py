@@ -238,18 +238,51 @@ def all_source_images_readable(settings: SettingsResource) -> dg.AssetCheckResul
     )
 
 
-observe_source_job = dg.define_asset_job("observe_source_job", selection=[chest_xray_source])
+# In process: an observation is one small step, so it needs no step subprocess of its own.
+observe_source_job = dg.define_asset_job(
+    "observe_source_job", selection=[chest_xray_source], executor_def=dg.in_process_executor
+)
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def observation_in_flight(instance: dg.DagsterInstance) -> dg.SkipReason | None:
+    """A reason to skip this tick when an earlier observation run has not ended yet."""
+    records = instance.get_run_records(
+        dg.RunsFilter(job_name=observe_source_job.name, statuses=IN_FLIGHT), limit=1
+    )
+    if not records:
+        return None
+    run = records[0].dagster_run
+    return dg.SkipReason(f"observation run {run.run_id} is still {run.status.value}: not queueing another")
 
 
 def observe_source_schedule(cron: str, running: bool) -> dg.ScheduleDefinition:
-    """Observe the source's version on ``cron``."""
-    return dg.ScheduleDefinition(
+    """Observe the source's version on ``cron``; a tick is skipped while an observation is in flight.
+
+    On a loaded machine (or a slow Hub) an observation can outlast the cron interval; queueing one
+    per tick would fill the run queue with observations and starve the runs they trigger.
+    """
+
+    @dg.schedule(
         name="observe_source_schedule",
         job=observe_source_job,
         cron_schedule=cron,
         default_status=dg.DefaultScheduleStatus.RUNNING if running else dg.DefaultScheduleStatus.STOPPED,
-        description="Observe the dataset source's version (settings dataset.observe_cron; daily by default).",
+        description=(
+            "Observe the dataset source's version (settings dataset.observe_cron; daily by default); "
+            "skipped while an earlier observation has not ended."
+        ),
     )
+    def _observe(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
+        return observation_in_flight(context.instance) or dg.RunRequest()
+
+    return _observe
 
 
 def build_defs(s: Settings) -> dg.Definitions:
