@@ -113,6 +113,20 @@ def test_a_cpu_device_takes_no_card_even_with_cards():
     assert len(ComputeResource(cards=fake_cards()).machine_cards()) == 2
 
 
+def test_a_held_card_is_the_device_on_cuda(tmp_path, monkeypatch):
+    import torch
+
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    compute = ComputeResource(cards=fake_cards(2)[1:])  # this process sees card 1 only free
+    assert compute.resolve_device() == "cuda"  # no card held: as before
+    with compute.holding_a_card(Settings.for_profile("demo", tmp_path), {}, print) as held:
+        assert [c.index for c in held] == [1]
+        assert compute.resolve_device() == "cuda:1" and current == [1]
+    assert ComputeResource(device="cuda:0").resolve_device() == "cuda:0"  # a device set by hand stays
+
+
 def test_a_step_on_a_card_records_it_in_its_metadata(tmp_path):
     s = Settings.for_profile("demo", tmp_path)
 
