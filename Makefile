@@ -61,7 +61,9 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m synth_xray_assets.demo
 
+# The gpu pool's limit follows the cards (operations/pools.py; a limit set by hand is kept).
 dev: install $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -m synth_xray_assets.operations.pools
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 test: install

@@ -13,7 +13,9 @@ import time
 import dagster as dg
 from dagster._core.storage.tags import MAX_RETRIES_TAG
 
+from synth_xray_assets.cards import visible_cards
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
+from synth_xray_assets.operations.pools import follow_the_cards
 from synth_xray_assets.operations.recovery import recover_dead_runs
 
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -60,6 +62,7 @@ def main() -> None:
     start = time.perf_counter()
     with dg.DagsterInstance.get() as instance:
         recover_dead_runs(instance)  # a killed earlier demo must not hold the gpu slot for ever
+        print(follow_the_cards(instance, len(visible_cards())), flush=True)  # one GPU step per card
         timings = run_pipeline(instance, sys.argv[1:] or None)
     total = time.perf_counter() - start
     print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))

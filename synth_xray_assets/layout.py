@@ -27,6 +27,7 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     classifier/{experiment}/seed-{seed}/   one classifier run
     reports/                               report.md, results.csv, figures, runs.json
     locks/{asset}[@{partition}].lock       one writer per asset partition (operations/locks.py)
+    locks/cards/{card}.lock                one GPU step per physical card (cards.py)
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ class Layout:
     classifier_runs = _folder("classifier")
     classifier_cache = _folder("classifier/cache")
     reports = _folder("reports")
+    # one lock file per physical GPU card (cards.py)
+    card_locks = _folder("locks/cards")
 
     def classifier_run(self, experiment: str, seed: int | str) -> Path:
         """One classifier run's folder."""

@@ -9,14 +9,18 @@ the launchpad cannot write back (``settings.launchpad_writes``) is left out too;
 still changes it per run.
 """
 
+import contextlib
+import functools
 import json
 import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import dagster as dg
 from pydantic import BaseModel, Field, create_model
 
+from synth_xray_assets.cards import CardConfig, CardLocks, card_record, held_cards, visible_cards
 from synth_xray_assets.operations.lifetime import exit_with_run_worker
 from synth_xray_assets.settings import (
     Settings,
@@ -207,10 +211,15 @@ def _merge(base: dict[str, Any], changes: dict[str, Any], model: type[BaseModel]
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Which device the numerical work runs on.
+    """Which device the numerical work runs on, and which card of this machine.
 
     ``device="auto"`` takes CUDA, then Apple's MPS, then the CPU. The precision is a setting of
     the work (``dreambooth.mixed_precision``), applied on CUDA only; the CPU runs fp32.
+
+    A GPU step (``on_a_card``) holds one card of ``cards`` for its life (``cards.py``); while it
+    does, ``resolve_device`` gives that card (``cuda:N``, made torch's current device). ``cards``
+    None asks torch for the cards this process sees (none without CUDA: no lock, the CPU as before);
+    tests inject fake ones.
     """
 
     device: str = "auto"
@@ -218,6 +227,7 @@ class ComputeResource(dg.ConfigurableResource):
     # workers and Dagster; on a 2-core machine two threads beside busy workers run far slower
     # than one (OpenMP threads wait on each other when the cores are oversubscribed).
     cpu_threads: int = 0
+    cards: list[CardConfig] | None = None
 
     def resolve_device(self) -> str:
         import torch
@@ -225,14 +235,16 @@ class ComputeResource(dg.ConfigurableResource):
         from synth_xray_assets.hardware import available_cpus  # the pod's CPU limit, not the node's
 
         torch.set_num_threads(self.cpu_threads or max(1, available_cpus() // 2))
-        if self.device != "auto":
+        if self.device not in ("auto", "cuda"):
             if self.device.startswith("cuda") and not torch.cuda.is_available():
                 raise RuntimeError(
                     f"compute device {self.device!r} was asked for, but CUDA is not available here"
                 )
             return self.device
         if torch.cuda.is_available():
-            return "cuda"
+            return _held_card_device(torch)
+        if self.device == "cuda":
+            raise RuntimeError("compute device 'cuda' was asked for, but CUDA is not available here")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
@@ -240,3 +252,70 @@ class ComputeResource(dg.ConfigurableResource):
     def precision_for(self, device: str, wanted: str) -> str:
         """``wanted`` on CUDA; fp32 ("no") elsewhere."""
         return wanted if device.startswith("cuda") else "no"
+
+    def machine_cards(self) -> list[CardConfig]:
+        """The cards a GPU step may take: the injected ones, else torch's; none when the device is
+        set to something other than CUDA."""
+        if self.device != "auto" and not self.device.startswith("cuda"):
+            return []
+        return list(self.cards) if self.cards is not None else visible_cards()
+
+    @contextlib.contextmanager
+    def holding_a_card(
+        self, s: Settings, holder: dict[str, Any], log: Callable[[str], None]
+    ) -> Iterator[list[CardConfig]]:
+        """Hold a free card of this machine (``cards.CardLocks``) for the ``with`` block; yield the
+        cards held (none on a machine without cards: nothing is locked)."""
+        cards = self.machine_cards()
+        if not cards:
+            yield []
+            return
+        locks = CardLocks(s.layout.card_locks, s.operations.card_wait_s, s.operations.card_poll_s, log)
+        with locks.hold(cards, holder) as held:
+            yield held
+
+
+def _held_card_device(torch: Any) -> str:
+    """``cuda:N`` of the card this process holds (made torch's current device), else ``cuda``."""
+    held = held_cards()
+    if not held:
+        return "cuda"
+    torch.cuda.set_device(held[0].index)
+    return f"cuda:{held[0].index}"
+
+
+def on_a_card(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a GPU step's function (below ``@one_writer``, so the output lock is taken first) to
+    run holding a card of this machine, and record it in the materialization's metadata
+    (``gpu_cards``: index, name, key, total and peak GiB; ``ran_on``).
+
+    The function takes ``context`` first and the ``settings`` and ``compute`` resources.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(context, *args: Any, **kwargs: Any) -> Any:
+        s, compute = kwargs["settings"].get(), kwargs["compute"]
+        holder = {"run_id": context.run.run_id, "step": _step_name(context)}
+        with compute.holding_a_card(s, holder, context.log.info) as held:
+            result = fn(context, *args, **kwargs)
+            if held:
+                device = compute.resolve_device()
+                context.add_asset_metadata(card_metadata(held, device))
+            return result
+
+    wrapper.holds_a_card = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def card_metadata(held: list[CardConfig], device: str) -> dict[str, Any]:
+    """A step's ``gpu_cards`` (one record per card) and ``ran_on`` (the device and card names)."""
+    names = ", ".join(f"{c.name} ({c.key})" for c in held)
+    return {
+        "gpu_cards": dg.MetadataValue.json([card_record(c, device) for c in held]),
+        "ran_on": f"{device}: {names}",
+    }
+
+
+def _step_name(context: Any) -> str:
+    key = context.asset_key.to_user_string()
+    return key + (f"[{context.partition_key}]" if context.has_partition_key else "")

@@ -568,11 +568,16 @@ class DeploymentSettings(_Section):
 
 
 class OperationsSettings(_Section):
-    """Crash safety: how long a second writer of one asset partition waits."""
+    """Crash safety: how long a second writer of one asset partition waits, and a GPU step for a card."""
 
     lock_wait_s: float = 120.0
     """Seconds a second run of the same asset partition waits for the first one's lock before it
     fails naming it (the kernel frees the lock of a killed run)."""
+    card_wait_s: float = 900.0
+    """Seconds a GPU step waits for a free card of this machine (every card held by another step)
+    before it fails naming the busy cards (the kernel frees the card of a killed step)."""
+    card_poll_s: float = 2.0
+    """Seconds between two looks for a free card while a GPU step waits."""
 
 
 # The study's published classifier results (fractions; ../shared/STUDY.md). "accuracy", "f1",

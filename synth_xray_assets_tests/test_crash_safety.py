@@ -438,16 +438,31 @@ def test_a_demo_killed_in_a_gpu_step_is_recovered_by_the_next_demo(tmp_path):
     assert again.returncode == 0  # the slot is free: the rerun is not left waiting for it
 
 
-def test_every_asset_that_writes_holds_its_output_lock(tmp_path):
-    """Every materializable asset; the observable source (it only reads a version) is not one."""
+@pytest.fixture(scope="module")
+def asset_graph(tmp_path_factory):
+    """The tiny settings' asset graph, built once (building it imports every domain)."""
     from conftest import tiny_settings
 
     from synth_xray_assets.definitions import build_defs
 
-    graph = build_defs(tiny_settings(tmp_path)).resolve_asset_graph()
+    return build_defs(tiny_settings(tmp_path_factory.mktemp("graph"))).resolve_asset_graph()
+
+
+def test_every_asset_that_writes_holds_its_output_lock(asset_graph):
+    """Every materializable asset; the observable source (it only reads a version) is not one."""
+    graph = asset_graph
     unlocked = {
         key.to_user_string()
         for key in graph.materializable_asset_keys
         if not getattr(graph.get(key).assets_def.op.compute_fn.decorated_fn, "holds_output_lock", False)
     }
     assert unlocked == set(), unlocked
+
+
+def test_every_gpu_step_holds_a_card(asset_graph):
+    """Every asset of the gpu pool runs holding a card of its machine (``resources.on_a_card``)."""
+    gpu = [asset_graph.get(k).assets_def for k in asset_graph.materializable_asset_keys]
+    gpu = [a for a in gpu if a.op.pool == "gpu"]
+    assert len(gpu) >= 9
+    without = [a.key for a in gpu if not getattr(a.op.compute_fn.decorated_fn, "holds_a_card", False)]
+    assert without == []

@@ -14,7 +14,7 @@ from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import experiment_partitions
-from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import png_markdown
 
@@ -59,6 +59,7 @@ _CLASSIFIER_EXPERIMENT_ASSET = dict(
 
 @disk_refusal_is_final
 @one_writer
+@on_a_card
 def classifier_experiment(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -44,7 +44,7 @@ from synth_xray_assets.partitions import (
     class_label,
     generator_partitions,
 )
-from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
 from synth_xray_assets.settings import DreamBoothSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
 
@@ -69,6 +69,7 @@ _BASE_MODEL_ASSET = dict(
 
 
 @one_writer
+@on_a_card
 def _base_model_body(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -163,6 +164,7 @@ def prior_class_images_asset(s: Settings) -> dg.AssetsDefinition:
 
 @disk_refusal_is_final
 @one_writer
+@on_a_card
 def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -240,6 +242,7 @@ def dreambooth_checkpoint_asset(s: Settings) -> dg.AssetsDefinition:
 
 @disk_refusal_is_final
 @one_writer
+@on_a_card
 def dreambooth_checkpoint(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -69,7 +69,7 @@ from synth_xray_assets.partitions import (
     class_label,
     generator_partitions,
 )
-from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import (
     png_markdown,
@@ -105,6 +105,7 @@ _CXR_FEATURE_EXTRACTOR_ASSET = dict(
 
 
 @one_writer
+@on_a_card
 def cxr_feature_extractor(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -204,6 +205,7 @@ _FID_SCORES_ASSET = dict(
 
 
 @one_writer
+@on_a_card
 def fid_scores(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -473,6 +475,7 @@ _MEMORIZATION_ASSET = dict(
 
 
 @one_writer
+@on_a_card
 def memorization(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
@@ -578,6 +581,7 @@ _CLASS_FIDELITY_ASSET = dict(
 
 
 @one_writer
+@on_a_card
 def class_fidelity(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

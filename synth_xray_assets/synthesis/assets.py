@@ -19,7 +19,7 @@ from synth_xray_assets.partitions import (
     class_label,
     generator_partitions,
 )
-from synth_xray_assets.resources import ComputeResource, SettingsResource
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
 from synth_xray_assets.synthesis.store import (
@@ -70,6 +70,7 @@ def synthetic_images_asset(s: Settings) -> dg.AssetsDefinition:
 
 @disk_refusal_is_final
 @one_writer
+@on_a_card
 def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:

@@ -1,0 +1,255 @@
+"""One GPU step per card (``cards.py``, ``ComputeResource.holding_a_card``, ``on_a_card``) and the gpu
+pool's limit following the cards (``operations/pools.py``), on the CPU with fake cards."""
+
+import fcntl
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import dagster as dg
+import pytest
+
+from synth_xray_assets.cards import (
+    CardConfig,
+    CardLocks,
+    CardsBusyError,
+    card_key,
+    card_of,
+    held_cards,
+    lock_file,
+    physical_index,
+)
+from synth_xray_assets.deployment import GPU_POOL
+from synth_xray_assets.operations.pools import follow_the_cards
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
+from synth_xray_assets.settings import Settings
+
+GIB = 1024**3
+
+
+def fake_cards(n: int = 2) -> list[CardConfig]:
+    return [CardConfig(index=i, name=f"Fake {i}", total_memory=16 * GIB, key=f"fake-{i}") for i in range(n)]
+
+
+# ---- the lock file names the physical card
+
+
+def test_the_key_is_the_uuid_when_torch_gives_one():
+    assert card_key("5a1b-77", "node-3", "1") == "GPU-5a1b-77"
+    assert card_key("GPU-5a1b-77", "node-3", "1") == "GPU-5a1b-77"  # nvidia-smi's spelling kept
+
+
+def test_without_uuid_the_key_is_the_host_and_physical_index():
+    assert card_key(None, "node-3", "2") == "node-3-gpu2"
+    assert physical_index(0, None) == "0"
+    assert physical_index(1, "2,3") == "3"  # CUDA_VISIBLE_DEVICES=2,3: local 1 is physical 3
+    assert physical_index(0, "GPU-abc, GPU-def") == "GPU-abc"
+
+
+def test_a_card_from_torch_properties_under_visible_devices(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    props = SimpleNamespace(name="Fake H100", total_memory=80 * GIB)
+    no_uuid = card_of(props, 1)
+    assert no_uuid.key.endswith("-gpu3") and no_uuid.index == 1
+    with_uuid = card_of(SimpleNamespace(**vars(props), uuid="0f-1e"), 1)
+    assert with_uuid.key == "GPU-0f-1e"
+    assert lock_file(tmp_path, with_uuid) == tmp_path / "GPU-0f-1e.lock"
+    odd = CardConfig(index=0, name="x", total_memory=1, key="a b/c")
+    assert lock_file(tmp_path, odd).name == "a_b_c.lock"
+
+
+# ---- waiting and giving up
+
+
+def test_the_timeout_error_names_the_busy_cards(tmp_path):
+    cards = fake_cards(2)
+    fds = [os.open(lock_file(tmp_path, c), os.O_RDWR | os.O_CREAT) for c in cards]
+    try:
+        for fd in fds:  # another holder (its own open file description) holds both cards
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lines: list[str] = []
+        locks = CardLocks(tmp_path, wait_s=0.3, poll_s=0.05, log=lines.append)
+        with pytest.raises(CardsBusyError) as err, locks.hold(cards, {"run_id": "r"}):
+            pass
+    finally:
+        for fd in fds:
+            os.close(fd)
+    message = str(err.value)
+    assert "fake-0" in message and "fake-1" in message and "operations.card_wait_s" in message
+    assert len(lines) == 1 and lines[0].startswith("cards: waiting for a free card")
+    assert held_cards() == ()
+
+
+def test_a_free_card_is_taken_at_once_and_released(tmp_path):
+    lines: list[str] = []
+    locks = CardLocks(tmp_path, wait_s=1, poll_s=0.05, log=lines.append)
+    with locks.hold(fake_cards(2), {"run_id": "r"}) as held:
+        assert [c.key for c in held] == ["fake-0"] and held_cards() == tuple(held)
+        with locks.hold(fake_cards(2), {}) as again:  # re-entrant in one process
+            assert again == held
+    assert held_cards() == () and lines == []
+
+
+# ---- ComputeResource
+
+
+def test_a_cpu_only_machine_changes_nothing(tmp_path):
+    compute = ComputeResource()
+    assert compute.machine_cards() == []  # no CUDA here, none injected
+    with compute.holding_a_card(Settings.for_profile("demo", tmp_path), {}, print) as held:
+        assert held == [] and compute.resolve_device() == "cpu"
+    assert not (tmp_path / "locks").exists()
+
+
+def test_a_cpu_device_takes_no_card_even_with_cards():
+    assert ComputeResource(device="cpu", cards=fake_cards()).machine_cards() == []
+    assert len(ComputeResource(cards=fake_cards()).machine_cards()) == 2
+
+
+def test_a_held_card_is_the_device_on_cuda(tmp_path, monkeypatch):
+    import torch
+
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    compute = ComputeResource(cards=fake_cards(2)[1:])  # this process sees card 1 only free
+    assert compute.resolve_device() == "cuda"  # no card held: as before
+    with compute.holding_a_card(Settings.for_profile("demo", tmp_path), {}, print) as held:
+        assert [c.index for c in held] == [1]
+        assert compute.resolve_device() == "cuda:1" and current == [1]
+    assert ComputeResource(device="cuda:0").resolve_device() == "cuda:0"  # a device set by hand stays
+
+
+def test_a_step_on_a_card_records_it_in_its_metadata(tmp_path):
+    s = Settings.for_profile("demo", tmp_path)
+
+    @dg.asset(pool=GPU_POOL)
+    @on_a_card
+    def step(context, settings: SettingsResource, compute: ComputeResource) -> dg.MaterializeResult:
+        assert [c.key for c in held_cards()] == ["fake-0"]
+        assert compute.resolve_device() == "cpu"  # fake cards on a machine without CUDA
+        return dg.MaterializeResult(metadata={"own": 1})
+
+    result = dg.materialize(
+        [step], resources={"settings": SettingsResource.of(s), "compute": ComputeResource(cards=fake_cards())}
+    )
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["own"].value == 1
+    assert meta["gpu_cards"].value == [
+        {"index": 0, "name": "Fake 0", "key": "fake-0", "total_gib": 16.0, "peak_gib": None}
+    ]
+    assert meta["ran_on"].value == "cpu: Fake 0 (fake-0)"
+    assert held_cards() == ()
+
+
+# ---- three step processes, two cards
+
+STEP = textwrap.dedent(
+    """
+    import sys, time
+    from synth_xray_assets.cards import CardConfig
+    from synth_xray_assets.resources import ComputeResource
+    from synth_xray_assets.settings import Settings
+
+    s = Settings.for_profile(
+        "demo", sys.argv[1], {"operations": {"card_wait_s": 60, "card_poll_s": 0.1}}
+    )
+    cards = [CardConfig(index=i, name=f"Fake {i}", total_memory=2**34, key=f"fake-{i}") for i in range(2)]
+    log = lambda line: print(line, flush=True)
+    with ComputeResource(cards=cards).holding_a_card(s, {"run_id": sys.argv[2]}, log) as held:
+        print("HELD", held[0].key, flush=True)
+        time.sleep(120)
+    """
+)
+
+
+class Step:
+    """One step process; its output lines arrive on a queue."""
+
+    def __init__(self, script: Path, data: Path, name: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(data), name],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def wait_for(self, prefix: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line.startswith(prefix):
+                return line
+        raise AssertionError(f"no line starting {prefix!r} within {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+def test_three_steps_on_two_cards_never_share_one(tmp_path):
+    script = tmp_path / "step.py"
+    script.write_text(STEP)
+    data = tmp_path / "data"
+    a, b = Step(script, data, "run-a"), Step(script, data, "run-b")
+    steps = [a, b]
+    try:
+        key_a, key_b = a.wait_for("HELD").split()[1], b.wait_for("HELD").split()[1]
+        assert {key_a, key_b} == {"fake-0", "fake-1"}
+        c = Step(script, data, "run-c")
+        steps.append(c)
+        waiting = c.wait_for("cards: waiting")
+        assert "fake-0" in waiting and "fake-1" in waiting and "run run-a" in waiting
+        time.sleep(0.5)
+        assert all(not line.startswith("HELD") for line in list(c.lines.queue))
+        a.kill()  # SIGKILL: the kernel frees its card, no person needed
+        assert c.wait_for("HELD", timeout=20) == f"HELD {key_a}"
+    finally:
+        for step in steps:
+            step.kill()
+
+
+# ---- the gpu pool's limit
+
+
+def _limit(instance) -> int | None:
+    return instance.event_log_storage.get_concurrency_info(GPU_POOL).limit
+
+
+def test_the_gpu_pool_limit_follows_the_cards():
+    with dg.instance_for_test() as instance:
+        follow_the_cards(instance, 0)
+        assert _limit(instance) == 1  # no card: still one step at a time
+        follow_the_cards(instance, 4)
+        assert _limit(instance) == 4
+        follow_the_cards(instance, 2)  # a limit this code set follows the cards again
+        assert _limit(instance) == 2
+
+
+def test_a_limit_set_by_hand_is_kept():
+    with dg.instance_for_test() as instance:
+        follow_the_cards(instance, 2)
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 5)  # dagster instance concurrency set
+        said = follow_the_cards(instance, 3)
+        assert _limit(instance) == 5 and "by hand" in said
+    with dg.instance_for_test() as instance:
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 7)  # before this code ever ran
+        follow_the_cards(instance, 3)
+        assert _limit(instance) == 7
