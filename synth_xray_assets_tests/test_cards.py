@@ -253,3 +253,46 @@ def test_a_limit_set_by_hand_is_kept():
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, 7)  # before this code ever ran
         follow_the_cards(instance, 3)
         assert _limit(instance) == 7
+
+
+def test_the_full_study_runs_a_stages_partitions_one_per_card(monkeypatch):
+    from synth_xray_assets import demo
+
+    running, most, ran, lock = [0], [0], [], threading.Lock()
+
+    def child(name, key):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            ran.append(key)
+        return f"stage {name} [{key}] failed" if key == "c" else None
+
+    monkeypatch.setattr(demo, "stage_keys", lambda instance, name: ["a", "b", "c", "d", "e"])
+    monkeypatch.setattr(demo, "run_in_child", child)
+    failures = demo.run_stage(None, "classifier_job", parallel=2)
+    assert sorted(ran) == ["a", "b", "c", "d", "e"]  # a failure does not stop the others
+    assert most[0] == 2
+    assert failures == ["stage classifier_job [c] failed"]
+    with pytest.raises(SystemExit, match=r"classifier_job \[c\] failed(.|\n)*run `make demo` again"):
+        demo.run_pipeline(None, ["classifier_job"], parallel=2)
+
+
+def test_a_partition_runs_in_its_own_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNTH_XRAY_", "DAGSTER_"))}
+    env.update(SYNTH_XRAY_PROFILE="demo", SYNTH_XRAY_DATA=str(tmp_path / "data"), DAGSTER_HOME=str(tmp_path))
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+
+    def child(job: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-m", "synth_xray_assets.demo", "--partition", job, ""]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+    observed = child("observe_source_job")
+    assert observed.returncode == 0, observed.stderr[-3000:]
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        runs = instance.get_runs()
+    assert [r.job_name for r in runs] == ["observe_source_job"] and runs[0].is_success
+    missing = child("no_such_job")
+    assert missing.returncode != 0 and "no_such_job" in missing.stderr
