@@ -69,9 +69,15 @@ def run_shards(
         left[shard.number] = [i for i in left[shard.number] if i not in made]
         on_rows(shard, rows)
 
-    errors = _gather(inbox, procs, shards, take)
-    for proc in procs.values():
-        proc.join()
+    try:
+        errors = _gather(inbox, procs, shards, take)
+    except BaseException:  # the parent was interrupted, or could not take a batch: stop the shards
+        for proc in procs.values():
+            proc.terminate()
+        raise
+    finally:
+        for proc in procs.values():
+            proc.join()
     if errors:
         k = min(errors)
         others = [f"shard {j}: {errors[j]}" for j in sorted(errors) if j != k]
