@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
@@ -44,6 +45,13 @@ def free_gpu_memory(device: str) -> int | None:
         return None
     free, _total = torch.cuda.mem_get_info(torch.device(device))
     return int(free)
+
+
+def least_free_gpu_memory(devices: Sequence[str]) -> int | None:
+    """The least free memory among the CUDA ``devices`` (a generation plan that fits every one),
+    ``None`` when none is on CUDA."""
+    free = [f for f in map(free_gpu_memory, devices) if f is not None]
+    return min(free) if free else None
 
 
 def free_disk(path: str | Path) -> int:

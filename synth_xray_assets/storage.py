@@ -121,11 +121,24 @@ def _recover_replaced_folder(path: Path) -> None:
 
 def _remove_dead_temporaries(path: Path) -> None:
     """Remove ``.{name}.{host}-{pid}.*.tmp`` beside ``path`` left by this host's dead writers."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.{re.escape(_HOST)}-(\d+)\.[a-z0-9_]{{8}}\.tmp")
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        match = pattern.fullmatch(tmp.name)
+    _remove_dead(path.parent, f".{glob.escape(path.name)}.*.tmp", re.escape(path.name))
+
+
+def remove_dead_temporaries(folder: str | Path) -> list[Path]:
+    """Remove every temporary in ``folder`` (whatever its destination) left by this host's dead
+    writers, e.g. a generation shard killed mid-write; returns what was removed."""
+    return _remove_dead(Path(folder), ".*.tmp", ".+")
+
+
+def _remove_dead(folder: Path, pattern: str, name_regex: str) -> list[Path]:
+    owned = re.compile(rf"\.{name_regex}\.{re.escape(_HOST)}-(\d+)\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    for tmp in folder.glob(pattern):
+        match = owned.fullmatch(tmp.name)
         if match and not _pid_alive(int(match.group(1))):
             shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
 
 
 def _pid_alive(pid: int) -> bool:

@@ -70,7 +70,7 @@ def test_every_synthetic_set_has_its_own_seed_stream(tiny_base_model, tmp_path):
     for name in ("normal", "pneumonia"):
         root = tmp_path / name
         generate_set(
-            lambda: load_pipeline(tiny_base_model, "cpu"),
+            lambda device: load_pipeline(tiny_base_model, device),
             root,
             2,
             # the same prompt: only the seeds can tell the sets apart

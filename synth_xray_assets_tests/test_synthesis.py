@@ -25,9 +25,9 @@ DEMO = Settings.for_profile("demo")
 def make(base, out, count=5, batch_size=2, version="v1", **kw):
     calls = []
 
-    def make_pipe():
+    def make_pipe(device):
         calls.append(1)
-        return load_pipeline(base, "cpu")
+        return load_pipeline(base, device)
 
     report = generate_set(
         make_pipe,

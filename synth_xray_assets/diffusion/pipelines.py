@@ -6,6 +6,7 @@ Used by DreamBooth (its samples, the prior-preservation images) and synthesis al
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,30 @@ def load_trained_pipeline(
     raise FileNotFoundError(
         f"{checkpoint_dir} holds no DreamBooth model (neither {LORA_WEIGHTS_NAME} nor model_index.json)"
     )
+
+
+@dataclass(frozen=True)
+class SavedPipeline:
+    """A picklable ``make_pipe(device)``: the pipeline saved at ``path``, float16 on CUDA when
+    ``half_on_cuda`` (else float32), for generation's shard processes."""
+
+    path: Path
+    half_on_cuda: bool = True
+
+    def __call__(self, device: str) -> StableDiffusionPipeline:
+        half = self.half_on_cuda and device.startswith("cuda")
+        return load_pipeline(self.path, device, torch.float16 if half else torch.float32)
+
+
+@dataclass(frozen=True)
+class TrainedPipeline:
+    """A picklable ``make_pipe(device)``: :func:`load_trained_pipeline` of a DreamBooth checkpoint."""
+
+    checkpoint_dir: Path
+    base_model_dir: Path
+
+    def __call__(self, device: str) -> StableDiffusionPipeline:
+        return load_trained_pipeline(self.checkpoint_dir, self.base_model_dir, device)
 
 
 # What ``use_dpm_solver`` samples with, in words, for records of how an image was made.

@@ -19,6 +19,7 @@ from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.image_sets import manifest_version
 from synth_xray_assets.diffusion.pipelines import (
+    SavedPipeline,
     load_pipeline,
     load_trained_pipeline,
     sample_images,
@@ -26,7 +27,7 @@ from synth_xray_assets.diffusion.pipelines import (
 )
 from synth_xray_assets.dreambooth import store
 from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretraining_images
-from synth_xray_assets.dreambooth.presets import PresetChoice, generation_plan, resolve_preset, with_plan
+from synth_xray_assets.dreambooth.presets import Planned, PresetChoice, generation_plan, resolve_preset
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
     RunDirs,
@@ -35,7 +36,7 @@ from synth_xray_assets.dreambooth.training import (
     num_train_steps,
     train_dreambooth,
 )
-from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.hardware import free_gpu_memory, least_free_gpu_memory, require_free_space
 from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
@@ -172,13 +173,17 @@ def prior_class_images(
     db = s.dreambooth
     base_path = store.base_model_path(s.data_dir)
     base_version = folder_version(base_path)
-    device = compute.resolve_device()
-    plan = generation_plan(db.class_image_batch_size, db.resolution, free_gpu_memory(device), s.generation)
+    # The devices the set is split over, by image index (one process each when several): one for
+    # now; the cards this step holds plug in here.
+    devices = (compute.resolve_device(),)
+    plan = generation_plan(
+        db.class_image_batch_size, db.resolution, least_free_gpu_memory(devices), s.generation
+    )
     require_free_space(
         store.prior_dir(s.data_dir), db.num_class_images * db.resolution**2, "prior images (PNG, at most raw)"
     )
     report = generate_set(
-        lambda: with_plan(load_pipeline(base_path, device, _dtype(device)), plan),
+        Planned(SavedPipeline(base_path), plan),  # float16 on CUDA
         store.prior_dir(s.data_dir),
         db.num_class_images,
         Recipe(
@@ -190,6 +195,7 @@ def prior_class_images(
             extra_columns={"class_key": "prior", "label": -1, "checkpoint_version": base_version},
         ),
         batch_size=plan.batch_size,
+        devices=devices,
         log=context.log.info,
     )
     images = store.prior_images(s.data_dir)
@@ -208,12 +214,6 @@ def prior_class_images(
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
-
-
-def _dtype(device: str):
-    import torch
-
-    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 _DREAMBOOTH_CHECKPOINT_ASSET = dict(

@@ -162,3 +162,15 @@ def with_plan(pipe: Any, plan: GenerationPlan) -> Any:
     if plan.vae_slicing:
         pipe.vae.enable_slicing()
     return pipe
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A picklable ``make_pipe(device)``: ``load(device)`` with the plan's VAE slicing
+    (:func:`with_plan`), so that each generation shard's process builds its own pipeline."""
+
+    load: Callable[[str], Any]
+    plan: GenerationPlan
+
+    def __call__(self, device: str) -> Any:
+        return with_plan(self.load(device), self.plan)

@@ -12,8 +12,8 @@ from synth_xray_assets.dataset.phantoms import held_out_phantoms
 from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
-from synth_xray_assets.diffusion.pipelines import load_pipeline
-from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+from synth_xray_assets.diffusion.pipelines import SavedPipeline
+from synth_xray_assets.dreambooth.presets import Planned, generation_plan
 from synth_xray_assets.dreambooth.store import base_model_path
 from synth_xray_assets.evaluation.extractor import extractor_weights
 from synth_xray_assets.hardware import free_gpu_memory
@@ -119,11 +119,12 @@ def base_model_images(
     )
     plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
     generate_set(
-        lambda: with_plan(load_pipeline(base, device), plan),
+        Planned(SavedPipeline(base, half_on_cuda=False), plan),
         root,
         images_per_class(s),
         recipe,
         batch_size=plan.batch_size,
+        devices=(device,),
         log=log,
     )
     return SyntheticImages.open(root).images(), version

@@ -7,10 +7,10 @@ from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.deployment import gpu_step
 from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
-from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
+from synth_xray_assets.diffusion.pipelines import TrainedPipeline
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
-from synth_xray_assets.hardware import free_gpu_memory, require_free_space
+from synth_xray_assets.dreambooth.presets import Planned, generation_plan
+from synth_xray_assets.hardware import least_free_gpu_memory, require_free_space
 from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.operations.refusals import disk_refusal_is_final
@@ -79,16 +79,18 @@ def synthetic_images(
     key = context.partition_key
     ckpt = models.checkpoint_dir(s.data_dir, key)
     version = _checkpoint_version(s.data_dir, key)
-    device = compute.resolve_device()
+    # The devices the set is split over, by image index (one process each when several): one for
+    # now; the cards this step holds plug in here.
+    devices = (compute.resolve_device(),)
     base = models.base_model_path(s.data_dir)
     prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
     first_seed = seed_stream_offset(g, key)  # this set's own seed stream
     count = images_per_class(s)
-    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
+    plan = generation_plan(g.batch_size, s.dreambooth.resolution, least_free_gpu_memory(devices), g)
     require_free_space(out, count * s.dreambooth.resolution**2, "synthetic images (PNG, at most raw size)")
     report = generate_set(
-        lambda: with_plan(load_trained_pipeline(ckpt, base, device), plan),
+        Planned(TrainedPipeline(ckpt, base), plan),
         out,
         count,
         Recipe(
@@ -100,6 +102,7 @@ def synthetic_images(
             {"class_key": key, "label": class_label(key), "checkpoint_version": version},
         ),
         batch_size=plan.batch_size,
+        devices=devices,
         log=context.log.info,
     )
     grid = samples_beside_real(SyntheticImages.open(out), s, key)
@@ -116,7 +119,7 @@ def synthetic_images(
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
-            "device": device,
+            "device": ", ".join(devices),
             "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
                 png_markdown(grid, f"synthetic {key} above real {key}")
             ),
