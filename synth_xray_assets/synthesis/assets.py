@@ -1,4 +1,8 @@
-"""Dagster wiring of the synthetic images: ``synthetic_images``, one partition per class."""
+"""Dagster wiring of the generated image sets: ``synthetic_images``, one partition per generator,
+and ``base_model_images``, the untrained base model's FID reference images, one partition per class.
+
+The numerical work lives in ``diffusion/generate.py`` (``generate_set``) and, for the base model's
+set, ``base_images.py``."""
 
 import dagster as dg
 import numpy as np
@@ -17,11 +21,13 @@ from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
+    class_partitions,
     generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
+from synth_xray_assets.synthesis.base_images import make_base_model_images
 from synth_xray_assets.synthesis.store import (
     SyntheticImages,
     images_per_class,
@@ -125,8 +131,73 @@ def synthetic_images(
     )
 
 
+_BASE_MODEL_IMAGES_ASSET = dict(
+    # the dataset: the count is generation.images_per_class scaled to its real training split
+    deps=["base_model", "chest_xray_dataset"],
+    group_name="synthesis",
+    kinds={"pytorch", "diffusers"},
+    owners=OWNERS,
+    code_version="base-model-images-v1",
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+    description=(
+        "The untrained base model's images of the class's instance prompt, made with the fine-tuned sets' "
+        "sampler (generation.*: DPM-Solver steps, guidance, batch, images per class) on their own seed "
+        "stream: the reference fid_scores compares every generator of the class with (does fine-tuning "
+        "move the images toward real ones?). Needs only base_model, so it runs beside DreamBooth. PNGs "
+        "and a manifest (file, seed, prompt, base model version) under "
+        "data/evaluation/base_model_images/{class}/. A re-run makes only missing images."
+    ),
+)
+
+
+def base_model_images_asset(s: Settings) -> dg.AssetsDefinition:
+    """``base_model_images`` per class (not per generator: matched generators of a class share it),
+    a GPU step that samples the base model."""
+    return dg.asset(**_BASE_MODEL_IMAGES_ASSET, partitions_def=class_partitions, **gpu_step(s, "diffusion"))(
+        base_model_images
+    )
+
+
+@disk_refusal_is_final
+@one_writer
+def base_model_images(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    g = s.generation
+    class_key = context.partition_key
+    device = compute.resolve_device()
+    out = s.layout.base_model_images(class_key)
+    count = images_per_class(s)
+    require_free_space(out, count * s.dreambooth.resolution**2, "base model images (PNG, at most raw size)")
+    made = make_base_model_images(s, class_key, device, context.log.info)
+    report, first_seed = made.report, made.recipe.seed_offset
+    grid = samples_beside_real(SyntheticImages.open(out), s, class_key)
+    return dg.MaterializeResult(
+        metadata={
+            "num_images": len(report.manifest),
+            "version": manifest_version(report.manifest),
+            "made_this_run": len(report.generated),
+            "kept_from_earlier_runs": report.reused,
+            "batch_size": made.plan.batch_size,  # from free GPU memory, at most generation.batch_size
+            "vae_slicing": made.plan.vae_slicing,
+            "prompt": made.recipe.prompt,
+            "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
+            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream, base-{class_key})",
+            "base_model_version": made.base_model_version,
+            "path": dg.MetadataValue.path(str(out)),
+            "device": device,
+            "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
+                png_markdown(grid, f"base model {class_key} above real {class_key}")
+            ),
+            **settings_metadata(s),
+        },
+        data_version=dg.DataVersion(manifest_version(report.manifest)),
+    )
+
+
 def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
-    """Two rows of synthetic images of class ``key`` above a row of its real training images, so a
+    """Two rows of generated images of class ``key`` above a row of its real training images, so a
     glance shows whether the class was learned (as ``dreambooth_checkpoint`` shows its samples)."""
     synthetic = list(images.images(limit=2 * columns))
     real = StandardizedDataset.open(s.layout.dataset).images("train", class_label(key))[:columns]
@@ -163,8 +234,9 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
 
 
 def build_defs(s: Settings) -> dg.Definitions:
-    """The synthesis domain's definitions: one partition per generator of ``s``."""
+    """The synthesis domain's definitions: synthetic images per generator of ``s``, the base
+    model's reference images per class."""
     return dg.Definitions(
-        assets=[synthetic_images_asset(s)],
+        assets=[synthetic_images_asset(s), base_model_images_asset(s)],
         asset_checks=[no_blank_samples_check(generator_partitions(s))],
     )
