@@ -10,10 +10,10 @@ import numpy as np
 from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.deployment import gpu_step
-from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.generate import GenerationReport, Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import load_trained_pipeline
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.presets import generation_plan, with_plan
+from synth_xray_assets.dreambooth.presets import GenerationPlan, generation_plan, with_plan
 from synth_xray_assets.hardware import free_gpu_memory, require_free_space
 from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
@@ -25,7 +25,7 @@ from synth_xray_assets.partitions import (
     generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource
-from synth_xray_assets.settings import Settings
+from synth_xray_assets.settings import GenerationSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
 from synth_xray_assets.synthesis.base_images import make_base_model_images
 from synth_xray_assets.synthesis.store import (
@@ -110,14 +110,7 @@ def synthetic_images(
     grid = samples_beside_real(SyntheticImages.open(out), s, key)
     return dg.MaterializeResult(
         metadata={
-            "num_images": len(report.manifest),
-            "made_this_run": len(report.generated),
-            "kept_from_earlier_runs": report.reused,
-            "batch_size": plan.batch_size,  # from free GPU memory, at most generation.batch_size
-            "vae_slicing": plan.vae_slicing,
-            "prompt": prompt,
-            "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream)",
+            **generation_metadata(report, plan, g, prompt, f"{first_seed}..{first_seed + count - 1}"),
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
@@ -173,17 +166,11 @@ def base_model_images(
     made = make_base_model_images(s, class_key, device, context.log.info)
     report, first_seed = made.report, made.recipe.seed_offset
     grid = samples_beside_real(SyntheticImages.open(out), s, class_key)
+    seeds = f"{first_seed}..{first_seed + count - 1}"
     return dg.MaterializeResult(
         metadata={
-            "num_images": len(report.manifest),
+            **generation_metadata(report, made.plan, g, made.recipe.prompt, seeds),
             "version": manifest_version(report.manifest),
-            "made_this_run": len(report.generated),
-            "kept_from_earlier_runs": report.reused,
-            "batch_size": made.plan.batch_size,  # from free GPU memory, at most generation.batch_size
-            "vae_slicing": made.plan.vae_slicing,
-            "prompt": made.recipe.prompt,
-            "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream, base-{class_key})",
             "base_model_version": made.base_model_version,
             "path": dg.MetadataValue.path(str(out)),
             "device": device,
@@ -194,6 +181,22 @@ def base_model_images(
         },
         data_version=dg.DataVersion(manifest_version(report.manifest)),
     )
+
+
+def generation_metadata(
+    report: GenerationReport, plan: GenerationPlan, g: GenerationSettings, prompt: str, seeds: str
+) -> dict:
+    """What a generated set's materialization says of the images and how they were made."""
+    return {
+        "num_images": len(report.manifest),
+        "made_this_run": len(report.generated),
+        "kept_from_earlier_runs": report.reused,
+        "batch_size": plan.batch_size,  # from free GPU memory, at most generation.batch_size
+        "vae_slicing": plan.vae_slicing,
+        "prompt": prompt,
+        "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
+        "seeds": f"{seeds} (this set's own stream)",
+    }
 
 
 def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
