@@ -19,7 +19,8 @@ Without CUDA the same code runs at tiny sizes (the demo's tiny SD at 64 px, Dens
 
 ``--costs PATH`` (CUDA at the full sizes only) writes the cost table of ``benchmarks/schedule.py``:
 ``benchmarks/costs_full.json`` with the rates measured here (DreamBooth optimizer steps/s of the
-study preset, generation images/s, the classifier's training images/s, our way) replaced, marked
+study preset, generation images/s, also the base model's reference images', the classifier's
+training images/s, our way) replaced, marked
 ``estimate: false`` with this card as their source; then
 ``benchmarks/schedule.py --costs PATH`` schedules the study with them.
 """
@@ -284,6 +285,11 @@ def main() -> None:
             measured["generation_images_per_s"] = (
                 rate,
                 f"{sizes.gen_images} images, {sizes.gen_steps} DPM-Solver steps",
+            )
+            # base_model_images samples this same base pipeline with the same sampler
+            measured["base_model_images_per_s"] = (
+                rate,
+                f"{sizes.gen_images} base-model images, {sizes.gen_steps} DPM-Solver steps",
             )
     if "classifier" not in skip:
         rate = bench_classifier(sizes)

@@ -3,8 +3,10 @@
 Builds the step graph of the full profile's ``Definitions`` (``build_defs``), takes each step's cost
 from a cost table (``benchmarks/costs_full.json``: README midpoints, all estimates, until
 ``benchmarks/gpu.py --costs`` measures a card) and list-schedules it
-(``synth_xray_assets/operations/schedule.py``): as built; with data-parallel DreamBooth; with the
-base model's FID reference images made beside DreamBooth instead of inside ``fid_scores``; both.
+(``synth_xray_assets/operations/schedule.py``): as built (the base model's FID reference images,
+``base_model_images``, a step of their own beside DreamBooth); as before that asset (the reference
+images made inside ``fid_scores``, after the synthetic images), for comparison; with data-parallel
+DreamBooth.
 Then, for the goals (30 minutes on one 8-card machine, 2 hours on one card), what each further
 change would give, cumulatively, every figure an estimate.
 
@@ -32,7 +34,6 @@ from synth_xray_assets.dreambooth.loss import num_train_steps
 from synth_xray_assets.operations.schedule import (
     Schedule,
     Step,
-    add_step,
     longest_path,
     scaling_efficiency,
     simulate,
@@ -55,7 +56,7 @@ class Plan:
     """How the study runs: the graph as built and the changes that the tables compare."""
 
     data_parallel: bool = False  # DreamBooth on several cards, split between the classes
-    reference_beside: bool = False  # the base model's FID images as a step beside DreamBooth
+    reference_inside: bool = False  # as before base_model_images: the FID reference made in fid_scores
     early_real_only: bool = False  # classifier runs with no synthetic image wait only for the dataset
     shard_generation: bool = False  # image generation split over one machine's cards
     dreambooth_factor: float = 1.0
@@ -114,6 +115,8 @@ def step_minutes(
     """Each step's minutes on one card under ``plan``'s speed-ups."""
     gen_rate = costs["generation_images_per_s"]["value"] / plan.generation_factor
     gen_minutes = images_per_class(s) / gen_rate / 60
+    ref_rate = costs["base_model_images_per_s"]["value"] / plan.generation_factor
+    ref_minutes = images_per_class(s) / ref_rate / 60
     db_steps = dreambooth_steps(s)
     out: dict[str, float] = {}
     for name, step in steps.items():
@@ -121,10 +124,12 @@ def step_minutes(
         if step.asset == "dreambooth_checkpoint":
             rate = costs["dreambooth_optimizer_steps_per_s"]["value"]
             out[name] = db_steps[key] / rate / 60 * plan.dreambooth_factor
-        elif step.asset in ("synthetic_images", "base_reference_images"):
+        elif step.asset == "synthetic_images":
             out[name] = gen_minutes
+        elif step.asset == "base_model_images":
+            out[name] = ref_minutes
         elif step.asset == "fid_scores":
-            out[name] = costs["fid_scores"]["value"] + (0.0 if plan.reference_beside else gen_minutes)
+            out[name] = costs["fid_scores"]["value"] + (ref_minutes if plan.reference_inside else 0.0)
         elif step.asset == "classifier_experiment":
             experiment = key.split("|")[0]
             images = classifier_images_per_epoch(s, experiment) * s.classifier.epochs
@@ -138,10 +143,12 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
     """The steps, their minutes and their cards under ``plan`` on ``machines``."""
     s = full_settings(plan.seeds)
     steps = dict(full_graph(plan.seeds))
-    if plan.reference_beside:
-        for c in CLASS_KEYS:
-            ref = Step(f"base_reference_images[{c}]", "base_reference_images", c, "gpu", ("base_model",))
-            steps = add_step(steps, ref, before=[f"fid_scores[{c}]"])
+    if plan.reference_inside:  # as before base_model_images: no step of their own
+        steps = {
+            n: replace(st, deps=tuple(d for d in st.deps if not d.startswith("base_model_images[")))
+            for n, st in steps.items()
+            if st.asset != "base_model_images"
+        }
     if plan.early_real_only:
         for name, step in steps.items():
             if step.asset == "classifier_experiment":
@@ -151,9 +158,7 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
                     steps[name] = replace(step, deps=deps)
     minutes = step_minutes(s, steps, costs, plan)
     if plan.shard_generation:
-        for name in [
-            n for n, st in steps.items() if st.asset in ("synthetic_images", "base_reference_images")
-        ]:
+        for name in [n for n, st in steps.items() if st.asset in ("synthetic_images", "base_model_images")]:
             shards = max(machines)
             if shards > 1:
                 steps = split_step(steps, name, shards)
@@ -222,16 +227,16 @@ def main() -> None:
 
     base = Plan(per_doubling=args.per_doubling)
     plans = {
+        "ref in FID": replace(base, reference_inside=True),
         "as built": base,
         "DP DreamBooth": replace(base, data_parallel=True),
-        "FID ref beside": replace(base, reference_beside=True),
-        "both": replace(base, data_parallel=True, reference_beside=True),
     }
-    print(f"\nWall time, h:mm{mark}; DP = data-parallel DreamBooth, cards split between the classes by steps")
     print(
-        f"{'machines':12s}"
-        + "".join(f"{p:>16s}" for p in plans)
-        + f"{'DP cards N,P':>14s}{'busy (both)':>12s}"
+        f"\nWall time, h:mm{mark}; ref in FID = as before base_model_images (the FID reference made inside "
+        "fid_scores); DP = data-parallel DreamBooth, cards split between the classes by steps"
+    )
+    print(
+        f"{'machines':12s}" + "".join(f"{p:>16s}" for p in plans) + f"{'DP cards N,P':>14s}{'busy (DP)':>12s}"
     )
     results: dict[tuple[str, str], Schedule] = {}
     for label, machines in MACHINES.items():
@@ -252,8 +257,8 @@ def main() -> None:
     for label, pname in [
         ("1 card", "as built"),
         ("8 cards", "as built"),
-        ("8 cards", "both"),
-        ("k8s 2 x 8", "both"),
+        ("8 cards", "DP DreamBooth"),
+        ("k8s 2 x 8", "DP DreamBooth"),
     ]:
         sched = results[(label, pname)]
         steps, minutes, cards = planned(plans[pname], MACHINES[label], costs)
@@ -262,7 +267,7 @@ def main() -> None:
         )
 
     levers = [
-        ("start: both (above)", {}, "no", "DP DreamBooth + FID reference beside it"),
+        ("start: DP DreamBooth (above)", {}, "no", "data-parallel DreamBooth, the FID reference beside it"),
         (
             "real-only runs start after the dataset",
             {"early_real_only": True},
@@ -306,7 +311,7 @@ def main() -> None:
         "Each change on top of those above it; every factor an ESTIMATE (not measured), every time (est.)"
     )
     print(f"{'change':44s} {'changes results':>15s} {'1 card':>8s} {'8 cards':>8s}  effect")
-    plan = plans["both"]
+    plan = plans["DP DreamBooth"]
     reached: dict[str, str] = {}
     for name, update, changes, effect in levers:
         plan = replace(plan, **update)

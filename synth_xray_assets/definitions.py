@@ -31,6 +31,12 @@ prepare_job = dg.define_asset_job(
     ),
     description="The unpartitioned upstream assets: dataset, base model, prior images, feature extractor.",
 )
+base_model_images_job = dg.define_asset_job(
+    "base_model_images_job",
+    selection=dg.AssetSelection.assets("base_model_images"),
+    description="Per class: the base model's FID reference images (they need only the base model, so they "
+    "can run beside DreamBooth; per class, not per generator, so a job of their own).",
+)
 per_class_job = dg.define_asset_job(
     "per_class_job",
     selection=dg.AssetSelection.assets(
@@ -54,8 +60,15 @@ report_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("study_report"),
     description="The study's table, statistics and plots from every finished classifier run.",
 )
-JOBS = [prepare_job, per_class_job, classifier_job, report_job]
-PIPELINE_STAGES = ["observe_source_job", "prepare_job", "per_class_job", "classifier_job", "report_job"]
+JOBS = [prepare_job, base_model_images_job, per_class_job, classifier_job, report_job]
+PIPELINE_STAGES = [
+    "observe_source_job",
+    "prepare_job",
+    "base_model_images_job",
+    "per_class_job",
+    "classifier_job",
+    "report_job",
+]
 
 
 def build_defs(

@@ -19,7 +19,7 @@ the folder it reads or writes. Inside its folder, each store module owns its own
     evaluation/reference_features/         cached real-image features per dataset version
     evaluation/fid/{class}.json            the scores of fid_scores
     evaluation/memorization/{class}.parquet  nearest real image of every synthetic one
-    evaluation/base_model_images/{class}/  the base model's images at the generation sampler
+    evaluation/base_model_images/{class}/  base_model_images: the base model's images, generation sampler
     evaluation/class_fidelity/{generator}.json  share of a generator's images called its class
     evaluation/class_fidelity/{generator}.parquet  the extractor's class score of each of them
     export/{generator}/                    the synthetic images as a Hub dataset (parquet + card)

@@ -49,6 +49,14 @@ def generator_partitions(s: Settings) -> dg.StaticPartitionsDefinition:
     return class_partitions if keys == list(CLASS_KEYS) else dg.StaticPartitionsDefinition(keys)
 
 
+def class_of_generator(s: Settings) -> dg.StaticPartitionMapping:
+    """From a per-class asset (``base_model_images[normal]``) to the per-generator assets of that
+    class (``fid_scores[normal]``, ``fid_scores[normal-r10]``, ...): every generator reads its
+    class's partition."""
+    keys = generator_keys(s.dreambooth.generators, s.classifier.experiments)
+    return dg.StaticPartitionMapping({c: [k for k in keys if class_key_of(k) == c] for c in CLASS_KEYS})
+
+
 def generator_for(class_key: str, real_fraction: float, generators: str) -> str:
     """The generator whose images an experiment with ``real_fraction`` of real train uses."""
     if generators == "matched" and 0.0 < real_fraction < 1.0:

@@ -502,9 +502,9 @@ class StepSizes(_Section):
     holding a parquet shard and its decoded images), the report, the CPU checks."""
     diffusion: PodSize = PodSize(cpu=4, memory_gib=16)
     """Loading a pipeline and sampling (base_model, prior_class_images, synthetic_images,
-    checkpoint_loads, fid_scores): the fp32 pipeline on the host while it loads (4.8 GiB) + torch and
-    CUDA (3 GiB) + a batch of decoded images and Inception features (< 1 GiB) = 9 GiB; 16 GiB leaves
-    room for a second pipeline (the checkpoint over the base model when loading it)."""
+    base_model_images, checkpoint_loads): the fp32 pipeline on the host while it loads (4.8 GiB) +
+    torch and CUDA (3 GiB) + a batch of decoded images (< 1 GiB) = 9 GiB; 16 GiB leaves room for a
+    second pipeline (the checkpoint over the base model when loading it)."""
     dreambooth: PodSize = PodSize(cpu=8, memory_gib=24)
     """DreamBooth full fine-tune: the fp32 pipeline loaded on the host (4.8 GiB) + torch and CUDA
     (3 GiB) + the class's decoded images (up to 3,875 x 512 x 512, 1 GiB) and prior images + cached
@@ -512,10 +512,10 @@ class StepSizes(_Section):
     copied to the host at each checkpoint and the final save (4.5 GiB) = 14 GiB; 24 GiB with the one
     transient copy."""
     classifier: PodSize = PodSize(cpu=8, memory_gib=12)
-    """DenseNet-121 work (classifier_experiment, cxr_feature_extractor, memorization, class_fidelity):
-    torch and CUDA (3 GiB) + the real and synthetic images at 256 px (7,616 x 256 x 256: 0.5 GiB) and
-    their features + loader workers on the CPU path (classifier.num_workers, each sharing the arrays
-    copy-on-write) = under 6 GiB; 12 GiB with margin."""
+    """DenseNet-121 and Inception work (classifier_experiment, cxr_feature_extractor, fid_scores,
+    memorization, class_fidelity): torch and CUDA (3 GiB) + the real and synthetic images at 256 px
+    (7,616 x 256 x 256: 0.5 GiB) and their features + loader workers on the CPU path
+    (classifier.num_workers, each sharing the arrays copy-on-write) = under 6 GiB; 12 GiB with margin."""
 
 
 class KubernetesSettings(_Section):

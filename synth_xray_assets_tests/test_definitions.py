@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.definitions import PIPELINE_STAGES, build_defs, per_class_job
 from synth_xray_assets.settings import NOT_SETTINGS, DemoSettings, Settings, load_settings
 
 PACKAGE = Path(__file__).resolve().parents[1] / "synth_xray_assets"
@@ -60,6 +60,31 @@ def test_base_model_depends_on_the_dataset_only_when_tiny(tmp_path):
 
     assert parents(Settings.for_profile("demo", tmp_path)) == {"chest_xray_dataset"}
     assert parents(Settings.for_profile("full", tmp_path)) == set()
+
+
+def test_base_model_images_need_only_the_base_model_and_feed_fid_scores_per_class(tmp_path):
+    """The FID reference images wait for no DreamBooth: their parents are the base model and the
+    dataset (its train split sets the count); every generator's fid_scores reads its class's set."""
+    matched = Settings.for_profile("demo", tmp_path, {"dreambooth": {"generators": "matched"}})
+    defs = build_defs(matched)
+    graph = defs.resolve_asset_graph()
+    ref, fid = dg.AssetKey("base_model_images"), dg.AssetKey("fid_scores")
+    assert {k.to_user_string() for k in graph.get(ref).parent_keys} == {"base_model", "chest_xray_dataset"}
+    assert graph.get(ref).partitions_def.get_partition_keys() == ["normal", "pneumonia"]
+    assert graph.get(ref).group_name == "synthesis" and graph.get(ref).pools == {"gpu"}
+    assert ref in graph.get(fid).parent_keys and dg.AssetKey("base_model") not in graph.get(fid).parent_keys
+    for generator, class_key in [
+        ("normal", "normal"),
+        ("normal-r10", "normal"),
+        ("pneumonia-r25", "pneumonia"),
+    ]:
+        upstream = graph.get_parent_partition_keys_for_child(generator, ref, fid)
+        assert set(upstream.partitions_subset.get_partition_keys()) == {class_key}, generator
+    job = defs.resolve_job_def("base_model_images_job")
+    assert job.partitions_def.get_partition_keys() == ["normal", "pneumonia"]
+    # per class, not per generator: a job of its own, run before the per-generator stage
+    assert ref not in per_class_job.selection.resolve(graph)
+    assert PIPELINE_STAGES.index("base_model_images_job") < PIPELINE_STAGES.index("per_class_job")
 
 
 def test_group_names_are_the_domain_folders(tmp_path):

@@ -1,9 +1,11 @@
-"""End to end on tiny data: chest_xray_dataset -> cxr_feature_extractor -> fid_scores + memorization.
+"""End to end on tiny data: chest_xray_dataset -> cxr_feature_extractor, base_model_images ->
+fid_scores + memorization.
 
-The synthetic and base-model images are written here in the ``SyntheticImages`` layout (the
-DreamBooth and generation assets are not run): "fine-tuned" images are lightly altered real
-training images, one of them an exact copy (the memorization check must warn), and the "base
-model" images are smooth noise, unlike any radiograph.
+The synthetic images are written here in the ``SyntheticImages`` layout (the DreamBooth and
+generation assets are not run): "fine-tuned" images are lightly altered real training images, one
+of them an exact copy (the memorization check must warn). The "base model" images are made by
+``base_model_images`` with a random, untrained tiny Stable Diffusion: smooth noise, unlike any
+radiograph.
 """
 
 import json
@@ -22,10 +24,11 @@ from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.dreambooth.store import base_model_record
 from synth_xray_assets.evaluation import assets as evaluation
 from synth_xray_assets.evaluation.extractor import extractor_weights
-from synth_xray_assets.evaluation.inputs import held_out_reference
+from synth_xray_assets.evaluation.inputs import base_model_set, held_out_reference
 from synth_xray_assets.resources import ComputeResource, SettingsResource
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import write_json_atomic
+from synth_xray_assets.synthesis import assets as synthesis
 from synth_xray_assets.synthesis.store import MANIFEST, MANIFEST_COLUMNS, synthetic_dir
 
 N_SYNTHETIC = 8
@@ -94,6 +97,7 @@ def materialized(tmp_path_factory, tiny_base_model):
         write_image_set(synthetic_dir(data, "normal"), synthetic, "normal", "ckpt-v1")
         downstream = dg.materialize(
             [
+                synthesis.base_model_images_asset(DEMO),  # made by the tiny base model
                 evaluation.fid_scores_asset(DEMO),
                 evaluation.memorization_asset(DEMO),
                 evaluation.class_fidelity_asset(DEMO),
@@ -162,6 +166,12 @@ def test_fid_scores_in_the_chest_xray_space_beside_an_unavailable_inception(mate
     assert floor["fid_reading"].startswith("biased (n < 1024)") and md["fid_cxr_held_out_biased"].value
     assert md["fid_min_images"].value == {"cxr": 1024, "inception": 2048}
     assert "2 DPM-Solver steps, guidance 4.0" in md["base_model_images"].value  # the fine-tuned sampler
+    assert md["base_model_images"].value.startswith("base_model_images[normal]: 8 base-model images")
+    made = downstream.asset_materializations_for_node("base_model_images")[0].metadata
+    assert made["num_images"].value == N_SYNTHETIC and made["made_this_run"].value == N_SYNTHETIC
+    assert md["base_model_version"].value == made["base_model_version"].value  # from the set's manifest
+    grid = made["samples (top) and real training images of the class (bottom)"].value
+    assert grid.startswith("![base model normal above real normal](data:image/png;base64,")
     for key in ("fid_cxr", "kid_cxr", "precision_cxr", "fid_cxr_base_model"):
         assert math.isfinite(md[key].value), key
     for key in ("fid_cxr_held_out", "fid_cxr_real_floor_held_out", "fid_cxr_base_model_held_out"):
@@ -232,6 +242,13 @@ def test_a_missing_or_unreadable_synthetic_set_is_a_clear_error_naming_it(materi
     _, _, _, failures = materialized
     assert "materialize synthetic_images[pneumonia] first" in failures["missing"]
     assert "could not read synthetic_images[pneumonia]" in failures["unreadable"]
+
+
+def test_fid_scores_without_base_model_images_names_the_asset_to_materialize(materialized):
+    data = materialized[0]
+    s = Settings.for_profile("demo", data, OVERRIDES)
+    with pytest.raises(FileNotFoundError, match=r"materialize base_model_images\[pneumonia\] first"):
+        base_model_set(s, "pneumonia-r10")  # a matched generator reads its class's set
 
 
 def test_class_fidelity_is_recorded_with_its_interval_and_check(materialized):

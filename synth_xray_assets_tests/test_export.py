@@ -58,6 +58,7 @@ DEMO = Settings.for_profile("demo")
 PER_GENERATOR = [
     dreambooth.dreambooth_checkpoint_asset(DEMO),
     synthesis.synthetic_images_asset(DEMO),
+    synthesis.base_model_images_asset(DEMO),  # per class: the study's generators are the classes
     evaluation.fid_scores_asset(DEMO),
     evaluation.memorization_asset(DEMO),
     evaluation.class_fidelity_asset(DEMO),

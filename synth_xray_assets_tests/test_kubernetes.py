@@ -42,7 +42,8 @@ GPU_STEP_SIZE = {
     "dreambooth_checkpoint": "dreambooth",
     "dreambooth_checkpoint_checkpoint_loads": "diffusion",
     "synthetic_images": "diffusion",
-    "fid_scores": "diffusion",
+    "base_model_images": "diffusion",
+    "fid_scores": "classifier",  # features only: the base model's images are base_model_images
     "cxr_feature_extractor": "classifier",
     "memorization": "classifier",
     "class_fidelity": "classifier",

@@ -358,6 +358,7 @@ def test_the_assets_that_check_the_disk_make_its_refusal_final():
         dreambooth,
         prior,
         synthesis_assets.synthetic_images_asset(s),
+        synthesis_assets.base_model_images_asset(s),
         classifier_assets.classifier_experiment_asset(s),
     ):
         assert getattr(asset.op.compute_fn.decorated_fn, "disk_refusal_is_final", False), asset.key

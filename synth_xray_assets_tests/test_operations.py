@@ -98,6 +98,7 @@ def test_changed_source_requests_the_dataset_and_its_dependents(tmp_path):
             union[name] = union.get(name, 0) + n
     assert union.get("dreambooth_checkpoint") == 2, ticks  # both classes, once each
     assert union.get("synthetic_images") == 2, ticks
+    assert union.get("base_model_images") == 2, ticks  # per class, beside DreamBooth
     assert union.get("prior_class_images") == 1, ticks
     assert union.get("cxr_feature_extractor") == 1, ticks
     assert union.get("fid_scores") == 2 and union.get("memorization") == 2, ticks

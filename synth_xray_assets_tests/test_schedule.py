@@ -83,6 +83,10 @@ def test_the_demo_definitions_give_the_expected_steps_and_dependencies(tmp_path)
         assert {"base_model", "prior_class_images"} <= set(steps[f"dreambooth_checkpoint[{c}]"].deps)
         assert steps[f"synthetic_images[{c}]"].deps == (f"dreambooth_checkpoint[{c}]",)
         assert f"synthetic_images[{c}]" in steps[f"fid_scores[{c}]"].deps
+        # the FID reference waits for the base model only, and runs on a card beside DreamBooth
+        ref = steps[f"base_model_images[{c}]"]
+        assert ref.pool == "gpu" and set(ref.deps) == {"base_model", "chest_xray_dataset"}
+        assert ref.name in steps[f"fid_scores[{c}]"].deps
     other = {"normal": "pneumonia", "pneumonia": "normal"}
     for c in other:  # identity mapping: a class's scores never wait for the other class
         assert f"synthetic_images[{other[c]}]" not in steps[f"fid_scores[{c}]"].deps

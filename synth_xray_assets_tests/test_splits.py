@@ -231,6 +231,7 @@ def test_matched_generators_partition_every_per_generator_asset(tmp_path):
     for name in ("dreambooth_checkpoint", "synthetic_images", "fid_scores", "memorization", "class_fidelity"):
         assert d.resolve_assets_def(name).partitions_def.get_partition_keys() == keys, name
     assert d.resolve_job_def("per_class_job").partitions_def.get_partition_keys() == keys
+    assert d.resolve_assets_def("base_model_images").partitions_def.get_partition_keys() == keys[:2]
     checks = d.get_repository_def().asset_checks_defs_by_key
     for key, check in checks.items():
         if key.name in ("checkpoint_loads", "no_blank_samples"):

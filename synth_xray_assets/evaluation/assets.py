@@ -44,7 +44,7 @@ from synth_xray_assets.evaluation.fidelity import (
 )
 from synth_xray_assets.evaluation.inputs import (
     FidReferences,
-    base_model_images,
+    base_model_set,
     checkpoint_versions,
     class_reference,
     extractor_predictor,
@@ -67,6 +67,7 @@ from synth_xray_assets.operations.locks import one_writer
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
+    class_of_generator,
     generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
@@ -182,10 +183,11 @@ FID_CHECKS = [
 ]
 
 
+# fid_scores' decorator arguments; its dependency on base_model_images (per class) is added by
+# fid_scores_asset, with the mapping from generator to class of the settings.
 _FID_SCORES_ASSET = dict(
-    deps=["chest_xray_dataset", "cxr_feature_extractor", "synthetic_images", "base_model"],
     **_ON_GPU,
-    code_version="fid-scores-v3",
+    code_version="fid-scores-v4",  # v4: reads base_model_images, made beside DreamBooth
     check_specs=FID_CHECKS,
     description=(
         "KID (mean ± std over subsets, unbiased at small n: it leads and decides), FID (marked biased "
@@ -198,7 +200,7 @@ _FID_SCORES_ASSET = dict(
         "(inception-v3-compat, as the study's FID 61.88 / 64.08; recorded unavailable, with the "
         "reason, where its weights cannot be had) and the chest-X-ray space of cxr_feature_extractor. "
         "The untrained base model's images of the same prompt, made with the same sampler settings "
-        "(generation.*), are scored the same way. "
+        "(generation.*) by base_model_images (per class, beside DreamBooth), are scored the same way. "
         "Reference features are cached per reference images and feature space."
     ),
 )
@@ -214,8 +216,8 @@ def fid_scores(
     ds = open_dataset(s)
     refs = fid_references(s, ds, key)
     synthetic, syn_set = synthetic_set(s, key)
+    base, base_set = base_model_set(s, key)
     device = compute.resolve_device()
-    base, base_version = base_model_images(s, key, device, context.log.info)
     sets = {"synthetic": synthetic, "base_model": base}
     if len(base) < len(synthetic):  # FID falls with the number of images: also compare at equal counts
         sets["synthetic_matched"] = synthetic[: len(base)]
@@ -232,10 +234,12 @@ def fid_scores(
         "dataset_version": ds.version,
         "synthetic_checkpoint_version": checkpoint_versions(syn_set.manifest),
         "synthetic_version": syn_set.version(),
-        "base_model_version": base_version,
+        "base_model_version": checkpoint_versions(base_set.manifest),
+        "base_model_images_version": base_set.version(),
         "base_model_images": (
-            f"{len(base)} base-model images of the instance prompt, {s.generation.num_inference_steps} "
-            f"DPM-Solver steps, guidance {s.generation.guidance_scale} (the fine-tuned sets' sampler)"
+            f"base_model_images[{class_key_of(key)}]: {len(base)} base-model images of the instance prompt, "
+            f"{_one(base_set.manifest, 'num_inference_steps')} DPM-Solver steps, guidance "
+            f"{_one(base_set.manifest, 'guidance_scale')} (the fine-tuned sets' sampler)"
         ),
         "published_fid_inception": s.evaluation.published_fid.get(class_key_of(key)),
         "fid_min_images": dict(s.evaluation.fid_min_images),
@@ -277,6 +281,11 @@ def fid_scores(
     metadata.update(settings_metadata(s))
     checks = _fid_checks(results, s, len(synthetic)) + [_closer_check(moved, held_out)]
     return dg.MaterializeResult(metadata=metadata, check_results=checks)
+
+
+def _one(manifest: pd.DataFrame, column: str) -> str:
+    """The value of ``column`` every row of a generated set's manifest shares (joined if several)."""
+    return ", ".join(str(v) for v in sorted(manifest[column].unique()))
 
 
 def kid_comparisons(held_out: dict[str, SpaceScores], spreads: float) -> dict[str, KidComparison]:
@@ -660,10 +669,17 @@ def cxr_feature_extractor_asset(s: Settings) -> dg.AssetsDefinition:
 
 
 def fid_scores_asset(s: Settings) -> dg.AssetsDefinition:
-    """``fid_scores`` per generator: samples the base model too, so sized as a diffusion step."""
-    return dg.asset(**_FID_SCORES_ASSET, partitions_def=generator_partitions(s), **gpu_step(s, "diffusion"))(
-        fid_scores
-    )
+    """``fid_scores`` per generator, reading its class's ``base_model_images``: Inception and
+    DenseNet features only (the base model's images are their own step), so sized as a classifier step."""
+    deps = [
+        "chest_xray_dataset",
+        "cxr_feature_extractor",
+        "synthetic_images",
+        dg.AssetDep("base_model_images", partition_mapping=class_of_generator(s)),
+    ]
+    return dg.asset(
+        **_FID_SCORES_ASSET, deps=deps, partitions_def=generator_partitions(s), **gpu_step(s, "classifier")
+    )(fid_scores)
 
 
 def memorization_asset(s: Settings) -> dg.AssetsDefinition:

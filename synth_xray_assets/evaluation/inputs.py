@@ -1,5 +1,6 @@
-"""What the evaluation assets read: the real reference sets, the generated image sets, the
-base model's images of each prompt, and the feature extractor as a predictor."""
+"""What the evaluation assets read: the real reference sets, the generated image sets (the
+synthetic images and the base model's images of each class, ``base_model_images``), and the
+feature extractor as a predictor."""
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,16 +12,10 @@ import pandas as pd
 from synth_xray_assets.dataset.phantoms import held_out_phantoms
 from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
 from synth_xray_assets.dataset.store import StandardizedDataset
-from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
-from synth_xray_assets.diffusion.pipelines import SavedPipeline
-from synth_xray_assets.dreambooth.presets import Planned, generation_plan
-from synth_xray_assets.dreambooth.store import base_model_path
 from synth_xray_assets.evaluation.extractor import extractor_weights
-from synth_xray_assets.hardware import free_gpu_memory
 from synth_xray_assets.partitions import class_key_of, class_label
 from synth_xray_assets.settings import Settings
-from synth_xray_assets.storage import folder_version
-from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, images_per_class, synthetic_dir
+from synth_xray_assets.synthesis.store import MANIFEST, SyntheticImages, synthetic_dir
 
 
 def open_dataset(s: Settings) -> StandardizedDataset:
@@ -100,36 +95,6 @@ def held_out_reference(
     return images, f"the {len(images)} {name} images of the dataset's own validation split (nothing carved)"
 
 
-def base_model_images(
-    s: Settings, key: str, device: str, log: Callable[[str], object]
-) -> tuple[np.ndarray, str]:
-    """The base model's images of the class's instance prompt with the fine-tuned sets' sampler
-    (generation.*: steps, guidance, count), made once per class and kept."""
-    g, class_key = s.generation, class_key_of(key)
-    base = base_model_path(s.data_dir)
-    version = folder_version(base)
-    root = s.layout.base_model_images(class_key)
-    recipe = Recipe(
-        s.dreambooth.instance_prompts[class_key],
-        g.num_inference_steps,
-        g.guidance_scale,
-        s.dreambooth.resolution,
-        seed_offset=seed_stream_offset(g, f"base-{class_key}"),
-        extra_columns={"class_key": f"base-{class_key}", "label": -1, "checkpoint_version": version},
-    )
-    plan = generation_plan(g.batch_size, s.dreambooth.resolution, free_gpu_memory(device), g)
-    generate_set(
-        Planned(SavedPipeline(base, half_on_cuda=False), plan),
-        root,
-        images_per_class(s),
-        recipe,
-        batch_size=plan.batch_size,
-        devices=(device,),
-        log=log,
-    )
-    return SyntheticImages.open(root).images(), version
-
-
 def image_set(asset: str, root: Path, read: Callable[[], np.ndarray]) -> tuple[np.ndarray, SyntheticImages]:
     """A generated image set (``SyntheticImages`` layout); clear errors name the asset that makes it."""
     if not (root / MANIFEST).is_file():
@@ -147,6 +112,13 @@ def synthetic_set(s: Settings, class_key: str) -> tuple[np.ndarray, SyntheticIma
     """Generator ``class_key``'s synthetic images and their set."""
     root = synthetic_dir(s.data_dir, class_key)
     return image_set(f"synthetic_images[{class_key}]", root, lambda: SyntheticImages.open(root).images())
+
+
+def base_model_set(s: Settings, key: str) -> tuple[np.ndarray, SyntheticImages]:
+    """The base model's images of generator ``key``'s class (made by ``base_model_images``, per class)."""
+    class_key = class_key_of(key)
+    root = s.layout.base_model_images(class_key)
+    return image_set(f"base_model_images[{class_key}]", root, lambda: SyntheticImages.open(root).images())
 
 
 def real_test_images(s: Settings, label: int) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""Dagster wiring of the synthetic images: ``synthetic_images``, one partition per class."""
+"""Dagster wiring of the generated image sets: ``synthetic_images``, one partition per generator,
+and ``base_model_images``, the untrained base model's FID reference images, one partition per class.
+
+The numerical work lives in ``diffusion/generate.py`` (``generate_set``) and, for the base model's
+set, ``base_images.py``."""
 
 import dagster as dg
 import numpy as np
@@ -6,10 +10,10 @@ import numpy as np
 from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.store import StandardizedDataset
 from synth_xray_assets.deployment import gpu_step
-from synth_xray_assets.diffusion.generate import Recipe, generate_set, seed_stream_offset
+from synth_xray_assets.diffusion.generate import GenerationReport, Recipe, generate_set, seed_stream_offset
 from synth_xray_assets.diffusion.pipelines import TrainedPipeline
 from synth_xray_assets.dreambooth import store as models
-from synth_xray_assets.dreambooth.presets import Planned, generation_plan
+from synth_xray_assets.dreambooth.presets import GenerationPlan, Planned, generation_plan
 from synth_xray_assets.hardware import least_free_gpu_memory, require_free_space
 from synth_xray_assets.metadata import settings_metadata
 from synth_xray_assets.operations.locks import one_writer
@@ -17,11 +21,13 @@ from synth_xray_assets.operations.refusals import disk_refusal_is_final
 from synth_xray_assets.partitions import (
     class_key_of,
     class_label,
+    class_partitions,
     generator_partitions,
 )
 from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
-from synth_xray_assets.settings import Settings
+from synth_xray_assets.settings import GenerationSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
+from synth_xray_assets.synthesis.base_images import make_base_model_images
 from synth_xray_assets.synthesis.store import (
     SyntheticImages,
     images_per_class,
@@ -108,14 +114,7 @@ def synthetic_images(
     grid = samples_beside_real(SyntheticImages.open(out), s, key)
     return dg.MaterializeResult(
         metadata={
-            "num_images": len(report.manifest),
-            "made_this_run": len(report.generated),
-            "kept_from_earlier_runs": report.reused,
-            "batch_size": plan.batch_size,  # from free GPU memory, at most generation.batch_size
-            "vae_slicing": plan.vae_slicing,
-            "prompt": prompt,
-            "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
-            "seeds": f"{first_seed}..{first_seed + count - 1} (this set's own stream)",
+            **generation_metadata(report, plan, g, prompt, f"{first_seed}..{first_seed + count - 1}"),
             "checkpoint_version": version,
             "checkpoint_path": dg.MetadataValue.path(str(ckpt)),
             "path": dg.MetadataValue.path(str(out)),
@@ -129,8 +128,84 @@ def synthetic_images(
     )
 
 
+_BASE_MODEL_IMAGES_ASSET = dict(
+    # the dataset: the count is generation.images_per_class scaled to its real training split
+    deps=["base_model", "chest_xray_dataset"],
+    group_name="synthesis",
+    kinds={"pytorch", "diffusers"},
+    owners=OWNERS,
+    code_version="base-model-images-v1",
+    retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+    description=(
+        "The untrained base model's images of the class's instance prompt, made with the fine-tuned sets' "
+        "sampler (generation.*: DPM-Solver steps, guidance, batch, images per class) on their own seed "
+        "stream: the reference fid_scores compares every generator of the class with (does fine-tuning "
+        "move the images toward real ones?). Needs only base_model, so it runs beside DreamBooth. PNGs "
+        "and a manifest (file, seed, prompt, base model version) under "
+        "data/evaluation/base_model_images/{class}/. A re-run makes only missing images."
+    ),
+)
+
+
+def base_model_images_asset(s: Settings) -> dg.AssetsDefinition:
+    """``base_model_images`` per class (not per generator: matched generators of a class share it),
+    a GPU step that samples the base model."""
+    return dg.asset(**_BASE_MODEL_IMAGES_ASSET, partitions_def=class_partitions, **gpu_step(s, "diffusion"))(
+        base_model_images
+    )
+
+
+@disk_refusal_is_final
+@one_writer
+@on_a_card
+def base_model_images(
+    context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
+) -> dg.MaterializeResult:
+    s = settings.get()
+    g = s.generation
+    class_key = context.partition_key
+    device = compute.resolve_device()
+    out = s.layout.base_model_images(class_key)
+    count = images_per_class(s)
+    require_free_space(out, count * s.dreambooth.resolution**2, "base model images (PNG, at most raw size)")
+    made = make_base_model_images(s, class_key, device, context.log.info)
+    report, first_seed = made.report, made.recipe.seed_offset
+    grid = samples_beside_real(SyntheticImages.open(out), s, class_key)
+    seeds = f"{first_seed}..{first_seed + count - 1}"
+    return dg.MaterializeResult(
+        metadata={
+            **generation_metadata(report, made.plan, g, made.recipe.prompt, seeds),
+            "version": manifest_version(report.manifest),
+            "base_model_version": made.base_model_version,
+            "path": dg.MetadataValue.path(str(out)),
+            "device": device,
+            "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
+                png_markdown(grid, f"base model {class_key} above real {class_key}")
+            ),
+            **settings_metadata(s),
+        },
+        data_version=dg.DataVersion(manifest_version(report.manifest)),
+    )
+
+
+def generation_metadata(
+    report: GenerationReport, plan: GenerationPlan, g: GenerationSettings, prompt: str, seeds: str
+) -> dict:
+    """What a generated set's materialization says of the images and how they were made."""
+    return {
+        "num_images": len(report.manifest),
+        "made_this_run": len(report.generated),
+        "kept_from_earlier_runs": report.reused,
+        "batch_size": plan.batch_size,  # from free GPU memory, at most generation.batch_size
+        "vae_slicing": plan.vae_slicing,
+        "prompt": prompt,
+        "sampler": f"DPM-Solver multistep, {g.num_inference_steps} steps, guidance {g.guidance_scale}",
+        "seeds": f"{seeds} (this set's own stream)",
+    }
+
+
 def samples_beside_real(images: SyntheticImages, s, key: str, columns: int = 8):
-    """Two rows of synthetic images of class ``key`` above a row of its real training images, so a
+    """Two rows of generated images of class ``key`` above a row of its real training images, so a
     glance shows whether the class was learned (as ``dreambooth_checkpoint`` shows its samples)."""
     synthetic = list(images.images(limit=2 * columns))
     real = StandardizedDataset.open(s.layout.dataset).images("train", class_label(key))[:columns]
@@ -167,8 +242,9 @@ def check_synthetic_set(images: SyntheticImages, s) -> dict:
 
 
 def build_defs(s: Settings) -> dg.Definitions:
-    """The synthesis domain's definitions: one partition per generator of ``s``."""
+    """The synthesis domain's definitions: synthetic images per generator of ``s``, the base
+    model's reference images per class."""
     return dg.Definitions(
-        assets=[synthetic_images_asset(s)],
+        assets=[synthetic_images_asset(s), base_model_images_asset(s)],
         asset_checks=[no_blank_samples_check(generator_partitions(s))],
     )
