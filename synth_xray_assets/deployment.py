@@ -127,6 +127,38 @@ def executor_for(s: Settings) -> dg.ExecutorDefinition:
             },
             name="celery",
         )
-    # Dagster's default: one process per step, or all in one process when run config asks
-    # (`execution: {config: {in_process: {}}}`, as the crash tests and quick debugging do).
-    return dg.multi_or_in_process_executor
+    return local_executor
+
+
+PRELOADED = "synth_xray_assets.definitions"  # imported once per run, by the fork server
+
+
+def _forked_steps(config: dict[str, Any]) -> dict[str, Any]:
+    """Multiprocess mode starts its steps from a fork server unless run config names a start method."""
+    if "multiprocess" not in config:
+        return config
+    forked = {"forkserver": {"preload_modules": [PRELOADED]}}
+    return {"multiprocess": {"start_method": forked, **config["multiprocess"]}}
+
+
+# Dagster's default executor (one process per step, or all in one process when run config asks:
+# `execution: {config: {in_process: {}}}`, as the crash tests and quick debugging do), with its
+# step processes forked from a fork server that has imported the code location once per run
+# (multiprocessing "forkserver", preloading the definitions). Spawned, every
+# step process imported torch, diffusers and the definitions again: 20-30 s per step on a 2-core
+# machine, for checks that then run in a second. Nothing touches CUDA at import, so forked steps
+# can use their card. A step still dies with its run worker (operations/lifetime.py: the fork
+# server exits with the run worker, and the step with the fork server).
+local_executor = dg.multi_or_in_process_executor.configured(
+    _forked_steps,
+    name="multi_or_in_process_executor",
+    config_schema=dg.Field(
+        dg.Selector(
+            {
+                "multiprocess": dg.Field(dg.Permissive(), is_required=False, default_value={}),
+                "in_process": dg.Field(dg.Permissive(), is_required=False, default_value={}),
+            }
+        ),
+        default_value={"multiprocess": {}},
+    ),
+)

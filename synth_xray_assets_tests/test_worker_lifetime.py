@@ -207,7 +207,9 @@ def test_killing_only_the_run_worker_ends_its_step_and_the_retry_resumes(tmp_pat
     try:
         fired = _wait_fired(plan.parent / "fired" / "0.json", worker, tmp_path / "killed.log")
         step_pid = fired["pid"]
-        assert psutil.Process(step_pid).ppid() == worker.pid  # a step process of this run worker
+        # A step process of this run worker: forked by the fork server the run worker started.
+        fork_server = psutil.Process(psutil.Process(step_pid).ppid())
+        assert fork_server.ppid() == worker.pid and "forkserver" in " ".join(fork_server.cmdline())
         os.kill(worker.pid, signal.SIGKILL)  # only the run worker, as the out-of-memory killer would
         killed_at = time.time()
         worker.wait(timeout=10)

@@ -1,12 +1,15 @@
 """No process of ours outlives its parent: a step dies with its run worker, a pool worker with its step.
 
-The multiprocess executor runs each step in a child of the run worker. When only the run worker
+The multiprocess executor runs each step in a child of the run worker (forked by a fork server
+the run worker starts, ``deployment.local_executor``). When only the run worker
 is killed (``kill -9`` on its pid, or the out-of-memory killer, which picks one process), the step
 used to live on as an orphan: it kept training, wrote checkpoints and ``STEP_SUCCESS`` into the
 run already marked failed, deleted the checkpoints the retry needed, and held the output's lock
 (``locks.py``) while the retry waited for it. ``exit_with_parent`` makes the kernel send this
 process SIGKILL the moment its parent exits (``prctl(PR_SET_PDEATHSIG)``, Linux); on other systems
-a daemon thread polls ``os.getppid()`` and kills the process when the parent is gone. SIGKILL, not
+a daemon thread polls ``os.getppid()`` and kills the process when the parent is gone. Where a
+fork server stands between (the parent recorded by ``multiprocessing`` is not the current one), a
+second thread watches the recorded parent, the run worker, by pid. SIGKILL, not
 a polite signal: nothing more is written, and the files on disk stay as the last atomic write
 left them (the kernel frees the output lock with the process).
 
@@ -49,10 +52,14 @@ def exit_with_parent(parent_pid: int | None = None) -> str:
     ppid = os.getppid()
     if ppid != parent_pid and not _alive(parent_pid):
         _die()  # the parent died before this process got here (it was re-parented)
-    # The current parent: the one that started us, or a fork server between (which exits with it).
     how = "prctl" if _set_pdeathsig() else _start_watchdog(ppid)
     if os.getppid() != ppid:
         _die()  # the parent died between reading its pid and the kernel watching it
+    if ppid != parent_pid:
+        # A fork server between (the multiprocess executor's steps are forked by one): it is not
+        # sure to exit the moment the run worker dies, so the run worker itself is watched too.
+        _start_pid_watchdog(parent_pid)
+        how += "+watchdog"
     return how
 
 
@@ -86,6 +93,26 @@ def _watch(ppid: int) -> None:
     while os.getppid() == ppid:
         time.sleep(WATCHDOG_POLL_S)
     _die()
+
+
+def _start_pid_watchdog(pid: int) -> None:
+    if -pid not in _watched:  # negative: watched by pid, not as the current parent
+        _watched.add(-pid)
+        threading.Thread(target=_watch_pid, args=(pid,), name="exit-with-run-worker", daemon=True).start()
+
+
+def _watch_pid(pid: int) -> None:
+    while _alive(pid) and not _zombie(pid):
+        time.sleep(WATCHDOG_POLL_S)
+    _die()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _alive(pid: int) -> bool:
