@@ -240,8 +240,8 @@ class DreamBoothSettings(_Section):
     history, file-system blocks, library changes)."""
     memory_preset: Literal["auto", "none", "study", "memory-saving", "lora"] = "auto"
     """GPU memory preset: auto picks by free GPU memory on CUDA (study on 80 GB cards; memory-saving =
-    gradient checkpointing + 8-bit Adam on 24-40 GB cards; lora below); none keeps these settings;
-    or name one."""
+    gradient checkpointing + 8-bit Adam with 20-50 GiB free, e.g. 24-48 GB cards; lora below);
+    none keeps these settings; or name one."""
     preset_min_free_gib: dict[str, float] = {"study": 50.0, "memory-saving": 20.0, "lora": 8.0}
     """Free GPU memory (GiB) each preset needs under auto (estimates)."""
     sample_images: int = 8
