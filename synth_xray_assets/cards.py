@@ -23,6 +23,7 @@ import json
 import os
 import re
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ def lock_file(folder: Path, card: CardConfig) -> Path:
 
 
 _held: list[CardConfig] = []  # the cards this process holds now (one step per process)
+_last: list[str] = []  # the key of the card this process held last (its CUDA context is there)
 
 
 def held_cards() -> tuple[CardConfig, ...]:
@@ -118,13 +120,15 @@ class CardLocks:
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as stack:
             fds = {c.key: stack.enter_context(_opened(lock_file(self.folder, c))) for c in cards}
-            card = self._take(cards, fds)
+            card = self._take(sorted(cards, key=lambda c: c.key not in _last), fds)
             _write_holder(fds[card.key], holder)
-            _held[:] = [card]
+            _held[:], _last[:] = [card], [card.key]
+            _reset_peak(card)
             try:
                 yield [card]
             finally:
                 _held.clear()
+                _free_cached_memory()  # what this step cached is not left on a card another may take
                 os.ftruncate(fds[card.key], 0)
 
     def _take(self, cards: Sequence[CardConfig], fds: dict[str, int]) -> CardConfig:
@@ -176,6 +180,23 @@ def _peak_gib(device: str) -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated(torch.device(device)) / GIB, 2)
+
+
+def _cuda_in_use() -> Any:
+    """torch, when this process has initialised CUDA (else None: nothing to reset or free)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_initialized() else None
+
+
+def _reset_peak(card: CardConfig) -> None:
+    """A step's peak memory is its own, not that of earlier steps of this process."""
+    if torch := _cuda_in_use():
+        torch.cuda.reset_peak_memory_stats(card.index)
+
+
+def _free_cached_memory() -> None:
+    if torch := _cuda_in_use():
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager

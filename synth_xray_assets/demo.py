@@ -10,6 +10,7 @@ again continues rather than starting over, also after ``kill -9``: runs whose pr
 failed first and their pool slots freed (``operations/recovery.py``).
 """
 
+import os
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from dagster._core.storage.tags import MAX_RETRIES_TAG
 
 from synth_xray_assets.cards import visible_cards
 from synth_xray_assets.definitions import PIPELINE_STAGES, defs
+from synth_xray_assets.operations.lifetime import exit_with_parent
 from synth_xray_assets.operations.pools import follow_the_cards
 from synth_xray_assets.operations.recovery import recover_dead_runs
 
@@ -92,6 +94,7 @@ def run_pipeline(
 
 def main() -> None:
     if sys.argv[1:2] == ["--partition"]:  # a child of run_in_child: one stage, one partition
+        exit_with_parent(os.getppid())  # a killed demo leaves no partition running, holding its locks
         with dg.DagsterInstance.get() as instance:
             failure = run_partition(instance, sys.argv[2], sys.argv[3] or None)
         raise SystemExit(failure)

@@ -133,9 +133,18 @@ def executor_for(s: Settings) -> dg.ExecutorDefinition:
 PRELOADED = "synth_xray_assets.definitions"  # imported once per run, by the fork server
 
 
+def nvidia_cards_present() -> bool:
+    """Whether this host shows NVIDIA cards (device nodes or the driver's /proc entries), found
+    without torch: importing diffusers asks torch for the device count, after which a forked
+    process cannot initialise CUDA."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return any(Path("/dev").glob("nvidia[0-9]*")) or (gpus.is_dir() and any(gpus.iterdir()))
+
+
 def _forked_steps(config: dict[str, Any]) -> dict[str, Any]:
-    """Multiprocess mode starts its steps from a fork server unless run config names a start method."""
-    if "multiprocess" not in config:
+    """Multiprocess mode starts its steps from a fork server unless run config names a start method,
+    or the host has NVIDIA cards (then Dagster's default, spawn)."""
+    if "multiprocess" not in config or nvidia_cards_present():
         return config
     forked = {"forkserver": {"preload_modules": [PRELOADED]}}
     return {"multiprocess": {"start_method": forked, **config["multiprocess"]}}
@@ -146,9 +155,11 @@ def _forked_steps(config: dict[str, Any]) -> dict[str, Any]:
 # step processes forked from a fork server that has imported the code location once per run
 # (multiprocessing "forkserver", preloading the definitions). Spawned, every
 # step process imported torch, diffusers and the definitions again: 20-30 s per step on a 2-core
-# machine, for checks that then run in a second. Nothing touches CUDA at import, so forked steps
-# can use their card. A step still dies with its run worker (operations/lifetime.py: the fork
-# server exits with the run worker, and the step with the fork server).
+# machine, for checks that then run in a second. Only on hosts without NVIDIA cards: importing the
+# definitions imports diffusers, which asks torch for the CUDA device count, and a process forked
+# after that cannot initialise CUDA ("Cannot re-initialize CUDA in forked subprocess"); GPU hosts
+# spawn their steps as before. A step still dies with its run worker (operations/lifetime.py: the
+# fork server exits with the run worker, and the step with the fork server).
 local_executor = dg.multi_or_in_process_executor.configured(
     _forked_steps,
     name="multi_or_in_process_executor",

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import dagster as dg
 import pytest
 
+import synth_xray_assets.cards as cards_module
 from synth_xray_assets.cards import (
     CardConfig,
     CardLocks,
@@ -32,6 +33,14 @@ from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_
 from synth_xray_assets.settings import Settings
 
 GIB = 1024**3
+
+
+@pytest.fixture(autouse=True)
+def no_card_held_last():
+    """Each test starts as a fresh process would: no card held before (``cards._last``)."""
+    cards_module._last.clear()
+    yield
+    cards_module._last.clear()
 
 
 def fake_cards(n: int = 2) -> list[CardConfig]:
@@ -95,6 +104,19 @@ def test_a_free_card_is_taken_at_once_and_released(tmp_path):
         with locks.hold(fake_cards(2), {}) as again:  # re-entrant in one process
             assert again == held
     assert held_cards() == () and lines == []
+
+
+def test_a_process_takes_the_card_it_held_last_again(tmp_path):
+    # Its CUDA context and cached memory are on that card: the next step of the same process
+    # (the demo's partition processes, in-process runs) must not move to another one.
+    locks = CardLocks(tmp_path, wait_s=1, poll_s=0.05, log=print)
+    fd = os.open(lock_file(tmp_path, fake_cards(2)[0]), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # card 0 busy elsewhere
+    with locks.hold(fake_cards(2), {}) as held:
+        assert held[0].key == "fake-1"
+    os.close(fd)  # card 0 free again
+    with locks.hold(fake_cards(2), {}) as held:
+        assert held[0].key == "fake-1"  # both free: the card this process held last
 
 
 # ---- ComputeResource

@@ -86,3 +86,21 @@ def test_dagster_definitions_validate_passes_for_k8s_and_celery(tmp_path):
             stop_group(proc)
         assert proc.returncode == 0, (executor, out[-3000:])
         assert "Validation successful" in out, (executor, out[-3000:])
+
+
+def test_steps_fork_from_a_preloaded_server_only_without_nvidia_cards(monkeypatch):
+    from synth_xray_assets import deployment
+
+    monkeypatch.setattr(deployment, "nvidia_cards_present", lambda: False)
+    forked = deployment._forked_steps({"multiprocess": {"max_concurrent": 2}})
+    assert forked == {
+        "multiprocess": {
+            "start_method": {"forkserver": {"preload_modules": ["synth_xray_assets.definitions"]}},
+            "max_concurrent": 2,
+        }
+    }
+    assert deployment._forked_steps({"in_process": {}}) == {"in_process": {}}
+    # With NVIDIA cards: Dagster's default (spawn); a process forked after diffusers' import
+    # could not initialise CUDA.
+    monkeypatch.setattr(deployment, "nvidia_cards_present", lambda: True)
+    assert deployment._forked_steps({"multiprocess": {}}) == {"multiprocess": {}}

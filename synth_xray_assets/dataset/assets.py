@@ -243,8 +243,8 @@ observe_source_job = dg.define_asset_job(
     "observe_source_job", selection=[chest_xray_source], executor_def=dg.in_process_executor
 )
 
+# Not NOT_STARTED: run monitoring never ends a run left in it, which would block the schedule for good.
 IN_FLIGHT = [
-    dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,

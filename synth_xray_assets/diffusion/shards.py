@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from synth_xray_assets.operations.lifetime import exit_with_parent
+
 Rows = list[dict]
 Work = Callable[[str, list[int]], Iterable[Rows]]
 POLL_S = 1.0  # how often the parent looks for a shard that died without a word
@@ -97,6 +99,7 @@ def _require_picklable(work: Work) -> None:
 
 def _shard_main(work: Work, shard: Shard, indices: list[int], outbox) -> None:
     """The shard's process: its batches to the parent, then its last word (``None``: done)."""
+    exit_with_parent()  # a killed step leaves no shard generating behind it
     try:
         for rows in work(shard.device, indices):
             outbox.put(("rows", shard.number, rows))
