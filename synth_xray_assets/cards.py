@@ -18,8 +18,6 @@ cards (tests fake cards on the CPU); ``resources.py`` wires this to the assets.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import os
 import re
 import socket
@@ -31,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+
+from synth_xray_assets.lockfiles import holder_text, read_holder, try_lock, write_holder
 
 GIB = 1024**3
 
@@ -121,7 +121,7 @@ class CardLocks:
         with contextlib.ExitStack() as stack:
             fds = {c.key: stack.enter_context(_opened(lock_file(self.folder, c))) for c in cards}
             card = self._take(sorted(cards, key=lambda c: c.key not in _last), fds)
-            _write_holder(fds[card.key], holder)
+            write_holder(fds[card.key], holder)
             _held[:], _last[:] = [card], [card.key]
             _reset_peak(card)
             try:
@@ -135,7 +135,7 @@ class CardLocks:
         start, logged = time.monotonic(), False
         while True:
             for card in cards:
-                if _try_lock(fds[card.key]):
+                if try_lock(fds[card.key]):
                     if logged:
                         self.log(f"cards: took {describe(card)} after {time.monotonic() - start:.1f} s")
                     return card
@@ -208,27 +208,8 @@ def _opened(path: Path) -> Iterator[int]:
         os.close(fd)  # closing the only descriptor frees its lock
 
 
-def _try_lock(fd: int) -> bool:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-
-
-def _write_holder(fd: int, holder: dict[str, Any]) -> None:
-    info = {**holder, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode(), 0)
-
-
 def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        info = {}
+    info = read_holder(path)
     if not info:
         return "a step (holder unknown)"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
-    step = f"run {info.get('run_id', '?')} step {info.get('step', '?')}"
-    return f"{step}, pid {info.get('pid')} on {info.get('host')} since {since}"
+    return f"run {info.get('run_id', '?')} step {info.get('step', '?')}, {holder_text(info)}"

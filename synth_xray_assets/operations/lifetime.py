@@ -38,6 +38,7 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 WATCHDOG_POLL_S = 0.5  # where prctl is missing: how often the watchdog thread looks at the parent
 
 _watched: set[int] = set()  # parent pids a watchdog thread already watches in this process
+_watched_pids: set[int] = set()  # run workers watched by pid (a fork server between)
 
 
 def exit_with_parent(parent_pid: int | None = None) -> str:
@@ -96,8 +97,8 @@ def _watch(ppid: int) -> None:
 
 
 def _start_pid_watchdog(pid: int) -> None:
-    if -pid not in _watched:  # negative: watched by pid, not as the current parent
-        _watched.add(-pid)
+    if pid not in _watched_pids:
+        _watched_pids.add(pid)
         threading.Thread(target=_watch_pid, args=(pid,), name="exit-with-run-worker", daemon=True).start()
 
 

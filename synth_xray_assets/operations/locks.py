@@ -13,15 +13,14 @@ import contextlib
 import fcntl
 import functools
 import inspect
-import json
 import os
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from synth_xray_assets.layout import Layout
+from synth_xray_assets.lockfiles import holder_text, read_holder, try_lock, write_holder
 
 POLL_S = 0.2
 
@@ -47,9 +46,7 @@ def output_lock(path: str | Path, wait_s: float, holder: dict[str, Any]) -> Iter
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         waited = _acquire(fd, path, wait_s)
-        info = {**holder, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        write_holder(fd, holder)
         try:
             yield waited
         finally:
@@ -61,29 +58,20 @@ def output_lock(path: str | Path, wait_s: float, holder: dict[str, Any]) -> Iter
 
 def _acquire(fd: int, path: Path, wait_s: float) -> float:
     start = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return time.monotonic() - start
-        except BlockingIOError:
-            if time.monotonic() - start >= wait_s:
-                raise OutputBusyError(
-                    f"{path.stem} is being written by another run ({_describe_holder(path)}); waited "
-                    f"{wait_s:.0f} s (settings operations.lock_wait_s). Let that run finish, or stop "
-                    "it, then materialize again"
-                ) from None
-            time.sleep(POLL_S)
+    while not try_lock(fd):
+        if time.monotonic() - start >= wait_s:
+            raise OutputBusyError(
+                f"{path.stem} is being written by another run ({_describe_holder(path)}); waited "
+                f"{wait_s:.0f} s (settings operations.lock_wait_s). Let that run finish, or stop "
+                "it, then materialize again"
+            )
+        time.sleep(POLL_S)
+    return time.monotonic() - start
 
 
 def _describe_holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        info = {}
-    if not info:
-        return "holder unknown"
-    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("since", 0)))
-    return f"run {info.get('run_id', '?')}, pid {info.get('pid')} on {info.get('host')}, since {since}"
+    info = read_holder(path)
+    return f"run {info.get('run_id', '?')}, {holder_text(info)}" if info else "holder unknown"
 
 
 def one_writer(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -50,13 +50,18 @@ def _checkpoint_version(data_dir, key: str) -> str:
         raise FileNotFoundError(f"the DreamBooth checkpoint {path} is incomplete: {exc}") from None
 
 
-_SYNTHETIC_IMAGES_ASSET = dict(
-    deps=["dreambooth_checkpoint"],
+# What both generated image sets (synthetic_images, base_model_images) declare alike.
+_GENERATED_SET = dict(
     group_name="synthesis",
     kinds={"pytorch", "diffusers"},
     owners=OWNERS,
-    code_version="synthetic-images-v2",
     retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
+)
+
+_SYNTHETIC_IMAGES_ASSET = dict(
+    deps=["dreambooth_checkpoint"],
+    **_GENERATED_SET,
+    code_version="synthetic-images-v2",
     description=(
         "Synthetic chest X-rays from the class's DreamBooth checkpoint: DPM-Solver multistep with "
         "settings generation.* (steps, guidance, batch, images per class). One recorded seed per image; "
@@ -131,11 +136,8 @@ def synthetic_images(
 _BASE_MODEL_IMAGES_ASSET = dict(
     # the dataset: the count is generation.images_per_class scaled to its real training split
     deps=["base_model", "chest_xray_dataset"],
-    group_name="synthesis",
-    kinds={"pytorch", "diffusers"},
-    owners=OWNERS,
+    **_GENERATED_SET,
     code_version="base-model-images-v1",
-    retry_policy=dg.RetryPolicy(max_retries=1, delay=10),
     description=(
         "The untrained base model's images of the class's instance prompt, made with the fine-tuned sets' "
         "sampler (generation.*: DPM-Solver steps, guidance, batch, images per class) on their own seed "
