@@ -189,6 +189,11 @@ class DreamBoothSettings(_Section):
     """Images per device batch."""
     gradient_accumulation_steps: int = 2
     """Batches accumulated per optimizer step."""
+    data_parallel_cards: int | None = None
+    """Cards one DreamBooth run trains on at once (data parallel, torchrun; the optimization is a
+    one-card run's). None: the machine's cards split between the classes by their steps, each run
+    taking the free ones of its share; 1: one card. Must divide train_batch_size x
+    gradient_accumulation_steps."""
     learning_rate: float = 1e-6
     """Learning rate of full fine-tuning."""
     lora_learning_rate: float = 1e-4

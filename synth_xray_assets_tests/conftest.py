@@ -95,8 +95,14 @@ def tiny_base_model(tmp_path_factory) -> Path:
 # Tests that need most of the machine's memory or CPU for minutes: under `make test` (pytest-xdist,
 # two workers) they run one after another on one worker, while the other worker runs the rest
 # (much of which waits on servers: the browser, the schedule, Celery, PostgreSQL).
-# test_sharded_generation.py: two spawned processes, each with its own torch and diffusers.
-HEAVY_FILES = {"test_sd21_shaped.py", "test_fault_injection.py", "test_sharded_generation.py"}
+# test_sharded_generation.py and test_data_parallel.py: two spawned processes (ranks), each with
+# its own torch and diffusers.
+HEAVY_FILES = {
+    "test_sd21_shaped.py",
+    "test_fault_injection.py",
+    "test_sharded_generation.py",
+    "test_data_parallel.py",
+}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -32,6 +32,7 @@ from synth_xray_assets.storage import atomic_path, sha256_bytes, write_folder_ve
 TRAINING_INFO_NAME = "dreambooth.json"  # beside the saved model: method, base, prompt, steps
 CHECKPOINT_STATE_NAME = "training_state.json"  # inside each checkpoint-<step> folder
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+DDP_PREFIX = "module."  # what DistributedDataParallel puts before the model's names
 
 
 # ---------------------------------------------------------------- what a checkpoint holds
@@ -43,16 +44,22 @@ def trainable_names(model: torch.nn.Module) -> set[str]:
 
 def register_trainable_only_state_hooks(accelerator: Any) -> None:
     """Checkpoints hold only the trained weights: all of them for full fine-tuning, the adapters for
-    LoRA (megabytes instead of the whole frozen UNet). The rest comes from the base model."""
+    LoRA (megabytes instead of the whole frozen UNet). The rest comes from the base model.
+
+    Names are those of the bare model (DDP's ``module.`` prefix dropped), so a checkpoint written by
+    k ranks resumes on any number of ranks: every rank holds the same weights and optimizer state.
+    """
     from safetensors.torch import load_file
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):
-            names = trainable_names(model)
-            weights[i] = {k: v for k, v in weights[i].items() if k in names}
+            names = trainable_names(accelerator.unwrap_model(model))
+            bare = {k.removeprefix(DDP_PREFIX): v for k, v in weights[i].items()}
+            weights[i] = {k: v for k, v in bare.items() if k in names}
 
     def load_hook(models: list, input_dir: str) -> None:
         for i, model in enumerate(list(models)):
+            model = accelerator.unwrap_model(model)
             path = Path(input_dir) / (f"model_{i}.safetensors" if i else "model.safetensors")
             state = load_file(str(path))
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -82,6 +89,7 @@ class RunInputs:
 _NOT_IN_FINGERPRINT = {
     "checkpointing_steps",
     "checkpoints_total_limit",
+    "data_parallel_cards",  # the ranks change the speed, not the optimization
     "gradient_checkpointing",
     "sample_images",
     "sample_steps",
@@ -171,17 +179,37 @@ def save_checkpoint(accelerator: Any, work_dir: Path, step: int, state: dict, li
 
     Prunes to ``limit - 1`` before writing, so that with the new one there are ``limit``; with
     ``limit`` 1 the new one is written first and then the old one removed.
+
+    Every rank of a data-parallel run calls it: the main rank makes the temporary folder and tells
+    the others, all save into it (the main rank the weights, optimizer and schedule; each rank its
+    random state), and once all are done the main rank completes and renames it. The same
+    collectives run on every rank, so none waits on one that skipped them.
     """
     limit = max(int(limit), 1)
     fingerprint = state["fingerprint"]
+    path = Path(work_dir) / f"checkpoint-{step}"
+    if not accelerator.is_main_process:
+        _save_every_rank(accelerator, None)
+        return path
     if limit > 1:
         prune_checkpoints(work_dir, fingerprint, keep=limit - 1)
-    path = Path(work_dir) / f"checkpoint-{step}"
     with atomic_path(path) as tmp:
-        accelerator.save_state(str(tmp))
+        _save_every_rank(accelerator, tmp)
         write_json_atomic(tmp / CHECKPOINT_STATE_NAME, state)
     prune_checkpoints(work_dir, fingerprint, keep=limit)
     return path
+
+
+def _save_every_rank(accelerator: Any, folder: Path | None) -> None:
+    """All ranks save their state into the main rank's ``folder``, then wait for each other."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [str(folder) if folder is not None else None]
+        broadcast_object_list(box, from_process=0)
+        folder = Path(box[0])
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
 
 
 def our_checkpoints(work_dir: Path, fingerprint: str) -> list[tuple[int, Path]]:

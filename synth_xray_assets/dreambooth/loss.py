@@ -74,3 +74,52 @@ def step_micro_batches(
             break
         out.append((order[start : start + batch], class_order[start : start + batch]))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: which images of a step each rank computes
+# ---------------------------------------------------------------------------------------------
+
+
+def global_batch(settings: DreamBoothSettings) -> int:
+    """Instance images per optimizer step (each with its class image): batch x accumulation."""
+    return settings.train_batch_size * settings.gradient_accumulation_steps
+
+
+def valid_world_sizes(settings: DreamBoothSettings) -> list[int]:
+    """The numbers of ranks (cards) one DreamBooth run may use: those that divide the global batch,
+    so that every rank computes as many images per step and the optimization is a one-card run's."""
+    n = global_batch(settings)
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def rank_pieces(micro_batches: list[tuple[np.ndarray, np.ndarray]], rank: int, world: int) -> list[tuple[int, np.ndarray]]:
+    """The part of one optimizer step that rank ``rank`` of ``world`` computes: (micro-batch, positions
+    in it) pieces.
+
+    The step's instance images, in micro-batch order, are cut into ``world`` runs of equal length
+    (``world`` divides the global batch; a short last step of an epoch may leave a rank fewer or
+    none); each instance image brings its paired class image. One rank gets every micro-batch whole.
+    Each piece still draws the noise of its whole micro-batch (``step_generator(seed, step, m)``) and
+    keeps its own rows, so every image sees the noise a one-card run gives it.
+    """
+    sizes = [len(inst) for inst, _ in micro_batches]
+    total = sum(sizes)
+    lo, hi = rank * total // world, (rank + 1) * total // world
+    pieces, start = [], 0
+    for m, size in enumerate(sizes):
+        first, last = max(lo, start), min(hi, start + size)
+        if first < last:
+            pieces.append((m, np.arange(first - start, last - start)))
+        start += size
+    return pieces
+
+
+def require_world_size(settings: DreamBoothSettings, world: int) -> None:
+    """A clear ``ValueError`` unless ``world`` ranks divide the global batch, naming those that do."""
+    if world not in valid_world_sizes(settings):
+        raise ValueError(
+            f"{world} ranks do not divide the global batch of {global_batch(settings)} "
+            f"(dreambooth.train_batch_size x gradient_accumulation_steps): use one of "
+            f"{', '.join(map(str, valid_world_sizes(settings)))} cards (dreambooth.data_parallel_cards)"
+        )

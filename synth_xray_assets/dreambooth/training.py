@@ -15,6 +15,7 @@ By concern:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import resource
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -59,6 +61,8 @@ from synth_xray_assets.dreambooth.latents import (
 from synth_xray_assets.dreambooth.loss import (  # noqa: F401 (re-exported)
     dreambooth_loss,
     num_train_steps,
+    rank_pieces,
+    require_world_size,
     step_micro_batches,
     steps_per_epoch,
 )
@@ -352,47 +356,88 @@ def _resume(models: _Models, run: _Run, point: _ResumePoint, total_steps: int) -
 def _train_step(
     models: _Models, data: _Data, optim: _Optimization, settings: DreamBoothSettings, global_step: int
 ) -> dict[str, float]:
-    """One optimizer step (0-based ``global_step``) over its micro-batches; the step's losses and lr."""
-    device_t = models.accelerator.device
+    """One optimizer step (0-based ``global_step``); the step's losses (over all ranks) and lr.
+
+    With several ranks each computes its pieces of the step (``rank_pieces``); its loss is weighted
+    by its share of the step's images times the number of ranks, since DDP averages the ranks'
+    gradients: the summed gradient is a one-card run's. Gradients are exchanged once per step, at
+    the rank's last piece.
+    """
+    accelerator = models.accelerator
     micro_batches = step_micro_batches(global_step, len(data.inst_mean), data.n_class, settings)
     n_images = sum(len(i) for i, _ in micro_batches)
-    model_dtype = models.weight_dtype if models.lora else torch.float32
-    totals = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
-    for k, (inst_idx, cls_idx) in enumerate(micro_batches):
-        gen = step_generator(settings.seed, global_step, k)
-        mean, std = data.inst_mean[inst_idx], data.inst_std[inst_idx]
-        if data.cls_mean is not None:
-            mean = torch.cat([mean, data.cls_mean[cls_idx]])
-            std = torch.cat([std, data.cls_std[cls_idx]])
-        latents = sample_latents(mean, std, data.scaling, gen)
-        noisy, timesteps, target = noisy_latents_and_target(latents, models.noise_scheduler, gen)
-        embeds = (
-            encode_tokens(models.text_encoder, data.prompt_ids) if models.train_text else data.fixed_embeds
-        )
-        counts = torch.tensor([len(inst_idx), len(cls_idx) if data.cls_mean is not None else 0])
-        encoder_states = embeds.repeat_interleave(counts.to(embeds.device), dim=0)
-        pred = models.unet(
-            noisy.to(device_t, model_dtype), timesteps.to(device_t), encoder_states.to(model_dtype)
-        ).sample
-        loss, instance_loss, prior_loss = dreambooth_loss(
-            pred, target.to(device_t), settings.prior_loss_weight, data.cls_mean is not None
-        )
-        share = len(inst_idx) / n_images  # micro-batches of unequal size weigh by images
-        models.accelerator.backward(loss * share)
-        totals["loss"] += loss.item() * share
-        totals["instance_loss"] += instance_loss.item() * share
-        totals["prior_loss"] += (prior_loss.item() if prior_loss is not None else 0.0) * share
+    pieces = rank_pieces(micro_batches, accelerator.process_index, accelerator.num_processes)
+    weight = 1.0
+    if not pieces:  # a short last step left this rank nothing: a zero-weight piece keeps DDP in step
+        pieces, weight = [(0, np.arange(1))], 0.0
+    totals = torch.zeros(3, dtype=torch.float64)  # loss, instance loss, prior loss
+    for n, (m, rows) in enumerate(pieces):
+        share = weight * len(rows) / n_images  # pieces of unequal size weigh by images
+        with _gradient_sync(models, last=n == len(pieces) - 1):
+            losses = _piece_losses(models, data, settings, (global_step, m), micro_batches[m], rows)
+            accelerator.backward(losses[0] * share * accelerator.num_processes)
+        totals += torch.tensor([0.0 if x is None else x.item() for x in losses], dtype=torch.float64) * share
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
     if settings.max_grad_norm:
-        models.accelerator.clip_grad_norm_(optim.params, settings.max_grad_norm)
+        accelerator.clip_grad_norm_(optim.params, settings.max_grad_norm)
     optim.optimizer.step()
     optim.lr_scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
-    return {**totals, "lr": float(optim.lr_scheduler.get_last_lr()[0])}
+    loss, instance_loss, prior_loss = (float(x) for x in totals)
+    return {
+        "loss": loss,
+        "instance_loss": instance_loss,
+        "prior_loss": prior_loss,
+        "lr": float(optim.lr_scheduler.get_last_lr()[0]),
+    }
+
+
+def _piece_losses(
+    models: _Models,
+    data: _Data,
+    settings: DreamBoothSettings,
+    at: tuple[int, int],
+    micro_batch: tuple[np.ndarray, np.ndarray],
+    rows: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``dreambooth_loss`` on ``rows`` of micro-batch ``at`` = (step, micro-batch index): the noise
+    and timesteps are drawn for the whole micro-batch, as a one-card run draws them."""
+    inst_idx, cls_idx = micro_batch
+    device_t, prior = models.accelerator.device, data.cls_mean is not None
+    model_dtype = models.weight_dtype if models.lora else torch.float32
+    gen = step_generator(settings.seed, *at)
+    mean, std = data.inst_mean[inst_idx], data.inst_std[inst_idx]
+    if prior:
+        mean = torch.cat([mean, data.cls_mean[cls_idx]])
+        std = torch.cat([std, data.cls_std[cls_idx]])
+    latents = sample_latents(mean, std, data.scaling, gen)
+    noisy, timesteps, target = noisy_latents_and_target(latents, models.noise_scheduler, gen)
+    keep = torch.from_numpy(np.concatenate([rows, len(inst_idx) + rows]) if prior else rows)
+    noisy, timesteps, target = noisy[keep], timesteps[keep], target[keep]
+    embeds = encode_tokens(models.text_encoder, data.prompt_ids) if models.train_text else data.fixed_embeds
+    counts = torch.tensor([len(rows), len(rows) if prior else 0])
+    encoder_states = embeds.repeat_interleave(counts.to(embeds.device), dim=0)
+    pred = models.unet(
+        noisy.to(device_t, model_dtype), timesteps.to(device_t), encoder_states.to(model_dtype)
+    ).sample
+    return dreambooth_loss(pred, target.to(device_t), settings.prior_loss_weight, prior)
+
+
+def _gradient_sync(models: _Models, last: bool) -> contextlib.AbstractContextManager:
+    """Gradients are averaged over the ranks at a rank's last piece of a step; before it, DDP only
+    accumulates them (``no_sync``). One rank: nothing to do."""
+    stack = contextlib.ExitStack()
+    if not last:
+        for model in models.trained:
+            stack.enter_context(models.accelerator.no_sync(model))
+    return stack
 
 
 def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
     settings, log = run.settings, run.log
     models = _load_models(inputs.base_model_dir, settings, device)
+    require_world_size(settings, models.accelerator.num_processes)
     optim = _prepare_optimization(models, settings, len(inputs.instance_images))
     fingerprint = run_fingerprint(inputs, settings, models.accelerator.mixed_precision)
     point = _resume_point(run, fingerprint)
@@ -471,10 +516,12 @@ def _finish(models: _Models, inputs: RunInputs, run: _Run, progress: _Progress) 
     }
     _drop_optimizer_state(progress.optim)  # twice the trained weights, no longer needed
     unwrapped = [accelerator.unwrap_model(m) for m in models.trained]
-    save_final_model(unwrapped, inputs.base_model_dir, run.output_dir, info, settings.method)
-    run.log(f"saved the {settings.method} DreamBooth model to {run.output_dir}")
-    if not settings.keep_checkpoints:
-        remove_all_checkpoints(run.work_dir)
+    if accelerator.is_main_process:  # every rank holds the same weights; one writes them
+        save_final_model(unwrapped, inputs.base_model_dir, run.output_dir, info, settings.method)
+        run.log(f"saved the {settings.method} DreamBooth model to {run.output_dir}")
+        if not settings.keep_checkpoints:
+            remove_all_checkpoints(run.work_dir)
+    accelerator.wait_for_everyone()
     device_t = accelerator.device
     peak = (
         torch.cuda.max_memory_allocated(device_t)
@@ -512,11 +559,18 @@ def _drop_optimizer_state(optim: _Optimization) -> None:
 def _make_accelerator(device: str, settings: DreamBoothSettings) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration
 
     use_cuda = device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} asked for, but CUDA is not available")
-    kwargs = {"mixed_precision": settings.mixed_precision if use_cuda else "no", "cpu": not use_cuda}
+    kwargs = {
+        "mixed_precision": settings.mixed_precision if use_cuda else "no",
+        "cpu": not use_cuda,
+        # The ranks split one step's global batch (rank_pieces): the schedule steps once per
+        # optimizer step, as on one card, not once per rank.
+        "dataloader_config": DataLoaderConfiguration(split_batches=True),
+    }
     try:
         return Accelerator(**kwargs)
     except ValueError as exc:
