@@ -131,6 +131,29 @@ class CardLocks:
                 _free_cached_memory()  # what this step cached is not left on a card another may take
                 os.ftruncate(fds[card.key], 0)
 
+    @contextlib.contextmanager
+    def more(
+        self, cards: Sequence[CardConfig], count: int, holder: dict[str, Any]
+    ) -> Iterator[list[CardConfig]]:
+        """Up to ``count`` more cards of ``cards`` that are free now (none waited for), held with
+        the one this process holds, for a step that runs on several (data-parallel DreamBooth)."""
+        taken: list[CardConfig] = []
+        with contextlib.ExitStack() as stack:
+            for card in cards:
+                if len(taken) >= count or card.key in {c.key for c in _held}:
+                    continue
+                with contextlib.ExitStack() as attempt:
+                    fd = attempt.enter_context(_opened(lock_file(self.folder, card)))
+                    if try_lock(fd):
+                        write_holder(fd, holder)
+                        stack.enter_context(attempt.pop_all())  # held until the step ends
+                        taken.append(card)
+            _held.extend(taken)
+            try:
+                yield taken
+            finally:
+                del _held[len(_held) - len(taken) :]
+
     def _take(self, cards: Sequence[CardConfig], fds: dict[str, int]) -> CardConfig:
         start, logged = time.monotonic(), False
         while True:

@@ -46,31 +46,34 @@ def pod_resources(size: PodSize, gpus: int = 0, gpu_resource: str = "nvidia.com/
     return {"requests": dict(host), "limits": limits}
 
 
-def gpu_k8s_config(k: KubernetesSettings, kind: GpuStepKind) -> dict[str, Any]:
-    """The step-level Kubernetes configuration of a GPU step of ``kind``: its CPU, memory and GPU,
-    its tolerations, and the node selector when one is set."""
+def gpu_k8s_config(k: KubernetesSettings, kind: GpuStepKind, gpus: int | None = None) -> dict[str, Any]:
+    """The step-level Kubernetes configuration of a GPU step of ``kind``: its CPU, memory and GPUs
+    (``gpus``, else ``k.gpus_per_step``), its tolerations, and the node selector when one is set."""
     size = getattr(k.step_sizes, kind)
     pod_spec: dict[str, Any] = {"tolerations": [dict(t) for t in k.gpu_tolerations]}
     if k.gpu_node_selector:
         pod_spec["node_selector"] = dict(k.gpu_node_selector)
     return {
-        "container_config": {"resources": pod_resources(size, k.gpus_per_step, k.gpu_resource)},
+        "container_config": {"resources": pod_resources(size, gpus or k.gpus_per_step, k.gpu_resource)},
         "pod_spec_config": pod_spec,
     }
 
 
-def gpu_op_tags(d: DeploymentSettings, kind: GpuStepKind) -> dict[str, str]:
-    """Op tags of a GPU step of ``kind``: its Kubernetes configuration and its Celery queue."""
+def gpu_op_tags(d: DeploymentSettings, kind: GpuStepKind, gpus: int | None = None) -> dict[str, str]:
+    """Op tags of a GPU step of ``kind`` on ``gpus`` cards (None: ``kubernetes.gpus_per_step``): its
+    Kubernetes configuration and its Celery queue."""
     return {
-        K8S_CONFIG_TAG: json.dumps(gpu_k8s_config(d.kubernetes, kind)),
+        K8S_CONFIG_TAG: json.dumps(gpu_k8s_config(d.kubernetes, kind, gpus)),
         CELERY_QUEUE_TAG: d.celery.gpu_queue,
     }
 
 
 def gpu_step(s: Settings, kind: GpuStepKind) -> dict[str, Any]:
     """Decorator arguments (``dg.asset`` / ``dg.asset_check``) of a step that needs a GPU: the gpu
-    pool (one such step per card) and the op tags of ``kind``."""
-    return {"pool": GPU_POOL, "op_tags": gpu_op_tags(s.deployment, kind)}
+    pool (one such step per card) and the op tags of ``kind``. A DreamBooth step set to train on k
+    cards (``dreambooth.data_parallel_cards``) asks Kubernetes for k GPUs and k times the host."""
+    gpus = s.dreambooth.data_parallel_cards if kind == "dreambooth" else None
+    return {"pool": GPU_POOL, "op_tags": gpu_op_tags(s.deployment, kind, gpus)}
 
 
 def settings_environment(s: Settings) -> dict[str, str]:

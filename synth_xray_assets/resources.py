@@ -274,6 +274,17 @@ class ComputeResource(dg.ConfigurableResource):
         with locks.hold(cards, holder) as held:
             yield held
 
+    @contextlib.contextmanager
+    def more_cards(self, s: Settings, count: int, holder: dict[str, Any]) -> Iterator[list[CardConfig]]:
+        """Inside ``holding_a_card``: up to ``count`` more cards free now (``CardLocks.more``)."""
+        cards = self.machine_cards()
+        if not cards or count <= 0:
+            yield []
+            return
+        locks = CardLocks(s.layout.card_locks, s.operations.card_wait_s, s.operations.card_poll_s)
+        with locks.more(cards, count, holder) as taken:
+            yield taken
+
 
 def _held_card_device(torch: Any) -> str:
     """``cuda:N`` of the card this process holds (made torch's current device), else ``cuda``."""

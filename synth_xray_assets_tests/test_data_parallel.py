@@ -54,7 +54,9 @@ def settings(tmp_path: Path, **values):
 
 
 def job(base: Path, tmp_path: Path, name: str, **values) -> Path:
-    spec = DataParallelJob(base, PROMPT, settings(tmp_path, **values), tmp_path / name, tmp_path / f"{name}.work", "cpu")
+    spec = DataParallelJob(
+        base, PROMPT, settings(tmp_path, **values), tmp_path / name, tmp_path / f"{name}.work", "cpu"
+    )
     return write_job(tmp_path / f"{name}.work" / "data-parallel", spec, INSTANCE, CLASS)
 
 
@@ -75,7 +77,12 @@ def test_rank_pieces_cover_each_step_once():
     for step in range(4):  # 11 images: steps of 8 then 3 (a short last step)
         micro = step_micro_batches(step, 11, 7, s)
         for world in (1, 2, 4, 8):
-            seen = [(m, int(r)) for rank in range(world) for m, rows in rank_pieces(micro, rank, world) for r in rows]
+            seen = [
+                (m, int(r))
+                for rank in range(world)
+                for m, rows in rank_pieces(micro, rank, world)
+                for r in rows
+            ]
             assert seen == [(m, r) for m, (inst, _) in enumerate(micro) for r in range(len(inst))]
     short = step_micro_batches(1, 11, 7, s)  # 3 images, 4 ranks: one rank idle
     assert sum(not rank_pieces(short, rank, 4) for rank in range(4)) == 1
@@ -92,7 +99,9 @@ def test_two_ranks_train_what_one_process_trains(tiny_base_model, tmp_path):
         log=lambda m: None,
     )
     job_file = job(tiny_base_model, tmp_path, "two")
-    done = subprocess.run(launch_command(job_file, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = subprocess.run(
+        launch_command(job_file, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     two = read_result(job_file.parent)
     assert two.global_step == one.global_step == STEPS
@@ -135,7 +144,9 @@ def test_killed_ranks_resume_and_end_where_an_uninterrupted_run_ends(tiny_base_m
     torchrun (as the run worker's step would die): every rank dies. Resume on 2 ranks: steps 3-4
     run, the weights move on from the checkpoint, and end where an uninterrupted 2-rank run ends."""
     reference = job(tiny_base_model, tmp_path, "reference")
-    done = subprocess.run(launch_command(reference, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = subprocess.run(
+        launch_command(reference, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
     assert done.returncode == 0, done.stderr[-4000:]
 
     plan = tmp_path / "faults" / "plan.json"
@@ -145,7 +156,12 @@ def test_killed_ranks_resume_and_end_where_an_uninterrupted_run_ends(tiny_base_m
     env = {**os.environ, PLAN_ENV: str(plan)}
     # The parent stands in for the step process: it starts the agent and is killed with SIGKILL.
     starter = subprocess.Popen(
-        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *launch_command(killed, 2)],
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys; subprocess.run(sys.argv[1:])",
+            *launch_command(killed, 2),
+        ],
         env=env,
         start_new_session=True,
     )
@@ -162,7 +178,9 @@ def test_killed_ranks_resume_and_end_where_an_uninterrupted_run_ends(tiny_base_m
     assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
     saved = load_file(str(work / "checkpoint-2" / "model.safetensors"))
 
-    resumed = subprocess.run(launch_command(killed, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    resumed = subprocess.run(
+        launch_command(killed, 2), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     result = read_result(killed.parent)
     assert result.resumed_from_step == 2 and result.steps_run == [3, 4]
@@ -188,7 +206,53 @@ def test_killed_ranks_resume_and_end_where_an_uninterrupted_run_ends(tiny_base_m
 
 def test_ranks_that_do_not_divide_the_global_batch_are_refused_before_any_starts(tiny_base_model, tmp_path):
     job_file = job(tiny_base_model, tmp_path, "odd")
-    done = subprocess.run(launch_command(job_file, 3), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    done = subprocess.run(
+        launch_command(job_file, 3), capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S
+    )
     assert done.returncode == 2 and "3 ranks do not divide the global batch of 4" in done.stderr
-    with pytest.raises(RuntimeError, match=r"3 ranks do not divide the global batch of 4.*one of 1, 2, 4 cards"):
+    with pytest.raises(
+        RuntimeError, match=r"3 ranks do not divide the global batch of 4.*one of 1, 2, 4 cards"
+    ):
         read_result(job_file.parent)
+
+
+def test_the_asset_trains_on_two_cards_through_pipes(tmp_path):
+    """``dreambooth_checkpoint[normal]`` with ``data_parallel_cards`` 2 on two (fake) free cards: the
+    step holds both, torchrun trains on 2 ranks (gloo), rank 0's log lines reach the step's logs
+    through Dagster Pipes, and the model and metadata are the asset's as on one card."""
+    import dagster as dg
+    from conftest import tiny_overrides_json
+
+    from synth_xray_assets.cards import CardConfig
+    from synth_xray_assets.dataset import assets as dataset_assets
+    from synth_xray_assets.dreambooth import assets as dreambooth_assets
+    from synth_xray_assets.resources import ComputeResource, SettingsResource
+    from synth_xray_assets.settings import Settings
+
+    overrides = tiny_overrides_json(dreambooth={"data_parallel_cards": 2})
+    s = Settings.for_profile("demo")
+    cards = [CardConfig(index=i, name=f"Fake {i}", total_memory=2**34, key=f"fake-{i}") for i in range(2)]
+    resources = {
+        "settings": SettingsResource(data_dir=str(tmp_path / "data"), overrides_json=overrides),
+        "compute": ComputeResource(cards=cards),
+    }
+    instance = dg.DagsterInstance.ephemeral()
+    before = [
+        dataset_assets.chest_xray_dataset,
+        dreambooth_assets.base_model_asset(s),
+        dreambooth_assets.prior_class_images_asset(s),
+    ]
+    assert dg.materialize(before, resources=resources, instance=instance).success
+    result = dg.materialize(
+        [dreambooth_assets.dreambooth_checkpoint_asset(s)],
+        resources=resources,
+        partition_key="normal",
+        instance=instance,
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("dreambooth_checkpoint")[0].metadata
+    assert meta["data_parallel_ranks"].value == 2 and meta["steps"].value == 3
+    logs = [r.user_message for r in instance.all_logs(result.run_id) if r.user_message]
+    assert any("data-parallel DreamBooth on 2 ranks (cpu: card 0 (Fake 0" in m for m in logs)
+    assert any("step 3/3 loss" in m for m in logs)  # rank 0's line, through Pipes
+    assert (tmp_path / "data" / "models" / "dreambooth" / "normal" / "dreambooth.json").is_file()

@@ -4,6 +4,7 @@ The numerical work lives beside this file: the loss and the loop in ``training.p
 demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 """
 
+import os
 import time
 from typing import Any
 
@@ -11,6 +12,7 @@ import dagster as dg
 import numpy as np
 from PIL import Image
 
+from synth_xray_assets.cards import describe, held_cards, physical_index
 from synth_xray_assets.checks import partition_check
 from synth_xray_assets.dataset.assets import chest_xray_dataset
 from synth_xray_assets.dataset.splits import ValidationSplit, generator_positions
@@ -27,6 +29,14 @@ from synth_xray_assets.diffusion.pipelines import (
 )
 from synth_xray_assets.dreambooth import store
 from synth_xray_assets.dreambooth.base_model import fetch_base_model, pretraining_images
+from synth_xray_assets.dreambooth.data_parallel import (
+    DataParallelJob,
+    launch_command,
+    ranks_for,
+    read_result,
+    write_job,
+)
+from synth_xray_assets.dreambooth.loss import valid_world_sizes
 from synth_xray_assets.dreambooth.presets import Planned, PresetChoice, generation_plan, resolve_preset
 from synth_xray_assets.dreambooth.summary import loss_curve, smoothed
 from synth_xray_assets.dreambooth.training import (
@@ -266,13 +276,15 @@ def dreambooth_checkpoint(
         f"{key}: {len(instance_images)} instance images, {num_train_steps(len(instance_images), db)} steps, "
         f"method {settings_used.method}, device {device}"
     )
-    result = train_dreambooth(
-        RunInputs(base_path, instance_images, class_images, prompt),
-        settings_used,
-        RunDirs(out, store.work_dir(s.data_dir, key)),
-        device,
-        log=context.log.info,
-    )
+    inputs = RunInputs(base_path, instance_images, class_images, prompt)
+    dirs = RunDirs(out, store.work_dir(s.data_dir, key))
+    ranks = ranks_for(key, _steps_by_generator(s, dataset), len(compute.machine_cards()), db)
+    if ranks > 1:
+        on = "cuda" if device.startswith("cuda") else "cpu"
+        job = DataParallelJob(base_path, prompt, settings_used, out, dirs.work_dir, on, preset.name)
+        result = _train_on_ranks(context, (s, compute), ranks, job, inputs)
+    else:
+        result = train_dreambooth(inputs, settings_used, dirs, device, log=context.log.info)
     grid = _samples_grid(s, load_trained_pipeline(out, base_path, device), prompt, instance_images)
     curve = loss_curve(
         result.losses,
@@ -307,6 +319,58 @@ def dreambooth_checkpoint(
         },
         data_version=dg.DataVersion(folder_version(out)),
     )
+
+
+def _steps_by_generator(s: Settings, dataset: StandardizedDataset) -> dict[str, int]:
+    """Each generator's optimizer steps: what the machine's cards are shared by (``ranks_for``)."""
+    rows = dataset.rows("train")
+    return {
+        key: num_train_steps(len(generator_positions(s, rows, key)[0]), s.dreambooth)
+        for key in generator_partitions(s).get_partition_keys()
+    }
+
+
+def _train_on_ranks(
+    context: dg.AssetExecutionContext,
+    where: tuple[Settings, ComputeResource],
+    ranks: int,
+    job: DataParallelJob,
+    inputs: RunInputs,
+) -> TrainResult:
+    """Train on ``ranks`` cards: the card this step holds and free ones beside it (fewer when fewer
+    are free, rounded down to a count that divides the global batch), through torchrun started by a
+    Dagster Pipes client, so rank 0's log lines land on this step and stopping the run stops every
+    rank (SIGINT to torchrun; each rank also dies with it)."""
+    s, compute = where
+    cards = compute.machine_cards()
+    if cards and ranks > len(cards):
+        raise ValueError(
+            f"dreambooth.data_parallel_cards = {ranks}, but this step sees {len(cards)} card(s): "
+            + "; ".join(describe(c) for c in cards)
+        )
+    holder = {"run_id": context.run.run_id, "step": f"dreambooth_checkpoint[{context.partition_key}]"}
+    with compute.more_cards(s, ranks - 1, holder):
+        held = list(held_cards())
+        k = max(n for n in valid_world_sizes(job.settings) if n <= len(held)) if cards else ranks
+        if k < ranks:
+            context.log.info(f"{len(held)} card(s) free of the {ranks} wanted: training on {k}")
+        folder = job.work_dir / "data-parallel"
+        job_file = write_job(folder, job, inputs.instance_images, inputs.class_images)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(physical_index(c.index, visible) for c in held[:k])}
+        context.log.info(
+            f"data-parallel DreamBooth on {k} ranks ({job.device}"
+            + (f": {'; '.join(describe(c) for c in held[:k])})" if cards else ")")
+        )
+        try:
+            dg.PipesSubprocessClient().run(
+                command=launch_command(job_file, k), context=context, env=env if job.device == "cuda" else {}
+            )
+        except Exception:
+            read_result(folder)  # a rank's own failure (rank, card, preset, error) when it wrote one
+            raise
+        context.add_asset_metadata({"data_parallel_ranks": k})
+        return read_result(folder)
 
 
 def _instance_images(

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth_xray_assets.dreambooth.loss import require_world_size
+from synth_xray_assets.dreambooth.loss import require_world_size, valid_world_sizes
 from synth_xray_assets.settings import DreamBoothSettings
 from synth_xray_assets.storage import save_numpy_atomic, write_json_atomic
 
@@ -52,7 +52,9 @@ class DataParallelJob:
     preset: str = "none"  # the memory preset's name, for error messages
 
 
-def write_job(folder: Path, job: DataParallelJob, instance_images: np.ndarray, class_images: np.ndarray | None) -> Path:
+def write_job(
+    folder: Path, job: DataParallelJob, instance_images: np.ndarray, class_images: np.ndarray | None
+) -> Path:
     """The job folder the ranks read (earlier results and failures removed); returns ``job.json``."""
     folder.mkdir(parents=True, exist_ok=True)
     for stale in [folder / RESULT_NAME, *folder.glob("failed-*.json")]:
@@ -72,6 +74,17 @@ def write_job(folder: Path, job: DataParallelJob, instance_images: np.ndarray, c
 def launch_command(job_file: Path, ranks: int) -> list[str]:
     """The command that trains ``job_file``'s run on ``ranks`` processes."""
     return [sys.executable, "-m", MODULE, "--ranks", str(ranks), str(job_file)]
+
+
+def ranks_for(key: str, steps: dict[str, int], cards: int, settings: DreamBoothSettings) -> int:
+    """How many cards generator ``key``'s run asks for: ``settings.data_parallel_cards`` (refused
+    unless it divides the global batch), else its share of the machine's ``cards`` by its steps
+    against every generator's (``steps``; at least 1), rounded down to a count that divides it."""
+    if settings.data_parallel_cards is not None:
+        require_world_size(settings, settings.data_parallel_cards)
+        return settings.data_parallel_cards
+    share = max(1, int(cards * steps[key] / sum(steps.values()))) if cards else 1
+    return max(k for k in valid_world_sizes(settings) if k <= share)
 
 
 def read_job(job_file: Path) -> tuple[DataParallelJob, np.ndarray, np.ndarray | None]:
@@ -103,7 +116,9 @@ def read_result(folder: Path):
         )
     result = Path(folder) / RESULT_NAME
     if not result.exists():
-        raise RuntimeError(f"data-parallel DreamBooth ended without a result in {folder} (a rank was killed?)")
+        raise RuntimeError(
+            f"data-parallel DreamBooth ended without a result in {folder} (a rank was killed?)"
+        )
     record = json.loads(result.read_text())
     return TrainResult(**{**record, "output_dir": Path(record["output_dir"])})
 

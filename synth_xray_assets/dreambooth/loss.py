@@ -93,7 +93,9 @@ def valid_world_sizes(settings: DreamBoothSettings) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def rank_pieces(micro_batches: list[tuple[np.ndarray, np.ndarray]], rank: int, world: int) -> list[tuple[int, np.ndarray]]:
+def rank_pieces(
+    micro_batches: list[tuple[np.ndarray, np.ndarray]], rank: int, world: int
+) -> list[tuple[int, np.ndarray]]:
     """The part of one optimizer step that rank ``rank`` of ``world`` computes: (micro-batch, positions
     in it) pieces.
 
