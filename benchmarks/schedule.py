@@ -30,6 +30,7 @@ import numpy as np
 from synth_xray_assets.classifier.data import experiment_spec, mix_normal_share, oversample_to_share
 from synth_xray_assets.dataset.splits import class_count
 from synth_xray_assets.definitions import build_defs
+from synth_xray_assets.dreambooth.data_parallel import ranks_for
 from synth_xray_assets.dreambooth.loss import num_train_steps
 from synth_xray_assets.operations.schedule import (
     Schedule,
@@ -37,7 +38,6 @@ from synth_xray_assets.operations.schedule import (
     longest_path,
     scaling_efficiency,
     simulate,
-    split_cards,
     split_step,
     step_graph,
 )
@@ -166,9 +166,11 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
                 minutes.update({f"{name}#{i}": share for i in range(shards)})
     cards: dict[str, int] = {}
     if plan.data_parallel:
-        db = {f"dreambooth_checkpoint[{c}]": minutes[f"dreambooth_checkpoint[{c}]"] for c in CLASS_KEYS}
-        split = split_cards(db, sum(machines), max(machines))
-        for name, k in split.items():
+        # The rule the asset follows (dreambooth.data_parallel.ranks_for): each class's share of one
+        # machine's cards by its steps, rounded down to a count that divides the global batch.
+        db_steps = dreambooth_steps(s)
+        for c in CLASS_KEYS:
+            name, k = f"dreambooth_checkpoint[{c}]", ranks_for(c, db_steps, max(machines), s.dreambooth)
             cards[name] = k
             minutes[name] = minutes[name] / (k * scaling_efficiency(k, plan.per_doubling))
     return steps, minutes, cards

@@ -221,10 +221,18 @@ def test_a_run_fits_a_disk_of_its_estimate_and_its_resume_fits_what_is_left(tiny
 
 
 class FakeAccelerator:
-    """Writes a checkpoint's files and records how many complete checkpoints exist meanwhile."""
+    """Writes a checkpoint's files and records how many complete checkpoints exist meanwhile.
+
+    One process, as ``accelerate.Accelerator`` without a launcher: main, world of 1.
+    """
+
+    is_main_process, num_processes = True, 1
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir, self.during = work_dir, []
+
+    def wait_for_everyone(self) -> None:
+        pass
 
     def save_state(self, folder: str) -> None:
         self.during.append(len(checkpoints.list_checkpoints(self.work_dir)))
