@@ -3,10 +3,10 @@
 Builds the step graph of the full profile's ``Definitions`` (``build_defs``), takes each step's cost
 from a cost table (``benchmarks/costs_full.json``: README midpoints, all estimates, until
 ``benchmarks/gpu.py --costs`` measures a card) and list-schedules it
-(``synth_xray_assets/operations/schedule.py``): as built (the base model's FID reference images,
-``base_model_images``, a step of their own beside DreamBooth); as before that asset (the reference
-images made inside ``fid_scores``, after the synthetic images), for comparison; with data-parallel
-DreamBooth.
+(``synth_xray_assets/operations/schedule.py``) three ways: one card per step; with data-parallel
+DreamBooth (each class's share of the cards, ``dreambooth.data_parallel.ranks_for``); as built, also
+the prior-class and synthetic images split by image index over the cards free when their step
+starts (``generation.cards``; the base model's reference images on one card, beside DreamBooth).
 Then, for the goals (30 minutes on one 8-card machine, 2 hours on one card), what each further
 change would give, cumulatively, every figure an estimate.
 
@@ -33,12 +33,12 @@ from synth_xray_assets.definitions import build_defs
 from synth_xray_assets.dreambooth.data_parallel import ranks_for
 from synth_xray_assets.dreambooth.loss import num_train_steps
 from synth_xray_assets.operations.schedule import (
+    Cards,
     Schedule,
     Step,
     longest_path,
     scaling_efficiency,
     simulate,
-    split_step,
     step_graph,
 )
 from synth_xray_assets.settings import CLASS_KEYS, Settings
@@ -56,9 +56,9 @@ class Plan:
     """How the study runs: the graph as built and the changes that the tables compare."""
 
     data_parallel: bool = False  # DreamBooth on several cards, split between the classes
-    reference_inside: bool = False  # as before base_model_images: the FID reference made in fid_scores
+    shard_generation: bool = False  # prior-class and synthetic images on the cards free at their start
+    shard_reference: bool = False  # the base model's reference images too
     early_real_only: bool = False  # classifier runs with no synthetic image wait only for the dataset
-    shard_generation: bool = False  # image generation split over one machine's cards
     dreambooth_factor: float = 1.0
     generation_factor: float = 1.0
     seeds: int | None = None  # None: the settings' seeds
@@ -129,7 +129,7 @@ def step_minutes(
         elif step.asset == "base_model_images":
             out[name] = ref_minutes
         elif step.asset == "fid_scores":
-            out[name] = costs["fid_scores"]["value"] + (ref_minutes if plan.reference_inside else 0.0)
+            out[name] = costs["fid_scores"]["value"]
         elif step.asset == "classifier_experiment":
             experiment = key.split("|")[0]
             images = classifier_images_per_epoch(s, experiment) * s.classifier.epochs
@@ -143,12 +143,6 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
     """The steps, their minutes and their cards under ``plan`` on ``machines``."""
     s = full_settings(plan.seeds)
     steps = dict(full_graph(plan.seeds))
-    if plan.reference_inside:  # as before base_model_images: no step of their own
-        steps = {
-            n: replace(st, deps=tuple(d for d in st.deps if not d.startswith("base_model_images[")))
-            for n, st in steps.items()
-            if st.asset != "base_model_images"
-        }
     if plan.early_real_only:
         for name, step in steps.items():
             if step.asset == "classifier_experiment":
@@ -157,13 +151,12 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
                     deps = tuple(d for d in step.deps if not d.startswith("synthetic_images"))
                     steps[name] = replace(step, deps=deps)
     minutes = step_minutes(s, steps, costs, plan)
-    if plan.shard_generation:
-        for name in [n for n, st in steps.items() if st.asset in ("synthetic_images", "base_model_images")]:
-            shards = max(machines)
-            if shards > 1:
-                steps = split_step(steps, name, shards)
-                share = minutes.pop(name) / shards
-                minutes.update({f"{name}#{i}": share for i in range(shards)})
+    # The rule the generation assets follow (ComputeResource.generation_devices, generation.cards
+    # None): the cards free when the step starts, the base model's images on one card.
+    sharded = {"prior_class_images"} if plan.shard_generation else set()
+    sharded |= {"synthetic_images"} if plan.shard_generation else set()
+    sharded |= {"base_model_images"} if plan.shard_reference else set()
+    elastic = {n: 0 for n, st in steps.items() if st.asset in sharded}
     cards: dict[str, int] = {}
     if plan.data_parallel:
         # The rule the asset follows (dreambooth.data_parallel.ranks_for): each class's share of one
@@ -173,10 +166,10 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
             name, k = f"dreambooth_checkpoint[{c}]", ranks_for(c, db_steps, max(machines), s.dreambooth)
             cards[name] = k
             minutes[name] = minutes[name] / (k * scaling_efficiency(k, plan.per_doubling))
-    return steps, minutes, cards
+    return steps, minutes, Cards(cards, elastic)
 
 
-def run(plan: Plan, machines: list[int], costs: Mapping[str, dict]) -> tuple[Schedule, dict, dict, dict]:
+def run(plan: Plan, machines: list[int], costs: Mapping[str, dict]) -> tuple[Schedule, dict, dict, Cards]:
     steps, minutes, cards = planned(plan, machines, costs)
     return simulate(steps, minutes, machines, cards), steps, minutes, cards
 
@@ -229,16 +222,18 @@ def main() -> None:
 
     base = Plan(per_doubling=args.per_doubling)
     plans = {
-        "ref in FID": replace(base, reference_inside=True),
-        "as built": base,
+        "a card per step": base,
         "DP DreamBooth": replace(base, data_parallel=True),
+        "as built": replace(base, data_parallel=True, shard_generation=True),
     }
     print(
-        f"\nWall time, h:mm{mark}; ref in FID = as before base_model_images (the FID reference made inside "
-        "fid_scores); DP = data-parallel DreamBooth, cards split between the classes by steps"
+        f"\nWall time, h:mm{mark}; DP = data-parallel DreamBooth, cards split between the classes by "
+        "steps; as built = DP and the prior-class and synthetic images on the cards free at their start"
     )
     print(
-        f"{'machines':12s}" + "".join(f"{p:>16s}" for p in plans) + f"{'DP cards N,P':>14s}{'busy (DP)':>12s}"
+        f"{'machines':12s}"
+        + "".join(f"{p:>16s}" for p in plans)
+        + f"{'DP cards N,P':>14s}{'busy (built)':>14s}"
     )
     results: dict[tuple[str, str], Schedule] = {}
     for label, machines in MACHINES.items():
@@ -247,9 +242,9 @@ def main() -> None:
             sched, steps, minutes, cards = run(plan, machines, costs)
             results[(label, pname)] = sched
             row += f"{hm(sched.total) + mark:>16s}"
-        split = ",".join(str(cards.get(f"dreambooth_checkpoint[{c}]", 1)) for c in CLASS_KEYS)
+        split = ",".join(str(cards.fixed.get(f"dreambooth_checkpoint[{c}]", 1)) for c in CLASS_KEYS)
         busy = sched.card_minutes() / (sched.total * sum(machines))
-        print(row + f"{split:>14s}{busy:>12.0%}")
+        print(row + f"{split:>14s}{busy:>14.0%}")
 
     steps, minutes, _ = planned(base, [1], costs)
     floor, path = longest_path(steps, minutes)
@@ -258,18 +253,22 @@ def main() -> None:
     print("\nCritical path of the schedule, minutes (-> after its dependency, ~> waited for a card):")
     for label, pname in [
         ("1 card", "as built"),
+        ("8 cards", "a card per step"),
         ("8 cards", "as built"),
-        ("8 cards", "DP DreamBooth"),
-        ("k8s 2 x 8", "DP DreamBooth"),
+        ("k8s 2 x 8", "as built"),
     ]:
         sched = results[(label, pname)]
-        steps, minutes, cards = planned(plans[pname], MACHINES[label], costs)
-        print(
-            f"  {label}, {pname} ({hm(sched.total)}{mark}): {collapsed(sched.critical_path(steps), minutes)}"
-        )
+        steps, _, _ = planned(plans[pname], MACHINES[label], costs)
+        ran = {n: sched.end[n] - sched.start[n] for n in sched.end}  # a sharded step: its wall time
+        print(f"  {label}, {pname} ({hm(sched.total)}{mark}): {collapsed(sched.critical_path(steps), ran)}")
 
     levers = [
-        ("start: DP DreamBooth (above)", {}, "no", "data-parallel DreamBooth, the FID reference beside it"),
+        (
+            "start: as built (above)",
+            {},
+            "no",
+            "data-parallel DreamBooth, the FID reference beside it, generation on the free cards",
+        ),
         (
             "real-only runs start after the dataset",
             {"early_real_only": True},
@@ -277,10 +276,10 @@ def main() -> None:
             "the baseline and balance controls (20 of 50 runs) use no synthetic image (their own asset)",
         ),
         (
-            "generation split over the cards",
-            {"shard_generation": True},
+            "the FID reference on free cards too",
+            {"shard_reference": True},
             "no",
-            "images are seeded by index: 8 shards of 150 per class, each on a card",
+            "base_model_images on the cards free at its start (generation.cards), not one",
         ),
         (
             "cached latents in DreamBooth",
@@ -313,7 +312,7 @@ def main() -> None:
         "Each change on top of those above it; every factor an ESTIMATE (not measured), every time (est.)"
     )
     print(f"{'change':44s} {'changes results':>15s} {'1 card':>8s} {'8 cards':>8s}  effect")
-    plan = plans["DP DreamBooth"]
+    plan = plans["as built"]
     reached: dict[str, str] = {}
     for name, update, changes, effect in levers:
         plan = replace(plan, **update)

@@ -90,11 +90,18 @@ def lock_file(folder: Path, card: CardConfig) -> Path:
 
 _held: list[CardConfig] = []  # the cards this process holds now (one step per process)
 _last: list[str] = []  # the key of the card this process held last (its CUDA context is there)
+_used: list[CardConfig] = []  # every card of this process's current (or last) step, extras too
 
 
 def held_cards() -> tuple[CardConfig, ...]:
     """The cards this process holds now (``CardLocks.hold``)."""
     return tuple(_held)
+
+
+def cards_used() -> tuple[CardConfig, ...]:
+    """The cards of this process's current step: the one it holds first, then every extra one it
+    took meanwhile (``CardLocks.more``), also those given back already."""
+    return tuple(_used)
 
 
 @dataclass(frozen=True)
@@ -122,7 +129,7 @@ class CardLocks:
             fds = {c.key: stack.enter_context(_opened(lock_file(self.folder, c))) for c in cards}
             card = self._take(sorted(cards, key=lambda c: c.key not in _last), fds)
             write_holder(fds[card.key], holder)
-            _held[:], _last[:] = [card], [card.key]
+            _held[:], _last[:], _used[:] = [card], [card.key], [card]
             _reset_peak(card)
             try:
                 yield [card]
@@ -149,6 +156,7 @@ class CardLocks:
                         stack.enter_context(attempt.pop_all())  # held until the step ends
                         taken.append(card)
             _held.extend(taken)
+            _used.extend(c for c in taken if c not in _used)
             try:
                 yield taken
             finally:

@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 import dagster as dg
 from pydantic import BaseModel, Field, create_model
 
-from synth_xray_assets.cards import CardConfig, CardLocks, card_record, held_cards, visible_cards
+from synth_xray_assets.cards import CardConfig, CardLocks, card_record, cards_used, held_cards, visible_cards
 from synth_xray_assets.operations.lifetime import exit_with_run_worker
 from synth_xray_assets.settings import (
     Settings,
@@ -285,6 +285,24 @@ class ComputeResource(dg.ConfigurableResource):
         with locks.more(cards, count, holder) as taken:
             yield taken
 
+    @contextlib.contextmanager
+    def generation_devices(
+        self, s: Settings, holder: dict[str, Any], most: int | None
+    ) -> Iterator[tuple[str, ...]]:
+        """Inside ``holding_a_card``: the devices a generation step splits its set over by image
+        index, its own card's first, then the cards free beside it, at most ``most`` in all (every
+        free one when None); its one device on a machine without cards."""
+        device = self.resolve_device()
+        extra = (len(self.machine_cards()) if most is None else most) - 1
+        with self.more_cards(s, extra, holder) as taken:
+            on_cuda = device.startswith("cuda")
+            yield (device, *(f"cuda:{c.index}" if on_cuda else device for c in taken))
+
+
+def step_holder(context: Any) -> dict[str, Any]:
+    """What a card's lock file says of the step that holds it: the run and the step."""
+    return {"run_id": context.run.run_id, "step": _step_name(context)}
+
 
 def _held_card_device(torch: Any) -> str:
     """``cuda:N`` of the card this process holds (made torch's current device), else ``cuda``."""
@@ -306,12 +324,11 @@ def on_a_card(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(context, *args: Any, **kwargs: Any) -> Any:
         s, compute = kwargs["settings"].get(), kwargs["compute"]
-        holder = {"run_id": context.run.run_id, "step": _step_name(context)}
-        with compute.holding_a_card(s, holder, context.log.info) as held:
+        with compute.holding_a_card(s, step_holder(context), context.log.info) as held:
             result = fn(context, *args, **kwargs)
             if held:
                 device = compute.resolve_device()
-                context.add_asset_metadata(card_metadata(held, device))
+                context.add_asset_metadata(card_metadata(list(cards_used()), device))
             return result
 
     wrapper.holds_a_card = True  # type: ignore[attr-defined]
@@ -319,10 +336,13 @@ def on_a_card(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def card_metadata(held: list[CardConfig], device: str) -> dict[str, Any]:
-    """A step's ``gpu_cards`` (one record per card) and ``ran_on`` (the device and card names)."""
+    """A step's ``gpu_cards`` (one record per card: its own first, then the extra ones its shards or
+    ranks ran on, whose peak memory this process cannot see) and ``ran_on`` (device, card names)."""
     names = ", ".join(f"{c.name} ({c.key})" for c in held)
     return {
-        "gpu_cards": dg.MetadataValue.json([card_record(c, device) for c in held]),
+        "gpu_cards": dg.MetadataValue.json(
+            [card_record(c, device if i == 0 else "another process") for i, c in enumerate(held)]
+        ),
         "ran_on": f"{device}: {names}",
     }
 

@@ -4,13 +4,11 @@ import pytest
 
 from synth_xray_assets.definitions import build_defs
 from synth_xray_assets.operations.schedule import (
+    Cards,
     Step,
-    add_step,
     longest_path,
     scaling_efficiency,
     simulate,
-    split_cards,
-    split_step,
     step_graph,
 )
 from synth_xray_assets.settings import Settings
@@ -51,23 +49,29 @@ def test_steps_off_the_gpu_pool_take_no_card_and_multi_card_steps_wait_for_a_who
     cpu = Step("cpu", "cpu", None, "cpu")
     steps = {s.name: s for s in (gpu("a"), gpu("b"), cpu, gpu("wide"))}
     minutes = {"a": 1.0, "b": 1.0, "cpu": 5.0, "wide": 1.0}
-    sched = simulate(steps, minutes, [2], cards={"wide": 2})
+    sched = simulate(steps, minutes, [2], cards=Cards(fixed={"wide": 2}))
     assert sched.start["cpu"] == 0.0 and sched.cards["cpu"] == 0
     assert sched.total == 5.0 and sched.end["wide"] in (1.0, 2.0)
-    assert simulate(steps, minutes, [1, 1], cards={"wide": 1}).total == 5.0
+    assert simulate(steps, minutes, [1, 1], cards=Cards(fixed={"wide": 1})).total == 5.0
     with pytest.raises(ValueError, match="more cards than one machine"):
-        simulate(steps, minutes, [1, 1], cards={"wide": 2})
+        simulate(steps, minutes, [1, 1], cards=Cards(fixed={"wide": 2}))
 
 
-def test_graph_edits_and_card_splits():
-    steps = {s.name: s for s in (gpu("gen"), gpu("use", "gen"))}
-    split = split_step(steps, "gen", 2)
-    assert sorted(split) == ["gen#0", "gen#1", "use"] and split["use"].deps == ("gen#0", "gen#1")
-    added = add_step(steps, gpu("ref"), before=["use"])
-    assert added["use"].deps == ("gen", "ref")
-    assert split_cards({"normal": 672, "pneumonia": 1944}, 8, 8) == {"normal": 2, "pneumonia": 6}
-    assert split_cards({"normal": 672, "pneumonia": 1944}, 2, 8) == {"normal": 1, "pneumonia": 1}
-    assert split_cards({"normal": 672, "pneumonia": 1944}, 16, 8) == {"normal": 4, "pneumonia": 8}
+def test_an_elastic_step_takes_the_cards_free_when_it_starts():
+    """A generation step splits its images over the cards free at its start (none waited for)."""
+    steps = {s.name: s for s in (gpu("gen"), gpu("busy"), gpu("after", "gen"))}
+    minutes = {"gen": 8.0, "busy": 20.0, "after": 1.0}
+    # 4 cards, "busy" (the longer chain) starts first on one: "gen" takes the 3 free, 8/3 minutes
+    sched = simulate(steps, minutes, [4], cards=Cards(elastic={"gen": 0}))
+    assert sched.cards["gen"] == 3 and sched.end["gen"] == pytest.approx(8 / 3)
+    assert sched.start["after"] == pytest.approx(8 / 3) and sched.total == 20.0
+    capped = simulate(steps, minutes, [4], cards=Cards(elastic={"gen": 2}))  # at most 2
+    assert capped.cards["gen"] == 2 and capped.end["gen"] == 4.0
+    alone = simulate(steps, minutes, [1], cards=Cards(elastic={"gen": 0}))  # no card free: waits for one
+    assert alone.cards["gen"] == 1 and alone.start["gen"] == 20.0
+
+
+def test_data_parallel_scaling():
     assert scaling_efficiency(1) == 1.0 and scaling_efficiency(4) == pytest.approx(0.81)
 
 

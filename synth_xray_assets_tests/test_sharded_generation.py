@@ -95,3 +95,60 @@ def test_several_devices_refuse_a_lambda_before_any_work(tiny_base_model, tmp_pa
     with pytest.raises(TypeError, match="picklable"):
         make(lambda device: None, tmp_path, ("cpu", "cpu"))
     assert not (tmp_path / "images").exists()
+
+
+def _prior_class_images(data: Path, compute) -> tuple[dict[str, bytes], dict]:
+    """Materialize the dataset, ``base_model`` and ``prior_class_images`` (tiny models) under ``data`` with
+    ``compute``; the prior set's files and the step's metadata."""
+    import dagster as dg
+    from conftest import tiny_overrides_json
+
+    from synth_xray_assets.dataset import assets as dataset_assets
+    from synth_xray_assets.dreambooth import assets as dreambooth_assets
+    from synth_xray_assets.dreambooth.store import prior_dir
+    from synth_xray_assets.resources import SettingsResource
+    from synth_xray_assets.settings import Settings
+
+    s = Settings.for_profile("demo")
+    resources = {
+        "settings": SettingsResource(data_dir=str(data), overrides_json=tiny_overrides_json()),
+        "compute": compute,
+    }
+    assets = [
+        dataset_assets.chest_xray_dataset,
+        dreambooth_assets.base_model_asset(s),
+        dreambooth_assets.prior_class_images_asset(s),
+    ]
+    result = dg.materialize(assets, resources=resources)
+    assert result.success
+    meta = result.asset_materializations_for_node("prior_class_images")[0].metadata
+    return files(prior_dir(data)), {k: v.value for k, v in meta.items()}
+
+
+def test_a_generation_step_splits_its_images_over_the_free_cards(tmp_path):
+    """``prior_class_images`` on a machine of three (fake) cards, one of them held by another
+    program: the step takes its card and the other free one, makes the set in two shard processes
+    (each a device of its own; on this CPU both are ``cpu``), and writes the same bytes as a machine
+    without cards; the busy card is skipped, not waited for."""
+    import fcntl
+    import os
+
+    from synth_xray_assets.cards import CardConfig, lock_file
+    from synth_xray_assets.layout import Layout
+    from synth_xray_assets.resources import ComputeResource
+
+    one, one_meta = _prior_class_images(tmp_path / "one", ComputeResource())
+    assert one_meta["device"] == "cpu" and "gpu_cards" not in one_meta  # no card: nothing locked
+    cards = [CardConfig(index=i, name=f"Fake {i}", total_memory=2**34, key=f"fake-{i}") for i in range(3)]
+    data = tmp_path / "three"
+    busy = lock_file(Layout(data).card_locks, cards[2])
+    busy.parent.mkdir(parents=True)
+    fd = os.open(busy, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another program's step on card 2
+    try:
+        three, meta = _prior_class_images(data, ComputeResource(cards=cards))
+    finally:
+        os.close(fd)
+    assert three == one  # PNGs and manifest, byte for byte
+    assert meta["device"] == "cpu, cpu"  # its own card and the free one: two shards
+    assert [c["key"] for c in meta["gpu_cards"]] == ["fake-0", "fake-1"]

@@ -6,6 +6,7 @@ demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -55,7 +56,7 @@ from synth_xray_assets.partitions import (
     class_label,
     generator_partitions,
 )
-from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card, step_holder
 from synth_xray_assets.settings import DreamBoothSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown, write_json_atomic
 
@@ -180,12 +181,18 @@ def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
-    db = s.dreambooth
     base_path = store.base_model_path(s.data_dir)
     base_version = folder_version(base_path)
-    # The devices the set is split over, by image index (one process each when several): one for
-    # now; the cards this step holds plug in here.
-    devices = (compute.resolve_device(),)
+    with compute.generation_devices(s, step_holder(context), s.generation.cards) as devices:
+        return _prior_class_images(context, s, (base_path, base_version), devices)
+
+
+def _prior_class_images(
+    context: dg.AssetExecutionContext, s: Settings, base: tuple[Path, str], devices: tuple[str, ...]
+) -> dg.MaterializeResult:
+    """``prior_class_images`` split by image index over ``devices`` (one process each when several)."""
+    db = s.dreambooth
+    base_path, base_version = base
     plan = generation_plan(
         db.class_image_batch_size, db.resolution, least_free_gpu_memory(devices), s.generation
     )
@@ -217,6 +224,7 @@ def prior_class_images(
             "batch_size": plan.batch_size,  # from free GPU memory, at most class_image_batch_size
             "vae_slicing": plan.vae_slicing,
             "prompt": db.class_prompt,
+            "device": ", ".join(devices),
             "base_model_version": base_version,
             "path": dg.MetadataValue.path(str(store.prior_dir(s.data_dir))),
             "images": dg.MetadataValue.md(png_markdown(image_grid(list(images[:16]), 8, 96), "class images")),
@@ -348,8 +356,7 @@ def _train_on_ranks(
             f"dreambooth.data_parallel_cards = {ranks}, but this step sees {len(cards)} card(s): "
             + "; ".join(describe(c) for c in cards)
         )
-    holder = {"run_id": context.run.run_id, "step": f"dreambooth_checkpoint[{context.partition_key}]"}
-    with compute.more_cards(s, ranks - 1, holder):
+    with compute.more_cards(s, ranks - 1, step_holder(context)):
         held = list(held_cards())
         k = max(n for n in valid_world_sizes(job.settings) if n <= len(held)) if cards else ranks
         if k < ranks:

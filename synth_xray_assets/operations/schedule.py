@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import dagster as dg
 
@@ -70,31 +70,6 @@ def step_graph(defs: dg.Definitions) -> dict[str, Step]:
                 name, key.to_user_string(), partition, pools[0] if pools else None, tuple(deps)
             )
     return steps
-
-
-def add_step(steps: Mapping[str, Step], step: Step, before: Iterable[str] = ()) -> dict[str, Step]:
-    """``steps`` with ``step`` added, and added to the dependencies of the steps named in ``before``."""
-    out = dict(steps)
-    out[step.name] = step
-    for name in before:
-        out[name] = replace(out[name], deps=(*out[name].deps, step.name))
-    return out
-
-
-def split_step(steps: Mapping[str, Step], name: str, shards: int) -> dict[str, Step]:
-    """``steps`` with ``name`` replaced by ``shards`` steps ``name#0`` ... with its dependencies, and
-    every step that depended on it depending on all of them (work that splits without changing its
-    result, e.g. images seeded by their index)."""
-    if shards <= 1:
-        return dict(steps)
-    old = steps[name]
-    parts = [replace(old, name=f"{name}#{i}") for i in range(shards)]
-    out = {n: s for n, s in steps.items() if n != name}
-    for n, s in out.items():
-        if name in s.deps:
-            out[n] = replace(s, deps=tuple(d for d in s.deps if d != name) + tuple(p.name for p in parts))
-    out.update({p.name: p for p in parts})
-    return out
 
 
 def default_cards(step: Step) -> int:
@@ -198,17 +173,29 @@ class Schedule:
                 return chain[::-1]
 
 
+@dataclass(frozen=True)
+class Cards:
+    """The cards of the steps that do not take one: ``fixed`` a set number (data-parallel
+    DreamBooth); ``elastic`` every card free on one machine when the step starts, up to a most
+    (0: no most), its one-card minutes split evenly over them (a generation step's image shards)."""
+
+    fixed: Mapping[str, int] = field(default_factory=dict)
+    elastic: Mapping[str, int] = field(default_factory=dict)
+
+
 def simulate(
     steps: Mapping[str, Step],
     minutes: Mapping[str, float],
     machines: Sequence[int],
-    cards: Mapping[str, int] | None = None,
+    cards: Cards | None = None,
 ) -> Schedule:
     """List-schedule ``steps`` on ``machines`` (cards per machine): a step starts when its
-    dependencies are done and one machine has its cards free (``cards``, default one for the gpu pool,
-    none otherwise); ready steps are taken longest remaining path first, ties by name, and any that
+    dependencies are done and one machine has its cards free (``cards.fixed``, default one for the
+    gpu pool, none otherwise; ``cards.elastic`` steps start on the machine with the most free cards
+    and take them); ready steps are taken longest remaining path first, ties by name, and any that
     fits starts. A step needing more cards than any machine has raises ``ValueError``."""
-    need = {n: (cards or {}).get(n, default_cards(s)) for n, s in steps.items()}
+    cards = cards or Cards()
+    need = {n: cards.fixed.get(n, default_cards(s)) for n, s in steps.items()}
     too_big = [n for n, k in need.items() if k > max(machines, default=0)]
     if too_big:
         raise ValueError(f"steps {too_big} need more cards than one machine has ({list(machines)})")
@@ -226,6 +213,8 @@ def simulate(
     while ready or running:
         ready.sort(key=lambda n: (-priority[n], n))
         for name in list(ready):
+            if name in cards.elastic:
+                need[name] = _free_now(free, cards.elastic[name])
             k = need[name]
             fits = [m for m, f in enumerate(free) if f >= k]
             if k and not fits:
@@ -234,7 +223,8 @@ def simulate(
             if m is not None:
                 free[m] -= k
             out.start[name], out.machine[name] = now, m
-            heapq.heappush(running, (now + minutes[name], name))
+            share = k if name in cards.elastic else 1
+            heapq.heappush(running, (now + minutes[name] / share, name))
             ready.remove(name)
         if not running:
             raise RuntimeError(f"no step can start: {ready}")  # unreachable: sizes were checked
@@ -251,18 +241,13 @@ def simulate(
     return out
 
 
+def _free_now(free: Sequence[int], most: int) -> int:
+    """The cards an elastic step takes: the most free on one machine, at least 1 (it then waits
+    for a card like any step), at most ``most`` (0: no most)."""
+    k = max(max(free, default=0), 1)
+    return min(k, most) if most else k
+
+
 def scaling_efficiency(k: int, per_doubling: float = 0.9) -> float:
     """Data-parallel efficiency on ``k`` cards: ``per_doubling ** log2(k)`` (1 on one card)."""
     return per_doubling ** math.log2(k) if k > 1 else 1.0
-
-
-def split_cards(work: Mapping[str, float], total: int, largest: int) -> dict[str, int]:
-    """Cards for steps running side by side, in proportion to their work: each at least one, none
-    over ``largest`` (one machine), together at most ``max(total, len(work))``."""
-    names = sorted(work)
-    whole = sum(work.values())
-    share = {n: min(largest, max(1, round(total * work[n] / whole))) for n in names}
-    while sum(share.values()) > max(total, len(names)):
-        n = max((n for n in names if share[n] > 1), key=lambda n: (share[n] - total * work[n] / whole, n))
-        share[n] -= 1
-    return share

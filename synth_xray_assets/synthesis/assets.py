@@ -24,7 +24,7 @@ from synth_xray_assets.partitions import (
     class_partitions,
     generator_partitions,
 )
-from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card
+from synth_xray_assets.resources import ComputeResource, SettingsResource, on_a_card, step_holder
 from synth_xray_assets.settings import GenerationSettings, Settings
 from synth_xray_assets.storage import folder_version, image_grid, png_markdown
 from synth_xray_assets.synthesis.base_images import make_base_model_images
@@ -86,13 +86,18 @@ def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
+    with compute.generation_devices(s, step_holder(context), s.generation.cards) as devices:
+        return _synthetic_images(context, s, devices)
+
+
+def _synthetic_images(
+    context: dg.AssetExecutionContext, s: Settings, devices: tuple[str, ...]
+) -> dg.MaterializeResult:
+    """``synthetic_images`` split by image index over ``devices`` (one process each when several)."""
     g = s.generation
     key = context.partition_key
     ckpt = models.checkpoint_dir(s.data_dir, key)
     version = _checkpoint_version(s.data_dir, key)
-    # The devices the set is split over, by image index (one process each when several): one for
-    # now; the cards this step holds plug in here.
-    devices = (compute.resolve_device(),)
     base = models.base_model_path(s.data_dir)
     prompt = s.dreambooth.instance_prompts[class_key_of(key)]
     out = synthetic_dir(s.data_dir, key)
@@ -166,11 +171,12 @@ def base_model_images(
     s = settings.get()
     g = s.generation
     class_key = context.partition_key
-    device = compute.resolve_device()
     out = s.layout.base_model_images(class_key)
     count = images_per_class(s)
     require_free_space(out, count * s.dreambooth.resolution**2, "base model images (PNG, at most raw size)")
-    made = make_base_model_images(s, class_key, device, context.log.info)
+    # One card unless generation.cards says more: these run beside DreamBooth, which wants the free ones.
+    with compute.generation_devices(s, step_holder(context), s.generation.cards or 1) as devices:
+        made = make_base_model_images(s, class_key, devices, context.log.info)
     report, first_seed = made.report, made.recipe.seed_offset
     grid = samples_beside_real(SyntheticImages.open(out), s, class_key)
     seeds = f"{first_seed}..{first_seed + count - 1}"
@@ -180,7 +186,7 @@ def base_model_images(
             "version": manifest_version(report.manifest),
             "base_model_version": made.base_model_version,
             "path": dg.MetadataValue.path(str(out)),
-            "device": device,
+            "device": ", ".join(devices),
             "samples (top) and real training images of the class (bottom)": dg.MetadataValue.md(
                 png_markdown(grid, f"base model {class_key} above real {class_key}")
             ),

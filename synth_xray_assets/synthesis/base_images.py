@@ -5,7 +5,7 @@ No Dagster here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from synth_xray_assets.diffusion.generate import GenerationReport, Recipe, gener
 from synth_xray_assets.diffusion.pipelines import SavedPipeline
 from synth_xray_assets.dreambooth.presets import GenerationPlan, Planned, generation_plan
 from synth_xray_assets.dreambooth.store import base_model_path
-from synth_xray_assets.hardware import free_gpu_memory
+from synth_xray_assets.hardware import least_free_gpu_memory
 from synth_xray_assets.settings import Settings
 from synth_xray_assets.storage import folder_version
 from synth_xray_assets.synthesis.store import images_per_class
@@ -50,16 +50,17 @@ def base_model_recipe(s: Settings, class_key: str, base_model_version: str) -> R
 
 
 def make_base_model_images(
-    s: Settings, class_key: str, device: str, log: Callable[[str], object]
+    s: Settings, class_key: str, devices: Sequence[str], log: Callable[[str], object]
 ) -> BaseModelImages:
     """Make (or complete: ``generate_set`` keeps intact images of the same recipe) the base model's
-    ``images_per_class`` images of ``class_key``'s instance prompt under ``s.layout.base_model_images``."""
+    ``images_per_class`` images of ``class_key``'s instance prompt under ``s.layout.base_model_images``,
+    split by image index over ``devices`` (one process each when several)."""
     base = base_model_path(s.data_dir)
     version = folder_version(base)
     root = s.layout.base_model_images(class_key)
     recipe = base_model_recipe(s, class_key, version)
     plan = generation_plan(
-        s.generation.batch_size, s.dreambooth.resolution, free_gpu_memory(device), s.generation
+        s.generation.batch_size, s.dreambooth.resolution, least_free_gpu_memory(devices), s.generation
     )
     report = generate_set(
         Planned(SavedPipeline(base, half_on_cuda=False), plan),
@@ -67,7 +68,7 @@ def make_base_model_images(
         images_per_class(s),
         recipe,
         batch_size=plan.batch_size,
-        devices=(device,),  # the card this step holds (a step holds one card)
+        devices=tuple(devices),
         log=log,
     )
     return BaseModelImages(root, report, version, recipe, plan)
