@@ -61,7 +61,8 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 demo: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m synth_xray_assets.demo
 
-# The gpu pool's limit follows the cards (operations/pools.py; a limit set by hand is kept).
+# The gpu pool's limit and the runs at once follow the cards (operations/pools.py; a pool limit set
+# by hand is kept, the run limit only rises).
 dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(PY) -m synth_xray_assets.operations.pools
 	$(VENV)/bin/dagster dev -w workspace.yaml

@@ -277,6 +277,29 @@ def test_a_limit_set_by_hand_is_kept():
         assert _limit(instance) == 7
 
 
+def test_the_shipped_run_limit_rises_to_a_run_per_card(tmp_path):
+    """``make dev`` on 4 cards: the shipped instance's 2 runs at once become 5 (a run per card and
+    one on the CPU), as the instance reads it; the rest of the file is kept; never lowered."""
+    from pathlib import Path
+
+    from synth_xray_assets.operations.pools import runs_for_the_cards
+
+    shipped = (Path(__file__).parents[1] / "dagster.yaml").read_text()
+    config = tmp_path / "dagster.yaml"
+    config.write_text(shipped)
+    assert "left as it is" in runs_for_the_cards(config, 0)  # a CPU machine: 2 stays
+    assert config.read_text() == shipped
+    assert "at most 5 at once" in runs_for_the_cards(config, 4)
+    text = config.read_text()
+    assert text.replace("max_concurrent_runs: 5", "max_concurrent_runs: 2") == shipped
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert instance.get_concurrency_config().run_queue_config.max_concurrent_runs == 5
+    runs_for_the_cards(config, 2)  # fewer cards later: not lowered
+    assert config.read_text() == text
+    config.write_text(shipped.replace("max_concurrent_runs: 2", "max_concurrent_runs: -1"))
+    assert "left as it is" in runs_for_the_cards(config, 8)  # no limit stays no limit
+
+
 def test_the_full_study_runs_a_stages_partitions_one_per_card(monkeypatch):
     from synth_xray_assets import demo
 

@@ -9,16 +9,28 @@ PostgreSQL instance run it once by hand where the steps run:
 
 Every GPU step also holds a card lock (``cards.py``), so a limit above the number of cards only
 makes steps wait for a card; a limit below it leaves cards idle.
+
+``runs_for_the_cards(config, cards)`` does the same for the runs the queue lets start at once
+(``concurrency.runs.max_concurrent_runs`` of the instance's ``dagster.yaml``, read when the instance
+starts): at least one run per card and one more for the steps on the CPU, so that a backfill of
+classifier runs keeps every card busy. It only raises the limit (-1, no limit, stays); ``make dev``
+calls it through ``main`` before the instance starts.
 """
 
 from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
 
 import dagster as dg
 
 from synth_xray_assets.cards import visible_cards
 from synth_xray_assets.deployment import GPU_POOL
+from synth_xray_assets.storage import write_bytes_atomic
 
 MARKER = "synth_xray/gpu_pool_limit_set_by_code"  # the limit follow_the_cards set last
+RUN_LIMIT = re.compile(r"^(\s*max_concurrent_runs:\s*)(-?\d+)", re.MULTILINE)
 
 
 def follow_the_cards(instance: dg.DagsterInstance, cards: int) -> str:
@@ -34,9 +46,27 @@ def follow_the_cards(instance: dg.DagsterInstance, cards: int) -> str:
     return f"gpu pool: limit {want} ({cards} cards here)"
 
 
+def runs_for_the_cards(config: Path, cards: int) -> str:
+    """Raise ``max_concurrent_runs`` in the instance file ``config`` to at least ``cards + 1`` (a run
+    per card and one on the CPU), keeping the rest of the file; say what was done."""
+    text = config.read_text()
+    found = RUN_LIMIT.search(text)
+    if found is None:
+        return f"runs: no max_concurrent_runs in {config}: the queue's default, left as it is"
+    now, want = int(found.group(2)), cards + 1
+    if now < 0 or now >= want:
+        return f"runs: at most {now} at once, left as it is ({cards} cards here)"
+    write_bytes_atomic(config, RUN_LIMIT.sub(rf"\g<1>{want}", text, count=1).encode())
+    return f"runs: at most {want} at once in {config} (was {now}; {cards} cards here)"
+
+
 def main() -> None:
+    cards = len(visible_cards())
+    config = Path(os.environ.get("DAGSTER_HOME", ".")) / "dagster.yaml"
+    if config.is_file():  # before the instance reads it
+        print(runs_for_the_cards(config, cards), flush=True)
     with dg.DagsterInstance.get() as instance:
-        print(follow_the_cards(instance, len(visible_cards())), flush=True)
+        print(follow_the_cards(instance, cards), flush=True)
 
 
 if __name__ == "__main__":
