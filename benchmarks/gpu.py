@@ -10,17 +10,22 @@ With CUDA (the full sizes):
 3. DenseNet-121 at 224 px, batch 256: training images/s in plain fp32 (contiguous, augmentation
    in CPU workers) against ours (mixed precision, channels_last, augmentation on the GPU), and
    the largest batch that fits each way (doubling until CUDA runs out of memory).
+4. With two cards or more: data-parallel DreamBooth (study preset) through the asset's launcher
+   (torchrun, ``dreambooth/data_parallel.py``) on 1 rank and on 2, the global batch the same:
+   optimizer steps/s each way and the efficiency, 2-rank rate / (2 x 1-rank rate).
 
 Without CUDA the same code runs at tiny sizes (the demo's tiny SD at 64 px, DenseNet-121 at
-32 px) so that the script stays working; its figures are not GPU figures.
+32 px; data-parallel DreamBooth on 2 gloo ranks) so that the script stays working; its figures are
+not GPU figures.
 
-    .venv/bin/python benchmarks/gpu.py [--tiny] [--steps 6] [--skip dreambooth,generation,classifier]
+    .venv/bin/python benchmarks/gpu.py [--tiny] [--steps 6]
+                                       [--skip dreambooth,generation,classifier,data-parallel]
                                        [--costs benchmarks/costs_measured.json]
 
 ``--costs PATH`` (CUDA at the full sizes only) writes the cost table of ``benchmarks/schedule.py``:
 ``benchmarks/costs_full.json`` with the rates measured here (DreamBooth optimizer steps/s of the
 study preset, generation images/s, also the base model's reference images', the classifier's
-training images/s, our way) replaced, marked
+training images/s, our way, and with two cards the data-parallel efficiency) replaced, marked
 ``estimate: false`` with this card as their source; then
 ``benchmarks/schedule.py --costs PATH`` schedules the study with them.
 """
@@ -30,6 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,6 +133,69 @@ def bench_dreambooth(base: Path, sizes: Sizes, steps: int) -> dict[str, float]:
         rates[preset] = rate
         print(f"{preset:16s} {options:52s} {rate:8.3f} {peak:9.2f}")
     return rates
+
+
+# ---------------------------------------------------------------- data-parallel DreamBooth
+
+STEP_LINE = re.compile(r"^step (\d+)/\d+ ")  # rank 0's line after each optimizer step
+
+
+def _launched_rate(job, images: tuple[np.ndarray, np.ndarray], ranks: int) -> float:
+    """Optimizer steps/s of ``job`` launched on ``ranks`` processes as the asset launches it, timed
+    from rank 0's step lines after the first two (warm-up)."""
+    from synth_xray_assets.dreambooth.data_parallel import launch_command, read_result, write_job
+
+    folder = job.work_dir / "data-parallel"
+    job_file = write_job(folder, job, *images)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(r) for r in range(ranks))}
+    times: list[float] = []
+    with subprocess.Popen(
+        launch_command(job_file, ranks), stdout=subprocess.PIPE, text=True, env=env
+    ) as proc:
+        for line in proc.stdout:
+            if STEP_LINE.match(line):
+                times.append(time.perf_counter())
+    read_result(folder)  # raises naming the rank that failed
+    if proc.returncode:
+        raise RuntimeError(f"data-parallel DreamBooth on {ranks} ranks exited {proc.returncode}")
+    return (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
+
+
+def bench_data_parallel(base: Path, sizes: Sizes, steps: int, tmp: Path) -> float:
+    """Prints, and returns, the efficiency of 2 ranks: their steps/s / (2 x one rank's)."""
+    from synth_xray_assets.dreambooth.data_parallel import DataParallelJob
+    from synth_xray_assets.dreambooth.presets import PRESET_UPDATES
+    from synth_xray_assets.settings import DreamBoothSettings
+
+    cuda = torch.cuda.is_available()
+    db = DreamBoothSettings(
+        resolution=sizes.resolution,
+        train_batch_size=sizes.instance_batch,
+        gradient_accumulation_steps=1,
+        max_train_steps=steps,
+        checkpointing_steps=0,
+        lr_warmup_steps=0,
+        memory_preset="none",
+    ).model_copy(update=PRESET_UPDATES["study"])
+    rng = np.random.default_rng(0)
+    shape = (sizes.instance_batch * 2, sizes.resolution, sizes.resolution)
+    images = (rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8))
+    print(
+        f"\nData-parallel DreamBooth (study preset), {sizes.resolution} px, global batch "
+        f"{sizes.instance_batch} + {sizes.instance_batch}, {steps} steps, through torchrun "
+        f"({'NCCL' if cuda else 'gloo, CPU: not a GPU figure'})"
+    )
+    rates = {}
+    for ranks in (1, 2):
+        job = DataParallelJob(
+            base, db.instance_prompts["normal"], db, tmp / f"out-{ranks}", tmp / f"work-{ranks}",
+            "cuda" if cuda else "cpu", "study",
+        )  # fmt: skip
+        rates[ranks] = _launched_rate(job, images, ranks)
+        print(f"  {ranks} rank(s): {rates[ranks]:.3f} optimizer steps/s")
+    efficiency = rates[2] / (2 * rates[1])
+    print(f"  efficiency on 2 cards: {efficiency:.2f} (1.00: twice the speed)")
+    return efficiency
 
 
 # ---------------------------------------------------------------- generation
@@ -258,7 +329,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="tiny sizes even on a GPU")
     parser.add_argument("--steps", type=int, default=6, help="DreamBooth steps per preset")
-    parser.add_argument("--skip", default="", help="comma-separated: dreambooth,generation,classifier")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated: dreambooth,generation,classifier,data-parallel"
+    )
     parser.add_argument("--costs", type=Path, help="write the cost table of benchmarks/schedule.py here")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -270,7 +343,7 @@ def main() -> None:
     print(f"benchmarks/gpu.py on {card}; torch {torch.__version__}")
     measured: dict[str, tuple[float, str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        if not {"dreambooth", "generation"} <= skip:
+        if not {"dreambooth", "generation", "data-parallel"} <= skip:
             base = _base_model(Path(tmp) / "base", sizes, cuda and not args.tiny)
         if "dreambooth" not in skip:
             rates = bench_dreambooth(base, sizes, args.steps)
@@ -280,6 +353,13 @@ def main() -> None:
                 accumulation = DreamBoothSettings().gradient_accumulation_steps
                 what = f"study preset, {rates['study']:.3f} micro-batches/s / {accumulation} accumulated"
                 measured["dreambooth_optimizer_steps_per_s"] = (rates["study"] / accumulation, what)
+        two_cards = torch.cuda.device_count() >= 2 or not cuda  # gloo on the CPU keeps it working
+        if "data-parallel" not in skip and two_cards:
+            efficiency = bench_data_parallel(base, sizes, max(args.steps, 4), Path(tmp))
+            measured["dreambooth_data_parallel_per_doubling"] = (
+                efficiency,
+                "2-rank optimizer steps/s / (2 x 1-rank), study preset, through torchrun",
+            )
         if "generation" not in skip:
             rate = bench_generation(base, sizes)
             measured["generation_images_per_s"] = (

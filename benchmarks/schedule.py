@@ -10,7 +10,7 @@ starts (``generation.cards``; the base model's reference images on one card, bes
 Then, for the goals (30 minutes on one 8-card machine, 2 hours on one card), what each further
 change would give, cumulatively, every figure an estimate.
 
-    .venv/bin/python benchmarks/schedule.py [--costs benchmarks/costs_full.json] [--per-doubling 0.9]
+    .venv/bin/python benchmarks/schedule.py [--costs benchmarks/costs_full.json] [--per-doubling F]
 """
 
 from __future__ import annotations
@@ -202,10 +202,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--costs", type=Path, default=Path("benchmarks/costs_full.json"))
     parser.add_argument(
-        "--per-doubling", type=float, default=0.9, help="data-parallel efficiency per doubling"
+        "--per-doubling",
+        type=float,
+        help="data-parallel efficiency per doubling (default: the cost table's, measured or not)",
     )
     args = parser.parse_args()
     costs = load_costs(args.costs)
+    if args.per_doubling is None:
+        args.per_doubling = costs["dreambooth_data_parallel_per_doubling"]["value"]
     est = any(e["estimate"] for e in costs.values())
     mark = " (est.)" if est else ""
     measured = sorted(k for k, e in costs.items() if not e["estimate"])
