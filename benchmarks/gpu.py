@@ -83,13 +83,12 @@ def _base_model(folder: Path, sizes: Sizes, cuda: bool) -> Path:
 # ---------------------------------------------------------------- DreamBooth per preset
 
 
-def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: mp.Queue) -> None:
-    from dreambooth_steps import timed_dreambooth
-
+def _bench_run(preset: str, sizes: Sizes, steps: int):
+    """The DreamBooth settings of a timed run (``preset``'s options, no accumulation, checkpoint or
+    warm-up) and its random instance and class images."""
     from synth_xray_assets.dreambooth.presets import PRESET_UPDATES
     from synth_xray_assets.settings import DreamBoothSettings
 
-    cuda = torch.cuda.is_available()
     db = DreamBoothSettings(
         resolution=sizes.resolution,
         train_batch_size=sizes.instance_batch,
@@ -101,7 +100,14 @@ def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: 
     ).model_copy(update=PRESET_UPDATES[preset])
     rng = np.random.default_rng(0)
     shape = (sizes.instance_batch * 2, sizes.resolution, sizes.resolution)
-    inst, cls = rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8)
+    return db, (rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8))
+
+
+def _dreambooth_worker(preset: str, base: str, sizes: Sizes, steps: int, queue: mp.Queue) -> None:
+    from dreambooth_steps import timed_dreambooth
+
+    cuda = torch.cuda.is_available()
+    db, (inst, cls) = _bench_run(preset, sizes, steps)
     rate, result = timed_dreambooth(base, inst, cls, db, "cuda" if cuda else "cpu")
     queue.put((rate, result.peak_memory_bytes / 2**30))
 
@@ -164,22 +170,9 @@ def _launched_rate(job, images: tuple[np.ndarray, np.ndarray], ranks: int) -> fl
 def bench_data_parallel(base: Path, sizes: Sizes, steps: int, tmp: Path) -> float:
     """Prints, and returns, the efficiency of 2 ranks: their steps/s / (2 x one rank's)."""
     from synth_xray_assets.dreambooth.data_parallel import DataParallelJob
-    from synth_xray_assets.dreambooth.presets import PRESET_UPDATES
-    from synth_xray_assets.settings import DreamBoothSettings
 
     cuda = torch.cuda.is_available()
-    db = DreamBoothSettings(
-        resolution=sizes.resolution,
-        train_batch_size=sizes.instance_batch,
-        gradient_accumulation_steps=1,
-        max_train_steps=steps,
-        checkpointing_steps=0,
-        lr_warmup_steps=0,
-        memory_preset="none",
-    ).model_copy(update=PRESET_UPDATES["study"])
-    rng = np.random.default_rng(0)
-    shape = (sizes.instance_batch * 2, sizes.resolution, sizes.resolution)
-    images = (rng.integers(0, 256, shape, dtype=np.uint8), rng.integers(0, 256, shape, dtype=np.uint8))
+    db, images = _bench_run("study", sizes, steps)
     print(
         f"\nData-parallel DreamBooth (study preset), {sizes.resolution} px, global batch "
         f"{sizes.instance_batch} + {sizes.instance_batch}, {steps} steps, through torchrun "
