@@ -2,7 +2,7 @@
 
 Two ranks train what one process trains (same global batch, noise and schedule); a 2-rank run that
 is killed after a checkpoint resumes and ends where an uninterrupted 2-rank run ends; killing the
-process that started the ranks stops every rank.
+process that started the ranks stops every rank; one rank out of memory stops both and is named.
 """
 
 import json
@@ -256,3 +256,31 @@ def test_the_asset_trains_on_two_cards_through_pipes(tmp_path):
     assert any("data-parallel DreamBooth on 2 ranks (cpu: card 0 (Fake 0" in m for m in logs)
     assert any("step 3/3 loss" in m for m in logs)  # rank 0's line, through Pipes
     assert (tmp_path / "data" / "models" / "dreambooth" / "normal" / "dreambooth.json").is_file()
+
+
+def test_one_rank_out_of_memory_stops_every_rank_and_is_named(tiny_base_model, tmp_path):
+    """Rank 1 runs out of memory at its second step (injected): torchrun stops rank 0 too, the
+    launch fails, and the error names the rank, its device and the memory preset."""
+    plan = tmp_path / "faults" / "plan.json"
+    plan.parent.mkdir()
+    plan.write_text(
+        json.dumps([{"point": "dreambooth.step", "match": "rank 1", "hit": 2, "raise": "out_of_memory"}])
+    )
+    failing = job(tiny_base_model, tmp_path, "oom")
+    done = subprocess.run(
+        launch_command(failing, 2),
+        env={**os.environ, PLAN_ENV: str(plan)},
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S,
+    )
+    assert done.returncode != 0
+    assert json.loads((plan.parent / "fired" / "0.json").read_text())["detail"] == "2 rank 1"
+    assert not _pids_running(failing)  # rank 0 did not wait on for ever in a collective
+    with pytest.raises(RuntimeError) as failed:
+        read_result(failing.parent)
+    # the cause first; rank 0, stopped for it, may follow ("; then rank 0 ...")
+    assert str(failed.value).startswith(
+        "data-parallel DreamBooth failed: rank 1 on cpu, memory preset none: "
+        "RuntimeError: DreamBooth ran out of memory on cpu"
+    )

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -105,14 +106,15 @@ def read_job(job_file: Path) -> tuple[DataParallelJob, np.ndarray, np.ndarray | 
 
 
 def read_result(folder: Path):
-    """Rank 0's ``TrainResult``, or a ``RuntimeError`` naming each rank that failed."""
+    """Rank 0's ``TrainResult``, or a ``RuntimeError`` naming each rank that failed, the first
+    failure (the cause; the others are ranks stopped for it) first."""
     from synth_xray_assets.dreambooth.training import TrainResult
 
-    failures = sorted(Path(folder).glob("failed-*.json"))
+    failures = [json.loads(f.read_text()) for f in Path(folder).glob("failed-*.json")]
     if failures:
+        failures.sort(key=lambda f: f.get("time", 0.0))
         raise RuntimeError(
-            "data-parallel DreamBooth failed: "
-            + "; ".join(json.loads(f.read_text())["message"] for f in failures)
+            "data-parallel DreamBooth failed: " + "; then ".join(f["message"] for f in failures)
         )
     result = Path(folder) / RESULT_NAME
     if not result.exists():
@@ -197,7 +199,8 @@ def _write_failure(folder: Path, rank: int, job: DataParallelJob, exc: BaseExcep
         local = int(os.environ.get("LOCAL_RANK", 0))
         where = f"cuda:{local} ({torch.cuda.get_device_name(local)})"
     message = f"rank {rank} on {where}, memory preset {job.preset}: {type(exc).__name__}: {exc}"
-    write_json_atomic(folder / f"failed-rank{rank}.json", {"rank": rank, "message": message})
+    record = {"rank": rank, "message": message, "time": time.time()}
+    write_json_atomic(folder / f"failed-rank{rank}.json", record)
 
 
 def main(argv: list[str] | None = None) -> int:

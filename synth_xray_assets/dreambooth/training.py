@@ -460,7 +460,7 @@ def _train(inputs: RunInputs, run: _Run, device: str) -> TrainResult:
     while global_step < optim.total_steps:
         metrics = _train_step(models, data, optim, settings, global_step)
         global_step += 1
-        fault_point("dreambooth.step", str(global_step))
+        fault_point("dreambooth.step", f"{global_step} rank {models.accelerator.process_index}")
         steps_run.append(global_step)
         for key, name in (
             ("losses", "loss"),

@@ -6,10 +6,11 @@ When the first entry not yet fired is reached for the ``hit``-th time in this pr
 only calls whose detail contains ``match``), a marker ``fired/{i}.json`` (pid, point, detail) is
 written beside the plan and the process freezes there, to be killed with SIGKILL by the test.
 An entry with ``"pause_s": t`` instead pauses ``t`` seconds and goes on (an orphaned step would
-then carry on: the test of ``lifetime.py`` kills the run worker in that pause).
+then carry on: the test of ``lifetime.py`` kills the run worker in that pause); one with
+``"raise": "out_of_memory"`` raises torch's out-of-memory error there, as a full card would.
 Points: ``write`` (inside every atomic write, the temporary complete, before the rename; the
 detail is the destination), ``dreambooth.step`` and ``classifier.epoch`` (after each step or
-epoch, before its state is saved).
+epoch, before its state is saved; the detail of ``dreambooth.step`` is ``"<step> rank <r>"``).
 """
 
 from __future__ import annotations
@@ -51,5 +52,9 @@ def fault_point(point: str, detail: str = "") -> None:
     if "pause_s" in entry:
         time.sleep(float(entry["pause_s"]))
         return
+    if entry.get("raise") == "out_of_memory":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point} {detail})")
     time.sleep(FREEZE_S)
     os.kill(os.getpid(), signal.SIGKILL)
