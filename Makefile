@@ -64,7 +64,7 @@ demo: install $(DAGSTER_HOME)/dagster.yaml
 # The gpu pool's limit and the runs at once follow the cards (operations/pools.py; a pool limit set
 # by hand is kept, the run limit only rises).
 dev: install $(DAGSTER_HOME)/dagster.yaml
-	$(PY) -m synth_xray_assets.operations.pools
+	$(PY) -m synth_xray_assets.operations.pools --runs
 	$(VENV)/bin/dagster dev -w workspace.yaml
 
 test: install

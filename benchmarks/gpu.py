@@ -147,24 +147,30 @@ STEP_LINE = re.compile(r"^step (\d+)/\d+ ")  # rank 0's line after each optimize
 
 
 def _launched_rate(job, images: tuple[np.ndarray, np.ndarray], ranks: int) -> float:
-    """Optimizer steps/s of ``job`` launched on ``ranks`` processes as the asset launches it, timed
-    from rank 0's step lines after the first two (warm-up)."""
+    """Optimizer steps/s of ``job`` launched on ``ranks`` processes as the asset launches it (on the
+    first ``ranks`` cards this process sees), timed from rank 0's step lines after the first two
+    (warm-up)."""
+    from synth_xray_assets.cards import physical_index
     from synth_xray_assets.dreambooth.data_parallel import launch_command, read_result, write_job
 
     folder = job.work_dir / "data-parallel"
     job_file = write_job(folder, job, *images)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(str(r) for r in range(ranks))}
-    times: list[float] = []
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(physical_index(r, visible) for r in range(ranks))}
+    seen: list[tuple[int, float]] = []  # (step, when its line came)
     with subprocess.Popen(
         launch_command(job_file, ranks), stdout=subprocess.PIPE, text=True, env=env
     ) as proc:
         for line in proc.stdout:
-            if STEP_LINE.match(line):
-                times.append(time.perf_counter())
+            if found := STEP_LINE.match(line):
+                seen.append((int(found.group(1)), time.perf_counter()))
     read_result(folder)  # raises naming the rank that failed
     if proc.returncode:
         raise RuntimeError(f"data-parallel DreamBooth on {ranks} ranks exited {proc.returncode}")
-    return (len(times) - 2) / (times[-1] - times[1]) if len(times) > 2 else float("nan")
+    if len(seen) < 3:
+        return float("nan")
+    (first, t0), (last, t1) = seen[1], seen[-1]
+    return (last - first) / (t1 - t0)
 
 
 def bench_data_parallel(base: Path, sizes: Sizes, steps: int, tmp: Path) -> float:

@@ -46,7 +46,8 @@ from synth_xray_assets.settings import CLASS_KEYS, Settings
 ROOT = Path(__file__).resolve().parents[1]
 # STUDY.md: real train 5216 = 1341 NORMAL + 3875 PNEUMONIA (672 and 1944 DreamBooth steps).
 STUDY_REAL_TRAIN = {"normal": 1341, "pneumonia": 3875}
-MACHINES = {"1 card": [1], "2 cards": [2], "4 cards": [4], "8 cards": [8], "k8s 2 x 8": [8, 8]}
+MACHINES = {"1 card": [1], "2 cards": [2], "4 cards": [4], "8 cards": [8], "k8s 2 x 8 (DP 4)": [8, 8]}
+K8S_DP_CARDS = 4  # dreambooth.data_parallel_cards on Kubernetes, deploy/README.md's example
 GOAL_8 = 30.0  # minutes on one 8-card machine
 GOAL_1 = 120.0  # minutes on one card
 
@@ -55,6 +56,7 @@ GOAL_1 = 120.0  # minutes on one card
 class Plan:
     """How the study runs: the graph as built and the changes that the tables compare."""
 
+    per_doubling: float  # data-parallel efficiency: per_doubling ** log2(cards), from the cost table
     data_parallel: bool = False  # DreamBooth on several cards, split between the classes
     shard_generation: bool = False  # prior-class and synthetic images on the cards free at their start
     shard_reference: bool = False  # the base model's reference images too
@@ -62,7 +64,6 @@ class Plan:
     dreambooth_factor: float = 1.0
     generation_factor: float = 1.0
     seeds: int | None = None  # None: the settings' seeds
-    per_doubling: float = 0.9  # data-parallel efficiency: per_doubling ** log2(cards)
 
 
 def load_costs(path: Path) -> dict[str, dict]:
@@ -151,19 +152,24 @@ def planned(plan: Plan, machines: list[int], costs: Mapping[str, dict]):
                     deps = tuple(d for d in step.deps if not d.startswith("synthetic_images"))
                     steps[name] = replace(step, deps=deps)
     minutes = step_minutes(s, steps, costs, plan)
+    cluster = len(machines) > 1  # Kubernetes: a pod sees the GPUs it asked for, one unless set
     # The rule the generation assets follow (ComputeResource.generation_devices, generation.cards
-    # None): the cards free when the step starts, the base model's images on one card.
-    sharded = {"prior_class_images"} if plan.shard_generation else set()
-    sharded |= {"synthetic_images"} if plan.shard_generation else set()
-    sharded |= {"base_model_images"} if plan.shard_reference else set()
-    elastic = {n: 0 for n, st in steps.items() if st.asset in sharded}
+    # None): the cards free when the step starts, a synthetic set at most its share of the machine
+    # (the cards / the generators), the base model's images one card. A pod holds one card.
+    most = {"prior_class_images": 0, "synthetic_images": max(machines) // len(CLASS_KEYS)}
+    sharded = {"prior_class_images", "synthetic_images"} if plan.shard_generation and not cluster else set()
+    if plan.shard_reference and not cluster:
+        sharded.add("base_model_images")
+    elastic = {n: most.get(st.asset, 0) for n, st in steps.items() if st.asset in sharded}
     cards: dict[str, int] = {}
     if plan.data_parallel:
         # The rule the asset follows (dreambooth.data_parallel.ranks_for): each class's share of one
-        # machine's cards by its steps, rounded down to a count that divides the global batch.
+        # machine's cards by its steps, rounded down to a count that divides the global batch; on
+        # Kubernetes dreambooth.data_parallel_cards, one count for both classes.
         db_steps = dreambooth_steps(s)
         for c in CLASS_KEYS:
-            name, k = f"dreambooth_checkpoint[{c}]", ranks_for(c, db_steps, max(machines), s.dreambooth)
+            k = K8S_DP_CARDS if cluster else ranks_for(c, db_steps, max(machines), s.dreambooth)
+            name = f"dreambooth_checkpoint[{c}]"
             cards[name] = k
             minutes[name] = minutes[name] / (k * scaling_efficiency(k, plan.per_doubling))
     return steps, minutes, Cards(cards, elastic)
@@ -235,13 +241,13 @@ def main() -> None:
         "steps; as built = DP and the prior-class and synthetic images on the cards free at their start"
     )
     print(
-        f"{'machines':12s}"
+        f"{'machines':18s}"
         + "".join(f"{p:>16s}" for p in plans)
         + f"{'DP cards N,P':>14s}{'busy (built)':>14s}"
     )
     results: dict[tuple[str, str], Schedule] = {}
     for label, machines in MACHINES.items():
-        row = f"{label:12s}"
+        row = f"{label:18s}"
         for pname, plan in plans.items():
             sched, steps, minutes, cards = run(plan, machines, costs)
             results[(label, pname)] = sched
@@ -259,7 +265,7 @@ def main() -> None:
         ("1 card", "as built"),
         ("8 cards", "a card per step"),
         ("8 cards", "as built"),
-        ("k8s 2 x 8", "as built"),
+        ("k8s 2 x 8 (DP 4)", "as built"),
     ]:
         sched = results[(label, pname)]
         steps, _, _ = planned(plans[pname], MACHINES[label], costs)

@@ -18,6 +18,7 @@ cards (tests fake cards on the CPU); ``resources.py`` wires this to the assets.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import socket
@@ -140,27 +141,42 @@ class CardLocks:
 
     @contextlib.contextmanager
     def more(
-        self, cards: Sequence[CardConfig], count: int, holder: dict[str, Any]
+        self,
+        cards: Sequence[CardConfig],
+        count: int,
+        holder: dict[str, Any],
+        totals: Sequence[int] | None = None,
     ) -> Iterator[list[CardConfig]]:
         """Up to ``count`` more cards of ``cards`` that are free now (none waited for), held with
-        the one this process holds, for a step that runs on several (data-parallel DreamBooth)."""
-        taken: list[CardConfig] = []
+        the one this process holds, for a step that runs on several (data-parallel DreamBooth,
+        generation). ``totals``: the counts the step can use, its own card included (ranks that
+        divide the global batch): cards taken beyond the largest one reached are given back."""
+        got: list[tuple[CardConfig, int]] = []
         with contextlib.ExitStack() as stack:
             for card in cards:
-                if len(taken) >= count or card.key in {c.key for c in _held}:
+                if len(got) >= count or card.key in {c.key for c in _held}:
                     continue
                 with contextlib.ExitStack() as attempt:
                     fd = attempt.enter_context(_opened(lock_file(self.folder, card)))
                     if try_lock(fd):
                         write_holder(fd, holder)
                         stack.enter_context(attempt.pop_all())  # held until the step ends
-                        taken.append(card)
+                        got.append((card, fd))
+            if totals:
+                usable = max(n for n in totals if n <= 1 + len(got)) - 1
+                for _, fd in got[usable:]:
+                    os.ftruncate(fd, 0)
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # free at once for another step
+                got = got[:usable]
+            taken = [card for card, _ in got]
             _held.extend(taken)
             _used.extend(c for c in taken if c not in _used)
             try:
                 yield taken
             finally:
                 del _held[len(_held) - len(taken) :]
+                for _, fd in got:
+                    os.ftruncate(fd, 0)  # no stale holder for whoever looks next
 
     def _take(self, cards: Sequence[CardConfig], fds: dict[str, int]) -> CardConfig:
         start, logged = time.monotonic(), False

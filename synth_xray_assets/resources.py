@@ -13,7 +13,7 @@ import contextlib
 import functools
 import json
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
@@ -275,14 +275,17 @@ class ComputeResource(dg.ConfigurableResource):
             yield held
 
     @contextlib.contextmanager
-    def more_cards(self, s: Settings, count: int, holder: dict[str, Any]) -> Iterator[list[CardConfig]]:
-        """Inside ``holding_a_card``: up to ``count`` more cards free now (``CardLocks.more``)."""
+    def more_cards(
+        self, s: Settings, count: int, holder: dict[str, Any], totals: Sequence[int] | None = None
+    ) -> Iterator[list[CardConfig]]:
+        """Inside ``holding_a_card``: up to ``count`` more cards free now, as many as one of the
+        usable ``totals`` allows (``CardLocks.more``)."""
         cards = self.machine_cards()
         if not cards or count <= 0:
             yield []
             return
         locks = CardLocks(s.layout.card_locks, s.operations.card_wait_s, s.operations.card_poll_s)
-        with locks.more(cards, count, holder) as taken:
+        with locks.more(cards, count, holder, totals) as taken:
             yield taken
 
     @contextlib.contextmanager
@@ -291,12 +294,17 @@ class ComputeResource(dg.ConfigurableResource):
     ) -> Iterator[tuple[str, ...]]:
         """Inside ``holding_a_card``: the devices a generation step splits its set over by image
         index, its own card's first, then the cards free beside it, at most ``most`` in all (every
-        free one when None); its one device on a machine without cards."""
+        free one when None: see ``share_of_cards``); its one device on a machine without cards."""
         device = self.resolve_device()
         extra = (len(self.machine_cards()) if most is None else most) - 1
         with self.more_cards(s, extra, holder) as taken:
             on_cuda = device.startswith("cuda")
             yield (device, *(f"cuda:{c.index}" if on_cuda else device for c in taken))
+
+    def share_of_cards(self, steps: int) -> int:
+        """The cards of this machine one of ``steps`` like steps may take when they run side by side
+        (at least one): the other class's generation step is not left one card."""
+        return max(1, len(self.machine_cards()) // max(1, steps))
 
 
 def step_holder(context: Any) -> dict[str, Any]:

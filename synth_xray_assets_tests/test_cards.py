@@ -119,6 +119,38 @@ def test_a_process_takes_the_card_it_held_last_again(tmp_path):
         assert held[0].key == "fake-1"  # both free: the card this process held last
 
 
+def test_more_cards_keep_a_usable_count_and_give_the_rest_back(tmp_path):
+    """A data-parallel step on 5 cards, two busy elsewhere, wanting 4 (ranks 1, 2 or 4): it holds
+    its own and takes the 2 free, but 3 ranks do not divide the batch, so it keeps 1 extra (2 ranks)
+    and gives the other back at once; on leaving, its extra card is free and its holder text gone."""
+    cards = fake_cards(5)
+    locks = CardLocks(tmp_path, wait_s=1, poll_s=0.05, log=print)
+    busy = [os.open(lock_file(tmp_path, c), os.O_RDWR | os.O_CREAT) for c in cards[3:]]
+    for fd in busy:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with locks.hold(cards, {"run_id": "r"}) as own:
+            with locks.more(cards, 3, {"run_id": "r", "step": "dreambooth"}, totals=[1, 2, 4]) as extra:
+                assert [c.key for c in own + extra] == ["fake-0", "fake-1"]
+                assert [c.key for c in held_cards()] == ["fake-0", "fake-1"]
+                fd = os.open(lock_file(tmp_path, cards[2]), os.O_RDWR | os.O_CREAT)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # given back: another step takes it now
+                os.close(fd)
+                assert lock_file(tmp_path, cards[2]).read_text() == ""  # no holder left in it
+            assert [c.key for c in held_cards()] == ["fake-0"]
+            assert [c.key for c in cards_module.cards_used()] == ["fake-0", "fake-1"]  # its metadata
+        assert lock_file(tmp_path, cards[1]).read_text() == ""
+    finally:
+        for fd in busy:
+            os.close(fd)
+
+
+def test_a_generation_step_of_two_takes_at_most_half_the_cards():
+    assert ComputeResource(cards=fake_cards(8)).share_of_cards(2) == 4
+    assert ComputeResource(cards=fake_cards(1)).share_of_cards(2) == 1  # at least its own
+    assert ComputeResource().share_of_cards(2) == 1  # no card here: one device
+
+
 # ---- ComputeResource
 
 

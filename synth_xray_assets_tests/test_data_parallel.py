@@ -284,3 +284,20 @@ def test_one_rank_out_of_memory_stops_every_rank_and_is_named(tiny_base_model, t
         "data-parallel DreamBooth failed: rank 1 on cpu, memory preset none: "
         "RuntimeError: DreamBooth ran out of memory on cpu"
     )
+
+
+def test_a_rank_refused_for_disk_is_a_disk_refusal_not_retried(tmp_path):
+    """The first failure decides the error's type: the disk preflight's refusal in a rank reaches
+    the asset as ``NotEnoughDiskError`` (``disk_refusal_is_final`` does not retry it), the ranks
+    stopped after it only follow in the message."""
+    from synth_xray_assets.hardware import NotEnoughDiskError
+
+    for rank, error, when in ((1, "NotEnoughDiskError", 1.0), (0, "RuntimeError", 2.0)):
+        record = {"rank": rank, "message": f"rank {rank}: {error}", "error": error, "time": when}
+        (tmp_path / f"failed-rank{rank}.json").write_text(json.dumps(record))
+    with pytest.raises(NotEnoughDiskError, match=r"failed: rank 1: NotEnoughDiskError; then rank 0"):
+        read_result(tmp_path)
+    (tmp_path / "failed-rank1.json").unlink()
+    with pytest.raises(RuntimeError, match="rank 0") as other:
+        read_result(tmp_path)
+    assert not isinstance(other.value, NotEnoughDiskError)

@@ -72,7 +72,7 @@ def test_an_elastic_step_takes_the_cards_free_when_it_starts():
 
 
 def test_data_parallel_scaling():
-    assert scaling_efficiency(1) == 1.0 and scaling_efficiency(4) == pytest.approx(0.81)
+    assert scaling_efficiency(1, 0.9) == 1.0 and scaling_efficiency(4, 0.9) == pytest.approx(0.81)
 
 
 def test_the_demo_definitions_give_the_expected_steps_and_dependencies(tmp_path):

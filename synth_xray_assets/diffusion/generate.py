@@ -138,6 +138,10 @@ class _Maker:
     batch_size: int
 
     def __call__(self, device: str, indices: list[int]) -> Iterator[list[dict]]:
+        if device.startswith("cuda:"):  # what uses the current device stays on this shard's card
+            import torch
+
+            torch.cuda.set_device(device)
         pipe = use_dpm_solver(self.make_pipe(device))
         for start in range(0, len(indices), self.batch_size):
             yield self._batch(pipe, indices[start : start + self.batch_size])

@@ -356,11 +356,12 @@ def _train_on_ranks(
             f"dreambooth.data_parallel_cards = {ranks}, but this step sees {len(cards)} card(s): "
             + "; ".join(describe(c) for c in cards)
         )
-    with compute.more_cards(s, ranks - 1, step_holder(context)):
-        held = list(held_cards())
-        k = max(n for n in valid_world_sizes(job.settings) if n <= len(held)) if cards else ranks
+    valid = valid_world_sizes(job.settings)
+    with compute.more_cards(s, ranks - 1, step_holder(context), valid):
+        held = list(held_cards())  # its own card and the extra ones: a count that divides the batch
+        k = len(held) if cards else ranks
         if k < ranks:
-            context.log.info(f"{len(held)} card(s) free of the {ranks} wanted: training on {k}")
+            context.log.info(f"{k} card(s) free of the {ranks} wanted: training on {k}")
         folder = job.work_dir / "data-parallel"
         job_file = write_job(folder, job, inputs.instance_images, inputs.class_images)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -376,6 +377,9 @@ def _train_on_ranks(
         except Exception:
             read_result(folder)  # a rank's own failure (rank, card, preset, error) when it wrote one
             raise
+        finally:
+            for copy in ("instance.npy", "class.npy"):  # the training images' copies for the ranks
+                (folder / copy).unlink(missing_ok=True)
         context.add_asset_metadata({"data_parallel_ranks": k})
         return read_result(folder)
 

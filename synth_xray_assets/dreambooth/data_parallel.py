@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from synth_xray_assets.dreambooth.loss import require_world_size, valid_world_sizes
+from synth_xray_assets.hardware import NotEnoughDiskError
 from synth_xray_assets.settings import DreamBoothSettings
 from synth_xray_assets.storage import save_numpy_atomic, write_json_atomic
 
@@ -107,15 +108,16 @@ def read_job(job_file: Path) -> tuple[DataParallelJob, np.ndarray, np.ndarray | 
 
 def read_result(folder: Path):
     """Rank 0's ``TrainResult``, or a ``RuntimeError`` naming each rank that failed, the first
-    failure (the cause; the others are ranks stopped for it) first."""
+    failure (the cause; the others are ranks stopped for it) first: a ``NotEnoughDiskError`` when
+    that was the disk preflight's refusal (not retried)."""
     from synth_xray_assets.dreambooth.training import TrainResult
 
     failures = [json.loads(f.read_text()) for f in Path(folder).glob("failed-*.json")]
     if failures:
         failures.sort(key=lambda f: f.get("time", 0.0))
-        raise RuntimeError(
-            "data-parallel DreamBooth failed: " + "; then ".join(f["message"] for f in failures)
-        )
+        text = "data-parallel DreamBooth failed: " + "; then ".join(f["message"] for f in failures)
+        final = failures[0].get("error") == NotEnoughDiskError.__name__
+        raise (NotEnoughDiskError if final else RuntimeError)(text)
     result = Path(folder) / RESULT_NAME
     if not result.exists():
         raise RuntimeError(
@@ -138,7 +140,7 @@ def _start_agent(job_file: Path, ranks: int) -> int:
 
     exit_with_parent(os.getppid())
     args = ["--standalone", f"--nproc-per-node={ranks}", "--max-restarts=0", "-m", MODULE]
-    torchrun.main([*args, "--ranks", str(ranks), str(job_file)])
+    torchrun.main([*args, "--ranks", str(ranks), "--rank-process", str(job_file)])
     return 0
 
 
@@ -147,14 +149,14 @@ def _run_rank(job_file: Path) -> None:
     from synth_xray_assets.operations.lifetime import exit_with_parent
 
     exit_with_parent(os.getppid())  # the agent
-    rank = int(os.environ["RANK"])
-    job, instance_images, class_images = read_job(job_file)
-    with _rank_log(rank) as log:
-        try:
+    rank, job = int(os.environ["RANK"]), None
+    try:
+        job, instance_images, class_images = read_job(job_file)
+        with _rank_log(rank) as log:
             result = _train(job, instance_images, class_images, log)
-        except BaseException as exc:
-            _write_failure(job_file.parent, rank, job, exc)
-            raise
+    except BaseException as exc:
+        _write_failure(job_file.parent, rank, job, exc)
+        raise
     if rank == 0:
         record = {**dataclasses.asdict(result), "output_dir": str(result.output_dir)}
         write_json_atomic(job_file.parent / RESULT_NAME, record)
@@ -190,25 +192,30 @@ def _rank_log(rank: int) -> Iterator[Callable[[str], None]]:
         yield pipes.log.info
 
 
-def _write_failure(folder: Path, rank: int, job: DataParallelJob, exc: BaseException) -> None:
-    """``failed-rank{r}.json``: the rank, its device (card name on CUDA), the preset and the error."""
-    where = job.device
-    if job.device.startswith("cuda"):
-        import torch
+def _write_failure(folder: Path, rank: int, job: DataParallelJob | None, exc: BaseException) -> None:
+    """``failed-rank{r}.json``: the rank, its device (card name on CUDA), the preset and the error
+    (``job`` None: its job file could not be read). A failure to write it is printed instead."""
+    where, preset = ("?", "?") if job is None else (job.device, job.preset)
+    try:
+        if where.startswith("cuda"):
+            import torch
 
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        where = f"cuda:{local} ({torch.cuda.get_device_name(local)})"
-    message = f"rank {rank} on {where}, memory preset {job.preset}: {type(exc).__name__}: {exc}"
-    record = {"rank": rank, "message": message, "time": time.time()}
-    write_json_atomic(folder / f"failed-rank{rank}.json", record)
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            where = f"cuda:{local} ({torch.cuda.get_device_name(local)})"
+        message = f"rank {rank} on {where}, memory preset {preset}: {type(exc).__name__}: {exc}"
+        record = {"rank": rank, "message": message, "error": type(exc).__name__, "time": time.time()}
+        write_json_atomic(folder / f"failed-rank{rank}.json", record)
+    except Exception as unwritten:  # the disk may be what failed: the agent's stderr still has it
+        print(f"rank {rank}: could not write down its failure ({unwritten}): {exc!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, required=True, help="processes (cards) to train on")
+    parser.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)  # torchrun's
     parser.add_argument("job", type=Path, help="the job folder's job.json (write_job)")
     args = parser.parse_args(argv)
-    if "RANK" not in os.environ:
+    if not args.rank_process:
         settings = DreamBoothSettings.model_validate(json.loads(args.job.read_text())["settings"])
         try:
             require_world_size(settings, args.ranks)

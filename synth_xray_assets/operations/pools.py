@@ -14,11 +14,13 @@ makes steps wait for a card; a limit below it leaves cards idle.
 (``concurrency.runs.max_concurrent_runs`` of the instance's ``dagster.yaml``, read when the instance
 starts): at least one run per card and one more for the steps on the CPU, so that a backfill of
 classifier runs keeps every card busy. It only raises the limit (-1, no limit, stays); ``make dev``
-calls it through ``main`` before the instance starts.
+calls it through ``main --runs`` before the instance starts (a shared PostgreSQL instance's file is
+left alone: its run limit is the cluster's, not one machine's).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 from pathlib import Path
@@ -62,11 +64,19 @@ def runs_for_the_cards(config: Path, cards: int) -> str:
     return f"runs: at most {want} at once in {config} (was {now}; {cards} cards here)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--runs", action="store_true", help="also raise max_concurrent_runs in $DAGSTER_HOME/dagster.yaml"
+    )
+    args = parser.parse_args(argv)
     cards = len(visible_cards())
     config = Path(os.environ.get("DAGSTER_HOME", ".")) / "dagster.yaml"
-    if config.is_file():  # before the instance reads it
-        print(runs_for_the_cards(config, cards), flush=True)
+    if args.runs and config.is_file():  # before the instance reads it
+        try:
+            print(runs_for_the_cards(config, cards), flush=True)
+        except OSError as exc:  # a read-only file: the pool is set all the same
+            print(f"runs: {config} left as it is ({exc})", flush=True)
     with dg.DagsterInstance.get() as instance:
         print(follow_the_cards(instance, cards), flush=True)
 

@@ -175,7 +175,7 @@ class Schedule:
 
 @dataclass(frozen=True)
 class Cards:
-    """The cards of the steps that do not take one: ``fixed`` a set number (data-parallel
+    """The cards of the steps that take other than one: ``fixed`` a set number (data-parallel
     DreamBooth); ``elastic`` every card free on one machine when the step starts, up to a most
     (0: no most), its one-card minutes split evenly over them (a generation step's image shards)."""
 
@@ -248,6 +248,6 @@ def _free_now(free: Sequence[int], most: int) -> int:
     return min(k, most) if most else k
 
 
-def scaling_efficiency(k: int, per_doubling: float = 0.9) -> float:
+def scaling_efficiency(k: int, per_doubling: float) -> float:
     """Data-parallel efficiency on ``k`` cards: ``per_doubling ** log2(k)`` (1 on one card)."""
     return per_doubling ** math.log2(k) if k > 1 else 1.0

@@ -86,7 +86,9 @@ def synthetic_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
-    with compute.generation_devices(s, step_holder(context), s.generation.cards) as devices:
+    # every generator's set may be made at once: each takes its share of the cards at most
+    share = compute.share_of_cards(len(generator_partitions(s).get_partition_keys()))
+    with compute.generation_devices(s, step_holder(context), s.generation.cards or share) as devices:
         return _synthetic_images(context, s, devices)
 
 
