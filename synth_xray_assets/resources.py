@@ -293,9 +293,11 @@ class ComputeResource(dg.ConfigurableResource):
         self, s: Settings, holder: dict[str, Any], most: int | None
     ) -> Iterator[tuple[str, ...]]:
         """Inside ``holding_a_card``: the devices a generation step splits its set over by image
-        index, its own card's first, then the cards free beside it, at most ``most`` in all (every
-        free one when None: see ``share_of_cards``); its one device on a machine without cards."""
+        index, its own card's first, then the cards free beside it, at most ``generation.cards`` in
+        all, else the step's own ``most`` (every free one when None; see ``share_of_cards``); its one
+        device on a machine without cards."""
         device = self.resolve_device()
+        most = s.generation.cards or most
         extra = (len(self.machine_cards()) if most is None else most) - 1
         with self.more_cards(s, extra, holder) as taken:
             on_cuda = device.startswith("cuda")

@@ -277,9 +277,10 @@ class GenerationSettings(_Section):
     """Images per batch (cut to what free GPU memory holds)."""
     cards: int | None = None
     """Cards one generation step (prior-class, base-model and synthetic images) splits its set over by
-    image index, one process each: the card it holds and free ones beside it. None: every card free
-    when the step starts, except for the base model's images (one card: they run beside DreamBooth,
-    which wants the free cards); 1: its own card only. The images are the same on any number of cards."""
+    image index, one process each: the card it holds and free ones beside it. None: the prior images
+    every card free when their step starts, each synthetic set at most its share (the cards / the
+    generators), the base model's images one card (they run beside DreamBooth, which wants the free
+    cards); 1: its own card only. The images are the same on any number of cards."""
     seed_offset: int = 0
     """Image i of set "name" uses seed seed_offset + crc32(name) * seed_stream_stride + i."""
     seed_stream_stride: int = 2**20

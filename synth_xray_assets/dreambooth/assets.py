@@ -6,7 +6,6 @@ demo model in ``tiny.py``, the Hub download in ``base_model.py``.
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -181,18 +180,17 @@ def prior_class_images(
     context: dg.AssetExecutionContext, settings: SettingsResource, compute: ComputeResource
 ) -> dg.MaterializeResult:
     s = settings.get()
-    base_path = store.base_model_path(s.data_dir)
-    base_version = folder_version(base_path)
-    with compute.generation_devices(s, step_holder(context), s.generation.cards) as devices:
-        return _prior_class_images(context, s, (base_path, base_version), devices)
+    with compute.generation_devices(s, step_holder(context), None) as devices:
+        return _prior_class_images(context, s, devices)
 
 
 def _prior_class_images(
-    context: dg.AssetExecutionContext, s: Settings, base: tuple[Path, str], devices: tuple[str, ...]
+    context: dg.AssetExecutionContext, s: Settings, devices: tuple[str, ...]
 ) -> dg.MaterializeResult:
     """``prior_class_images`` split by image index over ``devices`` (one process each when several)."""
     db = s.dreambooth
-    base_path, base_version = base
+    base_path = store.base_model_path(s.data_dir)
+    base_version = folder_version(base_path)
     plan = generation_plan(
         db.class_image_batch_size, db.resolution, least_free_gpu_memory(devices), s.generation
     )

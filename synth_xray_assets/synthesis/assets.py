@@ -88,7 +88,7 @@ def synthetic_images(
     s = settings.get()
     # every generator's set may be made at once: each takes its share of the cards at most
     share = compute.share_of_cards(len(generator_partitions(s).get_partition_keys()))
-    with compute.generation_devices(s, step_holder(context), s.generation.cards or share) as devices:
+    with compute.generation_devices(s, step_holder(context), share) as devices:
         return _synthetic_images(context, s, devices)
 
 
@@ -177,7 +177,7 @@ def base_model_images(
     count = images_per_class(s)
     require_free_space(out, count * s.dreambooth.resolution**2, "base model images (PNG, at most raw size)")
     # One card unless generation.cards says more: these run beside DreamBooth, which wants the free ones.
-    with compute.generation_devices(s, step_holder(context), s.generation.cards or 1) as devices:
+    with compute.generation_devices(s, step_holder(context), 1) as devices:
         made = make_base_model_images(s, class_key, devices, context.log.info)
     report, first_seed = made.report, made.recipe.seed_offset
     grid = samples_beside_real(SyntheticImages.open(out), s, class_key)
